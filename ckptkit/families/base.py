@@ -1,0 +1,95 @@
+"""The shape of a family entry and the tensor transforms families share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..spec import ModelSpec
+
+# A transform takes the canonical tensor and the spec and returns the HF tensors in the
+# order of ``hf_names``; its inverse takes those HF tensors back to the canonical one.
+ToHf = Callable[[torch.Tensor, ModelSpec], list]
+FromHf = Callable[[list, ModelSpec], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HfMapping:
+    """One canonical tensor <-> one or more HF tensors. ``{layer}`` is the layer index."""
+
+    canonical: str
+    hf_names: tuple[str, ...]
+    to_hf: ToHf
+    from_hf: FromHf
+
+
+@dataclass(frozen=True)
+class HfFamily:
+    name: str
+    architecture: str
+    model_type: str
+    config_to_spec: Callable[[dict], ModelSpec]
+    spec_to_config: Callable[[ModelSpec, torch.dtype], dict]
+    mappings: Callable[[ModelSpec], list]
+    # HF tensors transformers keeps in a checkpoint that carry no weights of ours
+    ignorable: tuple[str, ...] = ()
+
+
+def same(tensor, spec):
+    return [tensor]
+
+
+def same_back(tensors, spec):
+    return tensors[0]
+
+
+def transposed(tensor, spec):
+    return [tensor.t().contiguous()]
+
+
+def transposed_back(tensors, spec):
+    return tensors[0].t().contiguous()
+
+
+def vocab_rows(tensor, spec):
+    """Drop Megatron's padding rows: HF keeps exactly ``vocab_size`` rows."""
+    return [tensor[: spec.vocab_size].contiguous()]
+
+
+def qkv_parts(fused: torch.Tensor, spec: ModelSpec):
+    """Split canonical fused QKV rows (grouped per query group) into q, k, v.
+
+    2 groups of 2 heads: rows ``[q0 q1 k0 v0 q2 q3 k1 v1]`` -> q ``[q0 q1 q2 q3]``,
+    k ``[k0 k1]``, v ``[v0 v1]`` (each head ``head_dim`` rows).
+    """
+    groups, per_group, head_dim = spec.num_query_groups, spec.heads_per_group, spec.head_dim
+    tail = fused.shape[1:]
+    grouped = fused.reshape(groups, per_group + 2, head_dim, *tail)
+    query = grouped[:, :per_group].reshape(groups * per_group * head_dim, *tail)
+    key = grouped[:, per_group].reshape(groups * head_dim, *tail)
+    value = grouped[:, per_group + 1].reshape(groups * head_dim, *tail)
+    return [query.contiguous(), key.contiguous(), value.contiguous()]
+
+
+def qkv_fuse(parts, spec: ModelSpec):
+    """Inverse of :func:`qkv_parts`."""
+    query, key, value = parts
+    groups, per_group, head_dim = spec.num_query_groups, spec.heads_per_group, spec.head_dim
+    tail = query.shape[1:]
+    grouped = torch.cat([
+        query.reshape(groups, per_group, head_dim, *tail),
+        key.reshape(groups, 1, head_dim, *tail),
+        value.reshape(groups, 1, head_dim, *tail),
+    ], dim=1)
+    return grouped.reshape(groups * (per_group + 2) * head_dim, *tail).contiguous()
+
+
+def halves(tensor, spec):
+    """Canonical gated fc1 ``[all gate; all up]`` -> gate, up."""
+    gate, up = torch.chunk(tensor, 2, dim=0)
+    return [gate.contiguous(), up.contiguous()]
+
+
+def halves_back(tensors, spec):
+    return torch.cat(tensors, dim=0)

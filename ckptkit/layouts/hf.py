@@ -1,0 +1,314 @@
+"""Hugging Face model folders: ``config.json`` plus safetensors (sharded, with index) or ``.bin``.
+
+Folder written for a 2-shard model::
+
+    config.json  generation_config.json
+    model-00001-of-00002.safetensors  model-00002-of-00002.safetensors
+    model.safetensors.index.json      {"metadata": {"total_size": N}, "weight_map": {name: file}}
+
+Reading is lazy: ``safe_open`` per shard (only the requested tensor's bytes are read),
+``.bin`` files through the allow-listed ``torch.load(mmap=True, weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import split_state_dict_into_shards_factory
+from safetensors import safe_open
+
+from ..errors import BadInput
+from ..families import HfFamily, HfMapping, family_for_config
+from ..safe_load import safe_torch_load
+from ..safetensors_stream import StreamingSafetensorsWriter
+from ..spec import ModelSpec, canonical_tensors
+from .base import CheckpointMeta, CheckpointReader
+
+SAFETENSORS_INDEX = hub_constants.SAFETENSORS_INDEX_FILE  # model.safetensors.index.json
+SAFETENSORS_SINGLE = hub_constants.SAFETENSORS_SINGLE_FILE  # model.safetensors
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise BadInput(f"unknown dtype {name!r} (choose bf16, fp16 or fp32)")
+    return _DTYPES[key]
+
+
+def detect_safetensors(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and \
+        ((path / SAFETENSORS_INDEX).is_file() or (path / SAFETENSORS_SINGLE).is_file())
+
+
+def detect_bin(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and \
+        ((path / BIN_INDEX).is_file() or (path / BIN_SINGLE).is_file())
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInput(f"{path}: cannot read ({error})") from None
+    except json.JSONDecodeError as error:
+        raise BadInput(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"{path}: expected a JSON object")
+    return config
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+        return weight_map
+    except json.JSONDecodeError as error:
+        raise BadInput(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
+    except (KeyError, TypeError) as error:
+        raise BadInput(f"{path}: not a shard index ({error})") from None
+
+
+def expand(mapping: HfMapping, layer: int | None) -> tuple[str, list[str]]:
+    if layer is None:
+        return mapping.canonical, list(mapping.hf_names)
+    return mapping.canonical.format(layer=layer), [name.format(layer=layer) for name in mapping.hf_names]
+
+
+def hf_table(family: HfFamily, spec: ModelSpec) -> dict[str, tuple[HfMapping, list[str]]]:
+    """canonical name -> (mapping, concrete HF names), for the tensors this model has."""
+    wanted = {tensor.name: tensor.layer for tensor in canonical_tensors(spec)}
+    table = {}
+    for mapping in family.mappings(spec):
+        layers = range(spec.num_layers) if "{layer}" in mapping.canonical else [None]
+        for layer in layers:
+            canonical, names = expand(mapping, layer)
+            if canonical in wanted:
+                table[canonical] = (mapping, names)
+    missing = sorted(set(wanted) - set(table))
+    if missing:
+        raise BadInput(f"family {family.name} has no Hugging Face name for {missing[0]}")
+    return table
+
+
+class HfReader(CheckpointReader):
+    """Canonical tensors rebuilt from a Hugging Face folder."""
+
+    def __init__(self, path, *, strict: bool = False, trust_remote_pickle: bool = False, **_ignored):
+        self.folder = Path(path)
+        self.strict = strict
+        self.trust_remote_pickle = trust_remote_pickle
+        config = read_config(self.folder)
+        self.family = family_for_config(config, str(self.folder / "config.json"))
+        try:
+            self.spec = self.family.config_to_spec(config)
+        except KeyError as error:
+            raise BadInput(f"{self.folder / 'config.json'}: missing field {error.args[0]!r}") from None
+        self.table = hf_table(self.family, self.spec)
+        self._open: dict = {}
+        self.location = self._locate_tensors()
+        first_name = self.table["embedding.word_embeddings.weight"][1][0]
+        self.meta = CheckpointMeta(
+            layout=self.layout_name, path=self.folder, dtype=self._dtype_of(first_name),
+            hf_config=config, files=sorted(set(self.location.values())),
+        )
+
+    layout_name = "hf-safetensors"
+
+    def _locate_tensors(self) -> dict[str, str]:
+        if (self.folder / SAFETENSORS_INDEX).is_file():
+            weight_map = _read_index(self.folder / SAFETENSORS_INDEX)
+        else:
+            path = self.folder / SAFETENSORS_SINGLE
+            weight_map = {name: SAFETENSORS_SINGLE for name in self._safetensors_keys(path)}
+        for file_name in sorted(set(weight_map.values())):
+            if not (self.folder / file_name).is_file():
+                raise BadInput(f"{self.folder / file_name}: shard named in the index is missing")
+        return weight_map
+
+    def _safetensors_keys(self, path: Path) -> list[str]:
+        return list(self._handle(path.name).keys())
+
+    def _handle(self, file_name: str):
+        if file_name not in self._open:
+            path = self.folder / file_name
+            try:
+                self._open[file_name] = safe_open(str(path), framework="pt")
+            except Exception as error:  # safetensors raises its own SafetensorError
+                raise BadInput(f"{path}: unreadable safetensors header ({str(error).splitlines()[0]})") from None
+        return self._open[file_name]
+
+    def _dtype_of(self, hf_name: str) -> torch.dtype:
+        return self.hf_tensor(hf_name).dtype
+
+    def hf_tensor(self, hf_name: str) -> torch.Tensor:
+        file_name = self.location.get(hf_name)
+        if file_name is None:
+            raise BadInput(f"{self.folder}: tensor {hf_name} missing from the checkpoint")
+        handle = self._handle(file_name)
+        try:
+            return handle.get_tensor(hf_name)
+        except Exception as error:
+            raise BadInput(f"{self.folder / file_name}: cannot read tensor {hf_name} "
+                           f"({str(error).splitlines()[0]})") from None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.table:
+            raise BadInput(f"{self.folder}: no canonical tensor {name}")
+        mapping, hf_names = self.table[name]
+        parts = [self.hf_tensor(hf_name) for hf_name in hf_names]
+        try:
+            return mapping.from_hf(parts, self.spec)
+        except RuntimeError as error:
+            shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(hf_names, parts))
+            raise BadInput(f"{self.folder}: {shapes} do not fit config.json ({str(error).splitlines()[0]})") from None
+
+    def validate(self) -> list[str]:
+        """Every expected tensor present with the shape config.json implies; none unexplained."""
+        expected_names = set()
+        for canonical in self.canonical():
+            mapping, hf_names = self.table[canonical.name]
+            expected_names.update(hf_names)
+            shapes = [tuple(t.shape) for t in mapping.to_hf(torch.empty(canonical.shape, device="meta"), self.spec)]
+            for hf_name, shape in zip(hf_names, shapes):
+                actual = self._shape_of(hf_name)
+                if actual != shape:
+                    raise BadInput(f"{self.folder / self.location[hf_name]}: {hf_name} has shape {actual}; "
+                                   f"expected {shape} from config.json")
+        notes = []
+        for hf_name in sorted(set(self.location) - expected_names):
+            if any(hf_name.endswith(pattern) or hf_name == pattern for pattern in self.family.ignorable):
+                continue
+            message = f"{self.folder}: tensor {hf_name} is not part of a {self.family.architecture} model; ignored"
+            if self.strict:
+                raise BadInput(message)
+            notes.append(message)
+        return notes
+
+    def _shape_of(self, hf_name: str) -> tuple:
+        file_name = self.location.get(hf_name)
+        if file_name is None:
+            raise BadInput(f"{self.folder}: tensor {hf_name} missing from the checkpoint")
+        return tuple(self._handle(file_name).get_slice(hf_name).get_shape())
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+class HfBinReader(HfReader):
+    """Same as :class:`HfReader` for ``pytorch_model*.bin`` shards (read through the allow-list)."""
+
+    layout_name = "hf-bin"
+
+    def _locate_tensors(self) -> dict[str, str]:
+        if (self.folder / BIN_INDEX).is_file():
+            weight_map = _read_index(self.folder / BIN_INDEX)
+        else:
+            weight_map = {name: BIN_SINGLE for name in self._bin(BIN_SINGLE)}
+        for file_name in sorted(set(weight_map.values())):
+            if not (self.folder / file_name).is_file():
+                raise BadInput(f"{self.folder / file_name}: shard named in the index is missing")
+        return weight_map
+
+    def _bin(self, file_name: str) -> dict:
+        if file_name not in self._open:
+            state = safe_torch_load(self.folder / file_name, trust_remote_pickle=self.trust_remote_pickle)
+            if not isinstance(state, dict):
+                raise BadInput(f"{self.folder / file_name}: expected a state dict")
+            self._open[file_name] = state
+        return self._open[file_name]
+
+    def hf_tensor(self, hf_name: str) -> torch.Tensor:
+        file_name = self.location.get(hf_name)
+        if file_name is None:
+            raise BadInput(f"{self.folder}: tensor {hf_name} missing from the checkpoint")
+        value = self._bin(file_name).get(hf_name)
+        if not isinstance(value, torch.Tensor):
+            raise BadInput(f"{self.folder / file_name}: tensor {hf_name} missing")
+        return value
+
+    def _shape_of(self, hf_name: str) -> tuple:
+        return tuple(self.hf_tensor(hf_name).shape)
+
+
+# ---------------------------------------------------------------------------- writing
+
+@dataclass
+class HfShardPlan:
+    file_name: str
+    tensors: dict  # hf name -> (dtype, shape)
+
+
+@dataclass
+class HfPlan:
+    shards: list[HfShardPlan]
+    source_of: dict  # hf name -> canonical name
+    total_size: int
+
+    @property
+    def weight_map(self) -> dict:
+        return {name: shard.file_name for shard in self.shards for name in shard.tensors}
+
+
+def plan_output(family: HfFamily, spec: ModelSpec, dtype: torch.dtype, max_shard_size) -> HfPlan:
+    """Shard assignment from shapes alone (huggingface_hub's splitter, on meta tensors)."""
+    table = hf_table(family, spec)
+    planned, source_of = {}, {}
+    for canonical in canonical_tensors(spec):
+        mapping, hf_names = table[canonical.name]
+        meta_full = torch.empty(canonical.shape, device="meta", dtype=dtype)
+        for hf_name, meta in zip(hf_names, mapping.to_hf(meta_full, spec)):
+            planned[hf_name] = meta
+            source_of[hf_name] = canonical.name
+    element = torch.empty((), dtype=dtype).element_size()
+    split = split_state_dict_into_shards_factory(
+        planned, get_storage_size=lambda meta: meta.numel() * element,
+        filename_pattern=hub_constants.SAFETENSORS_WEIGHTS_FILE_PATTERN, max_shard_size=max_shard_size)
+    shards = [HfShardPlan(file_name, {name: (dtype, tuple(planned[name].shape)) for name in names})
+              for file_name, names in split.filename_to_tensors.items()]
+    return HfPlan(shards, source_of, sum(meta.numel() * element for meta in planned.values()))
+
+
+def write(reader: CheckpointReader, out_dir: Path, family: HfFamily, *, dtype: torch.dtype,
+          max_shard_size="5GB", progress=None) -> list[str]:
+    """Write config.json, shards and (for several shards) the index into ``out_dir``.
+
+    Each canonical tensor is read once; the HF tensors it yields wait in ``pending``
+    only until their shard reaches them (q/k/v of one layer, typically).
+    """
+    spec = reader.spec
+    plan = plan_output(family, spec, dtype, max_shard_size)
+    table = hf_table(family, spec)
+    pending: dict[str, torch.Tensor] = {}
+    written = []
+    for shard in plan.shards:
+        with StreamingSafetensorsWriter(out_dir / shard.file_name, shard.tensors) as out:
+            for hf_name in out.order:
+                if hf_name not in pending:
+                    canonical = plan.source_of[hf_name]
+                    mapping, hf_names = table[canonical]
+                    full = reader.tensor(canonical).to(dtype)
+                    pending.update(zip(hf_names, mapping.to_hf(full, spec)))
+                    del full
+                    if progress:
+                        progress(canonical)
+                out.write(hf_name, pending.pop(hf_name))
+        written.append(shard.file_name)
+    if len(plan.shards) > 1:
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map.items()))}
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(SAFETENSORS_INDEX)
+    return written

@@ -1,0 +1,648 @@
+"""Megatron-LM per-rank files (``--ckpt-format torch``), read and written as Megatron does.
+
+Directory layout (TP=2, PP=2)::
+
+    DIR/latest_checkpointed_iteration.txt      "10" (or "release")
+    DIR/iter_0000010/mp_rank_00_000/model_optim_rng.pt   TP rank 0, PP stage 0
+    DIR/iter_0000010/mp_rank_01_000/model_optim_rng.pt   TP rank 1, PP stage 0
+    DIR/iter_0000010/mp_rank_00_001/model_optim_rng.pt   TP rank 0, PP stage 1
+    DIR/iter_0000010/mp_rank_01_001/model_optim_rng.pt   TP rank 1, PP stage 1
+
+With PP=1 the folders are ``mp_rank_00``, ``mp_rank_01``. Each file holds ``args``,
+``checkpoint_version``, ``iteration`` and ``model`` (or ``model0``, ``model1``, ...
+with virtual pipeline stages: chunk ``c`` of stage ``p`` is virtual stage
+``c x PP + p``). Layer indices are local to the chunk: with 6 layers at PP=2, stage 1
+holds ``decoder.layers.0..2`` for global layers 3..5.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import rules
+from ..errors import BadInput, Unsupported
+from ..megatron_args import megatron_args, spec_from_args
+from ..spec import CanonicalTensor, ModelSpec, canonical_tensors, check_parallel_sizes, padded_vocab_size, rule_for
+from ..safe_load import safe_torch_load
+from ..torch_stream import StreamingTorchWriter
+from .base import CheckpointMeta, CheckpointReader
+from .megatron_names import NAMINGS, Naming, detect_naming
+
+NAME = "megatron-legacy"
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+WRITE_CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+
+def rank_dir_name(tp_rank: int, pp_stage: int, pp_size: int) -> str:
+    """``mp_rank_TT`` with PP=1, ``mp_rank_TT_PPP`` otherwise (Megatron's spelling)."""
+    if pp_size == 1:
+        return f"mp_rank_{tp_rank:02d}"
+    return f"mp_rank_{tp_rank:02d}_{pp_stage:03d}"
+
+
+def iteration_dir_name(iteration: int | None, release: bool = False) -> str:
+    return "release" if release or iteration is None else f"iter_{iteration:07d}"
+
+
+# ---------------------------------------------------------------------------- finding files
+
+def _has_rank_dirs(path: Path) -> bool:
+    return path.is_dir() and any(_RANK_DIR.match(child.name) for child in path.iterdir())
+
+
+def locate_iteration_dir(root: Path) -> tuple[Path, int | None, bool]:
+    """``(iteration folder, iteration, is_release)`` for a checkpoint root or iteration folder."""
+    if _has_rank_dirs(root):
+        match = re.match(r"^iter_(\d+)$", root.name)
+        return root, (int(match.group(1)) if match else None), root.name == "release"
+    tracker = root / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text == "release":
+            folder = root / "release"
+            iteration, release = None, True
+        elif text.isdigit():
+            iteration, release = int(text), False
+            folder = root / iteration_dir_name(iteration)
+        else:
+            raise BadInput(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
+        if not folder.is_dir():
+            raise BadInput(f"{tracker}: names {text!r} but {folder} does not exist")
+        if not _has_rank_dirs(folder):
+            raise BadInput(f"{folder}: no mp_rank_* folders")
+        return folder, iteration, release
+    candidates = sorted(child for child in root.iterdir() if child.is_dir() and _has_rank_dirs(child)) \
+        if root.is_dir() else []
+    if len(candidates) == 1:
+        return locate_iteration_dir(candidates[0])
+    raise BadInput(f"{root}: not a Megatron checkpoint ({TRACKER} missing and no single iter_* folder)")
+
+
+def detect(path: Path) -> bool:
+    path = Path(path)
+    if path.suffix == ".zip" and path.is_file():
+        return True
+    if not path.is_dir():
+        return False
+    if _has_rank_dirs(path):
+        return any((child / RANK_FILE).exists() for child in path.iterdir() if _RANK_DIR.match(child.name))
+    tracker = path / TRACKER
+    if tracker.is_file():
+        try:
+            folder, _, _ = locate_iteration_dir(path)
+        except BadInput:
+            return not any(path.glob("iter_*/.metadata"))
+        return any((child / RANK_FILE).exists() for child in folder.iterdir())
+    return False
+
+
+def _extract_zip(archive: Path) -> Path:
+    """Unpack an NGC-style ``.zip`` into a private temporary folder (refusing unsafe paths)."""
+    target = Path(tempfile.mkdtemp(prefix="ckptkit-zip-"))
+    try:
+        with zipfile.ZipFile(archive) as opened:
+            for member in opened.namelist():
+                resolved = (target / member).resolve()
+                if not str(resolved).startswith(str(target.resolve()) + os.sep) and resolved != target.resolve():
+                    raise BadInput(f"{archive}: member {member!r} would unpack outside the folder")
+            opened.extractall(target)
+    except zipfile.BadZipFile as error:
+        shutil.rmtree(target, ignore_errors=True)
+        raise BadInput(f"{archive}: not a readable zip ({error})") from None
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target
+
+
+def _flatten(state: dict, prefix: str = "") -> dict:
+    """Nested pre-Core dicts -> dotted keys: model["language_model"]["encoder"]["layers.0.x"]
+    becomes ``language_model.encoder.layers.0.x``."""
+    flat = {}
+    for key, value in state.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _model_chunks(state: dict, path: Path) -> list[dict]:
+    if "model" in state:
+        return [_flatten(state["model"])]
+    chunk_keys = sorted((key for key in state if isinstance(key, str) and re.fullmatch(r"model\d+", key)),
+                        key=lambda key: int(key[5:]))
+    if not chunk_keys:
+        raise BadInput(f"{path}: no 'model' entry (keys: {', '.join(map(str, list(state)[:8]))})")
+    return [_flatten(state[key]) for key in chunk_keys]
+
+
+# ---------------------------------------------------------------------------- QKV versions
+
+def qkv_to_current(shard: torch.Tensor, version: float, heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder one rank's QKV shard from an old checkpoint_version to the per-head layout.
+
+    Version 0 stores ``[3, heads, head_dim]`` (all q, all k, all v), version 1.0
+    ``[heads, head_dim, 3]``; 2.0 and later ``[heads, 3, head_dim]`` (per head
+    ``q_h k_h v_h``), which is canonical. (Multi-head attention only: GQA postdates 2.0.)
+    """
+    if version >= 2.0:
+        return shard
+    tail = shard.shape[1:]
+    if version == 0:
+        reordered = shard.view(3, heads, head_dim, *tail).transpose(0, 1)
+    else:
+        reordered = shard.view(heads, head_dim, 3, *tail).transpose(1, 2)
+    return reordered.reshape(shard.shape).contiguous()
+
+
+# ---------------------------------------------------------------------------- reading
+
+@dataclass
+class _Location:
+    pp_stage: int
+    chunk: int
+    file_key: str
+
+
+@dataclass
+class _RankFiles:
+    folder: Path
+    tp: int
+    pp: int
+    trust_remote_pickle: bool = False
+    loaded: dict = field(default_factory=dict)
+
+    def path(self, tp_rank: int, pp_stage: int) -> Path:
+        return self.folder / rank_dir_name(tp_rank, pp_stage, self.pp) / RANK_FILE
+
+    def chunks(self, tp_rank: int, pp_stage: int) -> list[dict]:
+        key = (tp_rank, pp_stage)
+        if key not in self.loaded:
+            path = self.path(tp_rank, pp_stage)
+            state = safe_torch_load(path, trust_remote_pickle=self.trust_remote_pickle)
+            if not isinstance(state, dict):
+                raise BadInput(f"{path}: expected a dict, found {type(state).__name__}")
+            self.loaded[key] = (state, _model_chunks(state, path))
+        return self.loaded[key][1]
+
+    def state(self, tp_rank: int, pp_stage: int) -> dict:
+        self.chunks(tp_rank, pp_stage)
+        return self.loaded[(tp_rank, pp_stage)][0]
+
+
+class MegatronLegacyReader(CheckpointReader):
+    """Canonical tensors merged from Megatron per-rank files (mmap'd, read on demand)."""
+
+    def __init__(self, path, *, vocab_size: int | None = None, strict: bool = False,
+                 trust_remote_pickle: bool = False):
+        self.source = Path(path)
+        self.strict = strict
+        self._temporary = None
+        root = self.source
+        if root.suffix == ".zip" and root.is_file():
+            self._temporary = _extract_zip(root)
+            root = self._temporary
+        if not root.exists():
+            raise BadInput(f"{root}: no such file or folder")
+        folder, iteration, release = locate_iteration_dir(root)
+        ranks = self._scan_ranks(folder)
+        first_file = folder / sorted(ranks)[0] / RANK_FILE
+        first = safe_torch_load(first_file, trust_remote_pickle=trust_remote_pickle)
+        args = first.get("args") if isinstance(first, dict) else None
+        if args is None:
+            raise BadInput(f"{first_file}: no 'args' entry; cannot tell the architecture")
+        tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+        pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+        ep = int(getattr(args, "expert_model_parallel_size", 1) or 1)
+        if getattr(args, "num_experts", None):
+            raise Unsupported(f"{first_file}: mixture-of-experts checkpoints (num_experts="
+                              f"{args.num_experts}) are not supported yet")
+        self._check_rank_set(folder, ranks, tp, pp)
+        self.files = _RankFiles(folder, tp, pp, trust_remote_pickle)
+        self.files.loaded[(0, 0)] = (first, _model_chunks(first, first_file))
+        self.spec = spec_from_args(args, vocab_size=vocab_size, source=str(first_file))
+        version = float(first.get("checkpoint_version", 0) or 0)
+        if iteration is None and not release:
+            iteration = first.get("iteration")
+        chunks = self.files.chunks(0, 0)
+        naming = detect_naming(chunks[0].keys())
+        if naming is None:
+            raise BadInput(f"{first_file}: no parameter names of a known Megatron naming "
+                           f"(first keys: {', '.join(list(chunks[0])[:4])})")
+        self.naming: Naming = naming
+        self.index, self.tied_head_location, layer_counts = self._build_index(len(chunks))
+        embedding = self._shard("embedding.word_embeddings.weight", 0)
+        self.meta = CheckpointMeta(
+            layout=NAME, path=self.source, dtype=embedding.dtype, tp=tp, pp=pp, vpp=len(chunks), ep=ep,
+            iteration=iteration, release=release, checkpoint_version=version, naming=naming.name,
+            padded_vocab_size=embedding.shape[0] * tp,
+            make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", None),
+            args=args, files=[str(self.files.path(t, p)) for p in range(pp) for t in range(tp)],
+        )
+        self.layer_counts = layer_counts
+        total_layers = sum(layer_counts.values())
+        if total_layers != self.spec.num_layers:
+            raise BadInput(f"{folder}: files hold {total_layers} layers; args say num_layers="
+                           f"{self.spec.num_layers}")
+        for canonical in self.canonical():
+            if canonical.name not in self.index:
+                raise BadInput(f"{folder}: tensor {canonical.name} is missing from every rank file")
+
+    # -- discovery
+
+    @staticmethod
+    def _scan_ranks(folder: Path) -> dict:
+        ranks = {}
+        for child in folder.iterdir():
+            match = _RANK_DIR.match(child.name)
+            if match and child.is_dir():
+                ranks[child.name] = match
+        if not ranks:
+            raise BadInput(f"{folder}: no mp_rank_* folders")
+        return ranks
+
+    @staticmethod
+    def _check_rank_set(folder: Path, ranks: dict, tp: int, pp: int) -> None:
+        expected = {rank_dir_name(t, p, pp) for t in range(tp) for p in range(pp)}
+        missing = sorted(expected - set(ranks))
+        if missing:
+            raise BadInput(f"{folder / missing[0]}: rank folder missing (args say TP={tp}, PP={pp})")
+        extra = sorted(set(ranks) - expected)
+        if extra:
+            raise Unsupported(f"{folder / extra[0]}: unexpected rank folder for TP={tp}, PP={pp} "
+                              "(expert-parallel layouts are not supported yet)")
+        for name in sorted(expected):
+            path = folder / name / RANK_FILE
+            if not path.is_file():
+                raise BadInput(f"{path}: rank file missing")
+
+    def _build_index(self, num_chunks: int):
+        """Map canonical names to (stage, chunk, key), making layer indices global."""
+        pp = self.files.pp
+        per_chunk = {}
+        for pp_stage in range(pp):
+            chunks = self.files.chunks(0, pp_stage)
+            if len(chunks) != num_chunks:
+                raise BadInput(f"{self.files.path(0, pp_stage)}: {len(chunks)} model chunks; "
+                               f"stage 0 has {num_chunks}")
+            for chunk, state in enumerate(chunks):
+                parsed = {}
+                for key in state:
+                    if key.endswith("._extra_state"):
+                        continue
+                    found = self.naming.parse(key)
+                    if found is None:
+                        raise BadInput(f"{self.files.path(0, pp_stage)}: unknown tensor {key!r} "
+                                       f"for naming {self.naming.name}")
+                    parsed[key] = found
+                per_chunk[(pp_stage, chunk)] = parsed
+        layer_counts = {}
+        for place, parsed in per_chunk.items():
+            layers = [layer for _, layer in parsed.values() if layer is not None]
+            layer_counts[place] = max(layers) + 1 if layers else 0
+        # virtual stage s = chunk x PP + stage holds the next contiguous block of layers
+        offsets, running = {}, 0
+        for virtual in range(num_chunks * pp):
+            place = (virtual % pp, virtual // pp)
+            offsets[place] = running
+            running += layer_counts[place]
+        index, tied_head = {}, None
+        last_place = (pp - 1, num_chunks - 1)
+        for place, parsed in per_chunk.items():
+            for key, (suffix, layer) in parsed.items():
+                location = _Location(place[0], place[1], key)
+                if layer is None:
+                    name = suffix
+                    if name == "output_layer.weight" and self.spec.tied_embeddings:
+                        tied_head = location  # the last stage's copy of the embeddings
+                        continue
+                else:
+                    name = f"decoder.layers.{offsets[place] + layer}.{suffix}"
+                if name in index:
+                    raise BadInput(f"{self.files.path(0, place[0])}: tensor {name} appears twice")
+                index[name] = location
+        if self.spec.tied_embeddings and pp * num_chunks > 1 and tied_head is None and \
+                "output_layer.weight" not in index:
+            self.warn(f"{self.files.path(0, last_place[0])}: tied embeddings but the last stage "
+                      "holds no output-layer copy")
+        return index, tied_head, {place: count for place, count in layer_counts.items()}
+
+    # -- reading
+
+    def _shard(self, name: str, tp_rank: int) -> torch.Tensor:
+        location = self.index[name]
+        return self._shard_at(location, tp_rank, name)
+
+    def _shard_at(self, location: _Location, tp_rank: int, name: str) -> torch.Tensor:
+        chunks = self.files.chunks(tp_rank, location.pp_stage)
+        path = self.files.path(tp_rank, location.pp_stage)
+        if location.chunk >= len(chunks) or location.file_key not in chunks[location.chunk]:
+            raise BadInput(f"{path}: tensor {location.file_key} missing (present on TP rank 0)")
+        value = chunks[location.chunk][location.file_key]
+        if not isinstance(value, torch.Tensor):
+            raise BadInput(f"{path}: {location.file_key} is a {type(value).__name__}, not a tensor")
+        return value
+
+    def _rule(self, canonical: CanonicalTensor):
+        padded = self.meta.padded_vocab_size if hasattr(self, "meta") else None
+        return rule_for(self.spec, canonical.rule, padded)
+
+    def _canonical_entry(self, name: str) -> CanonicalTensor:
+        for canonical in self._canonical_by_name().get(name, []):
+            return canonical
+        raise BadInput(f"{self.source}: no canonical tensor {name}")
+
+    def _canonical_by_name(self):
+        if not hasattr(self, "_by_name"):
+            self._by_name = {}
+            for canonical in self.canonical():
+                self._by_name.setdefault(canonical.name, []).append(canonical)
+        return self._by_name
+
+    def shards(self, name: str) -> list[torch.Tensor]:
+        """Every TP rank's piece of canonical tensor ``name``, as stored (mmap'd)."""
+        return [self._shard(name, tp_rank) for tp_rank in range(self.files.tp)]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        canonical = self._canonical_entry(name)
+        shards = self.shards(name)
+        self._check_shard_shapes(canonical, shards)
+        if canonical.rule == "qkv" and self.meta.checkpoint_version < 2.0:
+            heads_per_rank = self.spec.num_attention_heads // self.files.tp
+            shards = [qkv_to_current(shard, self.meta.checkpoint_version, heads_per_rank, self.spec.head_dim)
+                      for shard in shards]
+        if canonical.rule == "replicated":
+            self._check_replicas(name, shards)
+        return self._rule(canonical).merge(shards)
+
+    def _expected_shard_shape(self, canonical: CanonicalTensor) -> tuple:
+        full = torch.empty(canonical.shape, device="meta")
+        if canonical.rule == "vocab":
+            full = torch.empty((self.meta.padded_vocab_size, *canonical.shape[1:]), device="meta")
+        return tuple(self._rule(canonical).split(full, self.files.tp)[0].shape)
+
+    def _check_shard_shapes(self, canonical: CanonicalTensor, shards) -> None:
+        expected = self._expected_shard_shape(canonical)
+        location = self.index[canonical.name]
+        for tp_rank, shard in enumerate(shards):
+            if tuple(shard.shape) != expected:
+                path = self.files.path(tp_rank, location.pp_stage)
+                raise BadInput(f"{path}: {location.file_key} has shape {tuple(shard.shape)}; expected "
+                               f"{expected} for TP={self.files.tp}")
+            if shard.dtype != shards[0].dtype:
+                path = self.files.path(tp_rank, location.pp_stage)
+                raise BadInput(f"{path}: {location.file_key} has dtype {shard.dtype}; TP rank 0 has "
+                               f"{shards[0].dtype}")
+
+    def _check_replicas(self, name: str, shards) -> None:
+        difference = rules.replica_mismatch(shards)
+        if difference:
+            location = self.index[name]
+            message = (f"{self.files.path(0, location.pp_stage).parent.parent}: replicated tensor "
+                       f"{location.file_key} differs across TP ranks (max abs diff {difference:.3g}); "
+                       "taking TP rank 0's copy")
+            if self.strict:
+                raise BadInput(message)
+            self.warn(message)
+
+    def validate(self) -> list[str]:
+        """Load every rank file, compare key sets, shapes, replicas and the tied head copy."""
+        notes = []
+        for pp_stage in range(self.files.pp):
+            reference = self.files.chunks(0, pp_stage)
+            for tp_rank in range(1, self.files.tp):
+                chunks = self.files.chunks(tp_rank, pp_stage)
+                for chunk, (mine, theirs) in enumerate(zip(reference, chunks)):
+                    missing = sorted(set(mine) - set(theirs))
+                    if missing:
+                        raise BadInput(f"{self.files.path(tp_rank, pp_stage)}: tensor {missing[0]} missing "
+                                       "(present on TP rank 0)")
+                    extra = sorted(set(theirs) - set(mine))
+                    if extra:
+                        raise BadInput(f"{self.files.path(tp_rank, pp_stage)}: unexpected tensor {extra[0]}")
+        for canonical in self.canonical():
+            shards = self.shards(canonical.name)
+            self._check_shard_shapes(canonical, shards)
+            if canonical.rule == "replicated":
+                self._check_replicas(canonical.name, shards)
+        if self.tied_head_location is not None:
+            head = [self._shard_at(self.tied_head_location, t, "output_layer.weight") for t in range(self.files.tp)]
+            embedding = self.shards("embedding.word_embeddings.weight")
+            for tp_rank, (mine, theirs) in enumerate(zip(head, embedding)):
+                if mine.shape != theirs.shape or not torch.equal(mine, theirs):
+                    path = self.files.path(tp_rank, self.tied_head_location.pp_stage)
+                    difference = (mine.double() - theirs.double()).abs().max().item() \
+                        if mine.shape == theirs.shape else float("inf")
+                    message = (f"{path}: {self.tied_head_location.file_key} (tied output head) differs from "
+                               f"the first stage's word embeddings (max abs diff {difference:.3g})")
+                    if self.strict:
+                        raise BadInput(message)
+                    self.warn(message)
+                    notes.append(message)
+        return notes
+
+    def rank_state(self, tp_rank: int, pp_stage: int) -> dict:
+        """The whole loaded dict of one rank file (args, optimizer, rng_state, ...)."""
+        return self.files.state(tp_rank, pp_stage)
+
+    def close(self) -> None:
+        self.files.loaded.clear()
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+            self._temporary = None
+
+
+def open_reader(path, **options) -> MegatronLegacyReader:
+    return MegatronLegacyReader(path, **options)
+
+
+# ---------------------------------------------------------------------------- writing
+
+@dataclass
+class TargetLayout:
+    """Where a Megatron checkpoint is going: sizes, naming, padding, dtype."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    naming: str = "mcore-local"
+    make_vocab_size_divisible_by: int = 128
+    dtype: torch.dtype | None = None
+    iteration: int | None = None
+    release: bool = False
+    args_base: argparse.Namespace | None = None
+
+
+@dataclass
+class PlannedTensor:
+    file_key: str
+    canonical: str
+    rule: str
+    copy_of: str | None = None  # the tied head is a copy of the word embeddings
+
+
+@dataclass
+class PlannedRankFile:
+    relative_path: str
+    tp_rank: int
+    pp_stage: int
+    chunks: list[list[PlannedTensor]]
+    extra_state_keys: list[list[str]]
+
+
+def stage_layers(spec: ModelSpec, pp: int, vpp: int) -> dict[tuple[int, int], range]:
+    """Global layers of each (stage, chunk): virtual stage ``c x PP + p`` holds block ``c x PP + p``.
+
+    8 layers, PP=2, VPP=2: (0,0)->0-1, (1,0)->2-3, (0,1)->4-5, (1,1)->6-7.
+    """
+    per_virtual = spec.num_layers // (pp * vpp)
+    return {(virtual % pp, virtual // pp): range(virtual * per_virtual, (virtual + 1) * per_virtual)
+            for virtual in range(pp * vpp)}
+
+
+def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
+    """Every rank file to write and the canonical tensor behind each of its keys."""
+    check_parallel_sizes(spec, target.tp, target.pp, target.vpp)
+    if target.naming not in NAMINGS:
+        raise BadInput(f"unknown naming {target.naming!r} (choose from {', '.join(NAMINGS)})")
+    naming = NAMINGS[target.naming]
+    layers_of = stage_layers(spec, target.pp, target.vpp)
+    canonical = canonical_tensors(spec)
+    last = (target.pp - 1, target.vpp - 1)
+    plan = []
+    for pp_stage in range(target.pp):
+        for tp_rank in range(target.tp):
+            chunks, extra_states = [], []
+            for chunk in range(target.vpp):
+                place = (pp_stage, chunk)
+                layers = layers_of[place]
+                entries, extra = [], []
+                for tensor in canonical:
+                    if tensor.layer is not None:
+                        if tensor.layer not in layers:
+                            continue
+                        suffix = tensor.name.split(".", 3)[3]
+                        key = naming.file_name(suffix, tensor.layer - layers.start)
+                        entries.append(PlannedTensor(key, tensor.name, tensor.rule))
+                        continue
+                    first_stage_tensor = tensor.name.startswith("embedding.")
+                    if first_stage_tensor and place != (0, 0):
+                        continue
+                    if not first_stage_tensor and place != last:
+                        continue
+                    entries.append(PlannedTensor(naming.file_name(tensor.name, None), tensor.name, tensor.rule))
+                if spec.tied_embeddings and place == last and target.pp * target.vpp > 1:
+                    # Megatron keeps its own copy of the embeddings for the output head on the last stage.
+                    entries.append(PlannedTensor(naming.tied_head[0], "output_layer.weight", "vocab",
+                                                 copy_of="embedding.word_embeddings.weight"))
+                for layer in layers:
+                    extra += naming.extra_state_names(layer - layers.start)
+                head_present = place == last and (not spec.tied_embeddings or target.pp * target.vpp > 1)
+                if head_present and naming.head_extra_state:
+                    extra.append(naming.head_extra_state)
+                chunks.append(entries)
+                extra_states.append(extra)
+            relative = f"{rank_dir_name(tp_rank, pp_stage, target.pp)}/{RANK_FILE}"
+            plan.append(PlannedRankFile(relative, tp_rank, pp_stage, chunks, extra_states))
+    return plan
+
+
+def _nest(flat: dict, naming: str) -> dict:
+    """Pre-Core files nest ``language_model -> embedding/encoder`` dicts (as Megatron saved them)."""
+    if naming != "legacy":
+        return OrderedDict(flat)
+    nested: dict = OrderedDict()
+    for key, value in flat.items():
+        if key.startswith("language_model.embedding."):
+            rest = key[len("language_model.embedding."):]
+            module, param = rest.rsplit(".", 1)
+            nested.setdefault("language_model", OrderedDict()).setdefault("embedding", OrderedDict()) \
+                .setdefault(module, OrderedDict())[param] = value
+        elif key.startswith("language_model.encoder."):
+            nested.setdefault("language_model", OrderedDict()).setdefault("encoder", OrderedDict())[
+                key[len("language_model.encoder."):]] = value
+        elif key.startswith("language_model."):
+            module, param = key[len("language_model."):].rsplit(".", 1)
+            nested.setdefault("language_model", OrderedDict()).setdefault(module, OrderedDict())[param] = value
+        else:
+            module, param = key.rsplit(".", 1)
+            nested.setdefault(module, OrderedDict())[param] = value
+    return nested
+
+
+def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, progress=None) -> list[str]:
+    """Write ``reader``'s model as Megatron per-rank files under ``out_dir`` (a fresh folder).
+
+    Streams: for each pipeline stage, each canonical tensor is read once, split over the
+    TP ranks, and every piece goes straight to its rank file on disk. Returns the
+    relative paths written.
+    """
+    spec = reader.spec
+    dtype = target.dtype or reader.meta.dtype
+    padded = padded_vocab_size(spec.vocab_size, target.make_vocab_size_divisible_by, target.tp)
+    plan = plan_files(spec, target)
+    iteration = target.iteration if not target.release else None
+    folder = out_dir / iteration_dir_name(iteration, target.release)
+    args = megatron_args(spec, tp=target.tp, pp=target.pp, vpp=target.vpp, dtype=dtype, padded_vocab=padded,
+                         make_vocab_size_divisible_by=target.make_vocab_size_divisible_by,
+                         iteration=iteration or 0,
+                         transformer_impl="transformer_engine" if target.naming == "mcore-te" else "local",
+                         base=target.args_base)
+    if target.naming == "legacy":
+        args.use_legacy_models = True
+    written = []
+    for pp_stage in range(target.pp):
+        stage_files = [entry for entry in plan if entry.pp_stage == pp_stage]
+        writers = {}
+        refs = {entry.tp_rank: [OrderedDict() for _ in entry.chunks] for entry in stage_files}
+        try:
+            for entry in stage_files:
+                path = folder / entry.relative_path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writers[entry.tp_rank] = StreamingTorchWriter(path)
+            template = stage_files[0]
+            for chunk_index, chunk in enumerate(template.chunks):
+                for position, planned in enumerate(chunk):
+                    source_name = planned.copy_of or planned.canonical
+                    full = reader.tensor(source_name).to(dtype)
+                    pieces = rule_for(spec, planned.rule, padded).split(full, target.tp)
+                    del full
+                    for entry in stage_files:
+                        key = entry.chunks[chunk_index][position].file_key
+                        refs[entry.tp_rank][chunk_index][key] = writers[entry.tp_rank].add_tensor(pieces[entry.tp_rank])
+                    del pieces
+                    if progress:
+                        progress(planned.canonical)
+            for entry in stage_files:
+                models = []
+                for chunk_index, chunk_refs in enumerate(refs[entry.tp_rank]):
+                    for key in entry.extra_state_keys[chunk_index]:
+                        chunk_refs[key] = None
+                    models.append(_nest(chunk_refs, target.naming))
+                state = {"args": args, "checkpoint_version": WRITE_CHECKPOINT_VERSION,
+                         "iteration": iteration or 0}
+                if len(models) == 1:
+                    state["model"] = models[0]
+                else:
+                    for chunk_index, model in enumerate(models):
+                        state[f"model{chunk_index}"] = model
+                writers[entry.tp_rank].finish(state)
+                written.append(str(Path(folder.name) / entry.relative_path))
+        finally:
+            for writer in writers.values():
+                writer.close()
+    (out_dir / TRACKER).write_text("release" if target.release or iteration is None else str(iteration))
+    return written
