@@ -1,0 +1,89 @@
+"""Shared fixtures: the real Megatron-LM checkpoints and small named model factories."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture_path(*parts) -> Path:
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"fixture {path} not present")
+    return path
+
+
+def reference_logits(name: str) -> dict:
+    return torch.load(fixture_path(name, "logits.pt"), weights_only=True)
+
+
+def make_hf_model(folder: Path, family: str = "gpt2", seed: int = 0, dtype=torch.float32, **config) -> Path:
+    """A randomly initialised transformers model saved as safetensors (the HF side's ground truth)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    defaults = {
+        "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_inner=64, n_positions=32, vocab_size=101,
+                     activation_function="gelu", bos_token_id=None, eos_token_id=None),
+        "llama": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, intermediate_size=48, max_position_embeddings=32, vocab_size=101,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None),
+        "qwen2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=48, max_position_embeddings=32, vocab_size=101,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None),
+        "mistral": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
+                        head_dim=8, intermediate_size=48, max_position_embeddings=32, vocab_size=101,
+                        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, sliding_window=None),
+    }[family]
+    defaults.update(config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **defaults))
+    # Make every parameter non-trivial (norm weights are ones, biases zeros at init).
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    model = model.to(dtype)
+    model.save_pretrained(folder)
+    return folder
+
+
+def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def hf_state(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture
+def copy_fixture(tmp_path):
+    """Copy a fixture folder into tmp_path (tests may damage their copy)."""
+
+    def copy(*parts) -> Path:
+        source = fixture_path(*parts)
+        target = tmp_path / "src" / source.name
+        shutil.copytree(source, target)
+        return target
+
+    return copy
