@@ -19,6 +19,10 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "inspect", "convert", "reshard", "verify"]
 
+# The submodule ckptkit.convert shares its name with the function below. Importing it
+# first means later `import ckptkit.convert` finds it loaded and leaves the function bound.
+from . import convert as _conversions  # noqa: E402
+
 
 def inspect(path, **options):
     """Describe a checkpoint of any supported layout without reading tensor data.
@@ -56,9 +60,9 @@ def convert(source, destination, *, to: str, tp: int = 1, pp: int = 1, vpp: int 
     >>> result.target_layout["tp"], len(result.files)
     (2, 4)
     """
-    from . import convert as conversions
     from .errors import BadInput
 
+    conversions = _conversions
     if to == "hf":
         return conversions.megatron_to_hf(source, destination, dtype=dtype, progress=progress, **options)
     if to == "megatron":
