@@ -14,7 +14,7 @@ def test_api_converts_reshards_and_verifies_with_typed_results(tmp_path):
     seen = []
     converted = ckptkit.convert(source, tmp_path / "hf", to="hf", progress=seen.append)
     assert isinstance(converted, ConvertResult) and "model.safetensors" in converted.files
-    assert seen[0] == "embedding.word_embeddings.weight" and len(seen) == len(info.tensors)
+    assert sorted(seen) == sorted(tensor.name for tensor in info.tensors)  # each tensor reported once
     back = ckptkit.convert(tmp_path / "hf", tmp_path / "megatron", to="megatron", tp=2, pp=3)
     assert back.target_layout["tp"] == 2 and len(back.files) == 6
     resharded = ckptkit.reshard(tmp_path / "megatron", tmp_path / "tp1", tp=1, pp=1)
