@@ -86,6 +86,10 @@ def locate_iteration_dir(root: Path) -> tuple[Path, int | None, bool]:
         if root.is_dir() else []
     if len(candidates) == 1:
         return locate_iteration_dir(candidates[0])
+    children = list(root.iterdir()) if root.is_dir() else []
+    if len(children) == 1 and children[0].is_dir():
+        # An archive usually wraps the checkpoint in one top-level folder.
+        return locate_iteration_dir(children[0])
     raise BadInput(f"{root}: not a Megatron checkpoint ({TRACKER} missing and no single iter_* folder)")
 
 
