@@ -1,0 +1,79 @@
+"""Fused kernels for the trainer, with pure PyTorch fallbacks picked automatically.
+
+Every function takes ``fused``: when true, and the input is on a CUDA device, and
+Triton imports, the Triton kernel of :mod:`ckptkit.kernels.fused` runs; otherwise
+the eager version of :mod:`ckptkit.kernels.reference` does. Both compute the same
+thing (the tests compare each against a float64 reference).
+
+>>> from ckptkit import kernels
+>>> y = kernels.rms_norm(x, weight, eps=1e-5, fused=True)   # Triton on a GPU, eager elsewhere
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import reference
+from .reference import rope_tables
+
+__all__ = ["fused_available", "bias_gelu", "layer_norm", "rms_norm", "apply_rope", "rope_tables",
+           "cross_entropy"]
+
+
+@functools.cache
+def fused_available() -> bool:
+    """True when a CUDA device is present and Triton imports (checked once, lazily)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fused(tensor: torch.Tensor, fused: bool):
+    """The Triton module when it should run for ``tensor``, else None."""
+    if fused and tensor.is_cuda and fused_available():
+        from . import fused as fused_module
+        return fused_module
+    return None
+
+
+def bias_gelu(x, bias, approximate: str = "none", *, fused: bool = False):
+    """``gelu(x + bias)``: exact (erf) GeLU, or the tanh form with ``approximate="tanh"``."""
+    module = _fused(x, fused)
+    if module is None:
+        return reference.bias_gelu(x, bias, approximate)
+    return module.bias_gelu(x, bias, approximate)
+
+
+def layer_norm(x, weight, bias, eps: float, *, fused: bool = False):
+    module = _fused(x, fused)
+    if module is None:
+        return reference.layer_norm(x, weight, bias, eps)
+    return module.layer_norm(x, weight, bias, eps)
+
+
+def rms_norm(x, weight, eps: float, *, fused: bool = False):
+    module = _fused(x, fused)
+    if module is None:
+        return reference.rms_norm(x, weight, eps)
+    return module.rms_norm(x, weight, eps)
+
+
+def apply_rope(x, cos, sin, *, fused: bool = False):
+    """Rotate ``x [batch, seq, heads, head_dim]`` by ``cos, sin [seq, head_dim]`` (rotate-half form)."""
+    module = _fused(x, fused)
+    if module is None:
+        return reference.apply_rope(x, cos, sin)
+    return module.apply_rope(x, cos, sin)
+
+
+def cross_entropy(logits, target, vocab_start: int = 0, group=None, *, fused: bool = False):
+    """Per-token float32 loss; vocabulary-parallel when ``group`` spans several ranks."""
+    module = _fused(logits, fused)
+    if module is None:
+        return reference.cross_entropy(logits, target, vocab_start, group)
+    return module.cross_entropy(logits, target, vocab_start, group)

@@ -1,0 +1,108 @@
+"""Pure PyTorch versions of every fused kernel: the fallbacks and the specification.
+
+Each function computes exactly what its Triton twin in :mod:`ckptkit.kernels.fused`
+computes, in plain eager PyTorch. Norms and the loss compute in float32 whatever the
+input dtype and cast the result back, as Megatron's fused kernels do.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
+    """``gelu(x + bias)``; ``approximate="tanh"`` is the tanh form Megatron's fused kernel uses."""
+    if bias is not None:
+        x = x + bias
+    return F.gelu(x, approximate=approximate)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(),
+                        None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight`` (Megatron's and HF Llama's RMSNorm)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def rope_tables(seq_length: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[seq, head_dim]`` for non-interleaved rotary embeddings.
+
+    Frequencies ``theta^(-2i/head_dim)`` for ``i < head_dim/2``, repeated for both
+    halves of the head (Megatron's ``RotaryEmbedding`` and HF Llama compute the same,
+    in float32).
+    """
+    inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+                                         / head_dim))
+    angles = torch.outer(torch.arange(seq_length, dtype=torch.float32, device=device), inverse_frequency)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape ``[batch, seq, heads, head_dim]`` by tables ``[seq, head_dim]``.
+
+    ``x * cos + rotate_half(x) * sin`` with the tables cast to ``x``'s dtype first
+    (Megatron's ``apply_rotary_pos_emb_bshd``).
+    """
+    cos = cos[None, :, None, :].to(x.dtype)
+    sin = sin[None, :, None, :].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy when each tensor-parallel rank holds a slice of the vocabulary.
+
+    Megatron's algorithm (``megatron/core/tensor_parallel/cross_entropy.py``): all-reduce
+    the row maximum, the target's logit (only the rank owning the target contributes)
+    and the sum of exponentials; the gradient is ``softmax - onehot`` on each slice.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start, group):
+        logits = logits.float()
+        row_max = logits.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)
+        local_target = target - vocab_start
+        outside = (local_target < 0) | (local_target >= logits.shape[-1])
+        local_target = local_target.masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        if group is not None:
+            dist.all_reduce(target_logit, group=group)
+            dist.all_reduce(sum_exp, group=group)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_target, outside)
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_target, outside = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -(~outside).unsqueeze(-1).to(grad.dtype))
+        return grad * grad_loss.unsqueeze(-1), None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int = 0,
+                  group=None) -> torch.Tensor:
+    """Per-token loss ``[...]`` (float32) of ``logits [..., vocab_slice]`` against ``target [...]``.
+
+    With ``group`` set, ``logits`` holds vocabulary entries ``vocab_start ..
+    vocab_start + logits.shape[-1]`` of this rank and the loss is over the whole
+    vocabulary of the group.
+    """
+    return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, group)
+

@@ -1,0 +1,111 @@
+"""What a training run needs to know: model presets and :class:`TrainConfig`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BadInput, Unsupported
+from ..spec import ModelSpec
+from .optim import AdamConfig
+
+MODEL_PRESETS: dict[str, ModelSpec] = {
+    # Small enough to train on a laptop CPU; the same shapes as the real Megatron fixtures' families.
+    "gpt2": ModelSpec(family="gpt2", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=4,
+                      ffn_hidden_size=512, vocab_size=1000, max_position_embeddings=1024, head_dim=32),
+    "llama": ModelSpec(family="llama", num_layers=4, hidden_size=128, num_attention_heads=8, num_query_groups=2,
+                       ffn_hidden_size=352, vocab_size=1000, max_position_embeddings=4096, head_dim=16,
+                       position_embedding="rope", normalization="RMSNorm", activation="swiglu",
+                       add_bias_linear=False, add_qkv_bias=False, tied_embeddings=False),
+    # GPT-2 small (124M parameters with its 50257-token vocabulary).
+    "gpt2-124m": ModelSpec(family="gpt2", num_layers=12, hidden_size=768, num_attention_heads=12,
+                           num_query_groups=12, ffn_hidden_size=3072, vocab_size=50257,
+                           max_position_embeddings=1024, head_dim=64),
+}
+
+
+def model_spec(preset: str = "gpt2", config_file: str | Path | None = None) -> ModelSpec:
+    """A preset, with any :class:`ModelSpec` fields of a JSON file replacing its values.
+
+    ``{"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16}``
+    """
+    if preset not in MODEL_PRESETS:
+        raise BadInput(f"unknown model {preset!r} (choose from {', '.join(MODEL_PRESETS)})")
+    spec = MODEL_PRESETS[preset]
+    if config_file is None:
+        return spec
+    try:
+        fields = json.loads(Path(config_file).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BadInput(f"{config_file}: cannot read a JSON model config ({error})") from None
+    known = {entry.name for entry in dataclasses.fields(ModelSpec)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise BadInput(f"{config_file}: unknown model fields {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return dataclasses.replace(spec, **fields)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``train(TrainConfig(model=MODEL_PRESETS["llama"], tp=2, pp=2, steps=20))``"""
+
+    model: ModelSpec | None = None  # None: the --load checkpoint's architecture (else the "gpt2" preset)
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    steps: int = 10  # total iterations; a loaded checkpoint's iteration counts towards them
+    micro_batch_size: int = 2
+    global_batch_size: int | None = None  # default: micro_batch_size x dp
+    seq_length: int = 64
+    seed: int = 1234
+    data: str | None = None  # indexed dataset prefix or .jsonl; None: synthetic corpus
+    tokenizer: str | None = None  # transformers tokenizer folder for .jsonl data
+    save: str | None = None
+    save_interval: int | None = None  # also save every N iterations (always at the end)
+    load: str | None = None
+    log_json: str | None = None
+    optimizer: AdamConfig = field(default_factory=AdamConfig)
+    distributed_optimizer: bool = False
+    sequence_parallel: bool = False
+    recompute: bool = False
+    fused_kernels: bool | None = None  # None: when a GPU and Triton are present
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16"
+    make_vocab_size_divisible_by: int = 128
+    log_interval: int = 0  # print a line every N steps on rank 0 (0: quiet)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def batch_size(self) -> int:
+        return self.global_batch_size or self.micro_batch_size * self.dp
+
+    def num_microbatches(self) -> int:
+        return self.batch_size // (self.micro_batch_size * self.dp)
+
+    def check(self, spec: ModelSpec) -> None:
+        """Refuse sizes that do not fit together, naming the numbers."""
+        for name in ("tp", "pp", "dp", "steps", "micro_batch_size", "seq_length"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.batch_size % (self.micro_batch_size * self.dp):
+            raise BadInput(f"global batch {self.batch_size} is not a multiple of micro-batch "
+                           f"{self.micro_batch_size} x DP {self.dp}")
+        if spec.num_query_groups % self.tp or spec.num_attention_heads % self.tp:
+            raise BadInput(f"TP={self.tp} does not divide {spec.num_query_groups} query groups / "
+                           f"{spec.num_attention_heads} heads (each rank holds whole query groups)")
+        if spec.ffn_hidden_size % self.tp:
+            raise BadInput(f"TP={self.tp} does not divide ffn size {spec.ffn_hidden_size}")
+        if spec.num_layers % self.pp:
+            raise BadInput(f"PP={self.pp} does not divide {spec.num_layers} layers")
+        if self.sequence_parallel and self.seq_length % self.tp:
+            raise BadInput(f"sequence parallelism needs TP={self.tp} to divide the sequence {self.seq_length}")
+        if spec.position_embedding == "learned_absolute" and self.seq_length > spec.max_position_embeddings:
+            raise BadInput(f"sequence {self.seq_length} is longer than the {spec.max_position_embeddings} "
+                           "learned positions")
+        if spec.rope_scaling or spec.sliding_window:
+            raise Unsupported("the trainer does not implement RoPE scaling or sliding-window attention")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise BadInput(f"dtype {self.dtype!r}: choose auto, float32 or bfloat16")

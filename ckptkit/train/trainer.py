@@ -1,0 +1,242 @@
+"""The training loop: build this rank's part of the model, run 1F1B, step the optimizer.
+
+>>> from ckptkit.train import TrainConfig, train, MODEL_PRESETS
+>>> result = train(TrainConfig(model=MODEL_PRESETS["llama"], tp=2, pp=2, steps=20, save="run1"))
+>>> result.losses[-1] < result.losses[0]
+True
+
+``train`` runs in this process for a single rank, spawns ``TP x PP x DP`` worker
+processes otherwise (gloo on CPU), and under ``torchrun`` joins the process group the
+environment describes (NCCL on GPUs). Each step:
+
+1. every DP rank takes its micro-batches of the step's global batch
+   (:class:`~ckptkit.train.data.GlobalBatches`: the same for every layout);
+2. the pipeline schedule runs forward and backward of every micro-batch; the last
+   stage's loss is the summed token cross-entropy divided by the number of tokens in
+   the global batch, so summing gradients over micro-batches and DP ranks gives the
+   gradient of the global batch's mean loss;
+3. the optimizer reduces gradients, clips them and updates the weights
+   (:class:`~ckptkit.train.optim.DistributedAdam`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .. import kernels
+from ..spec import ModelSpec, padded_vocab_size
+from .checkpoint import open_resume, save_checkpoint, set_rng_state
+from .config import MODEL_PRESETS, TrainConfig
+from .data import GlobalBatches, open_samples
+from .launch import current_device, init_from_environment, launch, launched_by_torchrun
+from .model import GPT
+from .optim import DistributedAdam, learning_rate
+from .parallel import Layout, ParallelGroups, build_groups, parallelize
+from .parallel.pipeline import one_forward_one_backward
+from .weights import initial_weights, load_weights, materialize
+
+
+@dataclass
+class StepRecord:
+    """One line of ``--log-json``."""
+
+    step: int  # 1-based iteration number just completed
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens_per_s: float
+
+
+@dataclass
+class TrainResult:
+    records: list[StepRecord] = field(default_factory=list)
+    start_iteration: int = 0
+    iteration: int = 0
+    checkpoint: str | None = None
+    layout: str = ""
+    parameters: int = 0
+
+    @property
+    def losses(self) -> list[float]:
+        return [record.loss for record in self.records]
+
+    def to_dict(self) -> dict:
+        return {"start_iteration": self.start_iteration, "iteration": self.iteration, "checkpoint": self.checkpoint,
+                "layout": self.layout, "parameters": self.parameters,
+                "steps": [asdict(record) for record in self.records]}
+
+
+def model_flops_per_token(spec: ModelSpec, seq_length: int, padded_vocab: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), attention included.
+
+    ``6 x (weights in matmuls) + 12 x layers x hidden x seq`` for the attention scores
+    and their use (the "6N + attention" estimate of the PaLM paper, causal masking not
+    subtracted), with the output layer over the padded vocabulary.
+    """
+    hidden, heads, groups, head_dim = spec.hidden_size, spec.num_attention_heads, spec.num_query_groups, spec.head_dim
+    qkv = hidden * (heads + 2 * groups) * head_dim
+    projection = heads * head_dim * hidden
+    mlp = hidden * spec.ffn_hidden_size * (3 if spec.gated else 2)
+    matmul_weights = spec.num_layers * (qkv + projection + mlp) + hidden * (padded_vocab or spec.vocab_size)
+    attention = spec.num_layers * 2 * heads * head_dim * seq_length
+    return 6.0 * matmul_weights + 6.0 * attention
+
+
+def build_model(spec: ModelSpec, groups: ParallelGroups, padded_vocab: int, weights, *, device, dtype,
+                sequence_parallel: bool = False, recompute: bool = False, fused_kernels: bool = False) -> GPT:
+    """This rank's part of the model, filled from ``weights`` (canonical name -> full tensor)."""
+    with torch.device("meta"):
+        model = GPT(spec, padded_vocab, fused_kernels=fused_kernels)
+    parallelize(model, groups, sequence_parallel=sequence_parallel, recompute=recompute)
+    materialize(model, device, dtype)
+    load_weights(model, weights, groups.layout, groups.tp_rank, groups.pp_stage)
+    return model
+
+
+def _resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+
+
+class Trainer:
+    """One rank of a run: its model part, optimizer and data."""
+
+    def __init__(self, config: TrainConfig, groups: ParallelGroups, device: torch.device):
+        self.config, self.groups, self.device = config, groups, device
+        self.dtype = _resolve_dtype(config, device)
+        self.fused = kernels.fused_available() and device.type == "cuda" if config.fused_kernels is None \
+            else config.fused_kernels
+        resume = None
+        if config.load:
+            resume = open_resume(config.load, tp=config.tp, pp=config.pp, tp_rank=groups.tp_rank,
+                                 pp_stage=groups.pp_stage)
+            self.spec = resume.spec
+        else:
+            self.spec = config.model or MODEL_PRESETS["gpt2"]
+        config.check(self.spec)
+        self.padded_vocab_size = padded_vocab_size(self.spec.vocab_size, config.make_vocab_size_divisible_by,
+                                                   config.tp)
+        weights = resume.weights if resume else initial_weights(self.spec, config.seed)
+        try:
+            self.model = build_model(self.spec, groups, self.padded_vocab_size, weights, device=device,
+                                     dtype=self.dtype, sequence_parallel=config.sequence_parallel,
+                                     recompute=config.recompute, fused_kernels=self.fused)
+        finally:
+            if resume:
+                resume.close()
+        self.optimizer = DistributedAdam(self.model, groups, config.optimizer,
+                                         distributed=config.distributed_optimizer,
+                                         sequence_parallel=config.sequence_parallel)
+        self.start_iteration = resume.iteration if resume else 0
+        if resume and resume.optimizer_state is not None:
+            self.optimizer.load_state_dict(resume.optimizer_state)
+            if resume.rng_state is not None:
+                set_rng_state(resume.rng_state)
+        samples = open_samples(config.data, seq_length=config.seq_length, vocab_size=self.spec.vocab_size,
+                               seed=config.seed, tokenizer=config.tokenizer)
+        self.batches = GlobalBatches(samples, config.batch_size, config.seed)
+        self.flops_so_far = 0.0
+        self._loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+
+    # -- one step ---------------------------------------------------------------------
+
+    def _activation_shape(self) -> tuple[int, int, int]:
+        config = self.config
+        seq = config.seq_length // config.tp if (config.sequence_parallel and config.tp > 1) else config.seq_length
+        return config.micro_batch_size, seq, self.spec.hidden_size
+
+    def forward_backward(self, step: int) -> float:
+        """Forward and backward of step ``step``'s global batch (0-based); returns its mean loss.
+
+        Gradients are left in the parameters' ``main_grad`` (not yet reduced over ranks).
+        """
+        config, groups = self.config, self.groups
+        microbatches = self.batches.microbatches(step, groups.dp_rank, config.dp, config.micro_batch_size)
+        tokens_in_batch = config.batch_size * config.seq_length
+        self._loss_sum.zero_()
+
+        def forward_step(index: int, inputs):
+            batch = microbatches[index].to(self.device, non_blocking=True)
+            output = self.model(batch[:, :-1] if groups.is_first_stage else inputs)
+            if not groups.is_last_stage:
+                return output
+            labels = batch[:, 1:]
+            vocab_start = groups.tp_rank * output.shape[-1]
+            per_token = kernels.cross_entropy(output, labels, vocab_start, groups.tp_group, fused=self.fused)
+            loss = per_token.sum() / tokens_in_batch
+            self._loss_sum += loss.detach()
+            return loss
+
+        self.model.train()
+        one_forward_one_backward(forward_step, len(microbatches), groups, self._activation_shape(), self.dtype,
+                                 self.device)
+        loss = self._loss_sum.clone()
+        if not (groups.is_last_stage and groups.tp_rank == 0):
+            loss.zero_()  # one contribution per DP rank: its last stage's TP rank 0
+        if groups.world_group is not None:
+            dist.all_reduce(loss, group=groups.world_group)
+        return loss.item()
+
+    def train_step(self, step: int) -> StepRecord:
+        """Run step ``step`` (0-based) and update the weights."""
+        started = time.perf_counter()
+        loss = self.forward_backward(step)
+        lr = learning_rate(step, self.config.optimizer, self.config.steps)
+        grad_norm = self.optimizer.step(lr)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        tokens = self.config.batch_size * self.config.seq_length
+        self.flops_so_far += tokens * model_flops_per_token(self.spec, self.config.seq_length, self.padded_vocab_size)
+        return StepRecord(step + 1, loss, grad_norm, lr, tokens / elapsed)
+
+    # -- the run ----------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        config, groups = self.config, self.groups
+        result = TrainResult(start_iteration=self.start_iteration, iteration=self.start_iteration,
+                             layout=str(groups.layout),
+                             parameters=sum(p.numel() for p in self.model.parameters()))
+        log = open(config.log_json, "w") if (config.log_json and groups.rank == 0) else None
+        try:
+            for step in range(self.start_iteration, config.steps):
+                record = self.train_step(step)
+                result.records.append(record)
+                result.iteration = record.step
+                if log:
+                    log.write(json.dumps(asdict(record)) + "\n")
+                    log.flush()
+                if config.log_interval and groups.rank == 0 and record.step % config.log_interval == 0:
+                    print(f"step {record.step:>6}/{config.steps}  loss {record.loss:.4f}  grad_norm "
+                          f"{record.grad_norm:.3f}  lr {record.lr:.3e}  tokens/s {record.tokens_per_s:,.0f}",
+                          flush=True)
+                interval = config.save_interval
+                if config.save and interval and record.step % interval == 0 and record.step != config.steps:
+                    save_checkpoint(config.save, record.step, trainer=self)
+        finally:
+            if log:
+                log.close()
+        if config.save:
+            save_checkpoint(config.save, result.iteration, trainer=self)
+            result.checkpoint = str(config.save)
+        return result
+
+
+def run_training(config: TrainConfig, device: torch.device | None = None) -> TrainResult:
+    """One rank's share of ``train`` (torch.distributed already initialised, or a single rank)."""
+    groups = build_groups(Layout(config.tp, config.pp, config.dp))
+    return Trainer(config, groups, device or current_device()).run()
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train as ``config`` says; returns rank 0's view (losses, grad norms, checkpoint path)."""
+    if launched_by_torchrun():
+        return run_training(config, init_from_environment())
+    if config.world_size == 1:
+        return run_training(config)
+    return launch(run_training, config.world_size, config)[0]
