@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from ..errors import CkptError
 
@@ -110,7 +111,7 @@ def launch(fn, world_size: int, *args, backend: str | None = None) -> list:
         try:
             mp.start_processes(_worker, args=(world_size, _free_port(), backend, results, fn, args),
                                nprocs=world_size, join=True, start_method=_start_method())
-        except mp.ProcessException as failure:
+        except ProcessException as failure:
             _raise_worker_error(Path(results), failure)
         outputs = []
         for rank in range(world_size):

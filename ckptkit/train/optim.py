@@ -28,6 +28,10 @@ from .model import GPT
 from .parallel.groups import ParallelGroups, group_size
 from .weights import canonical_name, canonical_table
 
+# torch 2.13 renamed the flat-tensor collectives; older versions only have the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass(frozen=True)
 class AdamConfig:
@@ -136,7 +140,7 @@ class DistributedAdam:
             return
         if self.distributed:
             shard = self.grad_flat[self.shard].clone()
-            dist.reduce_scatter_tensor(shard, self.grad_flat, group=groups.dp_group)
+            _reduce_scatter_flat(shard, self.grad_flat, group=groups.dp_group)
             self.grad_flat[self.shard] = shard
         else:
             dist.all_reduce(self.grad_flat, group=groups.dp_group)
@@ -179,7 +183,7 @@ class DistributedAdam:
         self.param_flat[self.shard] = self.master.to(self.param_flat.dtype)
         if self.distributed:
             mine = self.param_flat[self.shard].clone()
-            dist.all_gather_into_tensor(self.param_flat, mine, group=self.groups.dp_group)
+            _all_gather_flat(self.param_flat, mine, group=self.groups.dp_group)
         self.zero_grad()
         return grad_norm
 
@@ -189,7 +193,7 @@ class DistributedAdam:
         if not self.distributed:
             return tensor
         full = torch.empty(self.slices.padded, dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_into_tensor(full, tensor.contiguous(), group=self.groups.dp_group)
+        _all_gather_flat(full, tensor.contiguous(), group=self.groups.dp_group)
         return full
 
     def state_dict(self) -> dict:
