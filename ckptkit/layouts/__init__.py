@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BadInput
-from . import hf, megatron_legacy
+from . import hf, megatron_legacy, torch_dist
 from .base import CheckpointMeta, CheckpointReader
 
 
@@ -25,6 +25,8 @@ class LayoutEntry:
 
 
 LAYOUTS: list[LayoutEntry] = [
+    LayoutEntry(torch_dist.NAME, torch_dist.detect, torch_dist.open_reader,
+                "Megatron-Core distributed checkpoint (iter_*/metadata.json, .metadata, *.distcp)"),
     LayoutEntry(megatron_legacy.NAME, megatron_legacy.detect, megatron_legacy.open_reader,
                 "Megatron-LM per-rank files (iter_*/mp_rank_*/model_optim_rng.pt), or a .zip of them"),
     LayoutEntry("hf-safetensors", hf.detect_safetensors, hf.HfReader,
