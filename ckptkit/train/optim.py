@@ -107,7 +107,10 @@ class DistributedAdam:
             rule = table[canonical_name(spec, name, pp_stage, pp)].rule
             tied_copy = name == "output_layer.weight" and spec.tied_embeddings and pp > 1
             if (rule != "replicated" or tp_rank == 0) and not tied_copy:
-                self.counted_ranges.append((offset, numel))
+                if self.counted_ranges and sum(self.counted_ranges[-1]) == offset:  # one range per contiguous run
+                    self.counted_ranges[-1] = (self.counted_ranges[-1][0], self.counted_ranges[-1][1] + numel)
+                else:
+                    self.counted_ranges.append((offset, numel))
             if sequence_parallel and rule == "replicated" and name.startswith("decoder."):
                 self.sequence_parallel_params.append(parameter)
             if spec.tied_embeddings and pp > 1 and name in ("embedding.word_embeddings.weight",
@@ -145,8 +148,8 @@ class DistributedAdam:
         else:
             dist.all_reduce(self.grad_flat, group=groups.dp_group)
 
-    def gradient_norm(self) -> float:
-        """L2 norm of the whole model's gradient, each weight counted once."""
+    def gradient_norm(self) -> torch.Tensor:
+        """L2 norm of the whole model's gradient, each weight counted once (a 0-d tensor)."""
         total = torch.zeros((), dtype=torch.float32, device=self.grad_flat.device)
         for offset, numel in self.counted_ranges:
             low, high = max(offset, self.shard.start), min(offset + numel, self.shard.stop)
@@ -157,21 +160,23 @@ class DistributedAdam:
         group = self.groups.world_group if self.distributed else self.groups.model_group
         if group is not None:
             dist.all_reduce(total, group=group)
-        return total.sqrt().item()
+        return total.sqrt()
 
     # -- update ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, lr: float) -> float:
-        """Reduce gradients, clip, update; returns the gradient norm before clipping."""
+    def step(self, lr: float) -> torch.Tensor:
+        """Reduce gradients, clip, update; returns the gradient norm before clipping (0-d tensor).
+
+        Nothing here waits for the device: the norm stays a tensor and clipping scales
+        by ``min(1, clip / (norm + 1e-6))`` (Megatron's coefficient) on the device.
+        """
         self.reduce_gradients()
         grad_norm = self.gradient_norm()
         config = self.config
         grad = self.grad_flat[self.shard]
         if config.clip_grad > 0:
-            clip_coefficient = config.clip_grad / (grad_norm + 1e-6)
-            if clip_coefficient < 1.0:
-                grad = grad * clip_coefficient
+            grad = grad * (config.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
         self.step_count += 1
         self.master.sub_(self.master * self.decay * (lr * config.weight_decay))
         self.exp_avg.lerp_(grad, 1 - config.beta1)

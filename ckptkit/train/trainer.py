@@ -155,6 +155,9 @@ class Trainer:
 
         Gradients are left in the parameters' ``main_grad`` (not yet reduced over ranks).
         """
+        return self._forward_backward(step).item()
+
+    def _forward_backward(self, step: int) -> torch.Tensor:
         config, groups = self.config, self.groups
         microbatches = self.batches.microbatches(step, groups.dp_rank, config.dp, config.micro_batch_size)
         tokens_in_batch = config.batch_size * config.seq_length
@@ -180,16 +183,15 @@ class Trainer:
             loss.zero_()  # one contribution per DP rank: its last stage's TP rank 0
         if groups.world_group is not None:
             dist.all_reduce(loss, group=groups.world_group)
-        return loss.item()
+        return loss
 
     def train_step(self, step: int) -> StepRecord:
         """Run step ``step`` (0-based) and update the weights."""
         started = time.perf_counter()
-        loss = self.forward_backward(step)
+        loss = self._forward_backward(step)
         lr = learning_rate(step, self.config.optimizer, self.config.steps)
-        grad_norm = self.optimizer.step(lr)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        grad_norm = self.optimizer.step(lr).item()  # waits for the step to finish on the device
+        loss = loss.item()
         elapsed = time.perf_counter() - started
         tokens = self.config.batch_size * self.config.seq_length
         self.flops_so_far += tokens * model_flops_per_token(self.spec, self.config.seq_length, self.padded_vocab_size)

@@ -1,0 +1,177 @@
+"""Fused kernels and their PyTorch fallbacks compute the float64 reference.
+
+The Triton tests need a CUDA GPU and Triton; they skip cleanly without them. The
+fallback tests run everywhere.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ckptkit import kernels
+from ckptkit.kernels import reference
+
+needs_triton = pytest.mark.skipif(not kernels.fused_available(), reason="needs a CUDA GPU and Triton")
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def random(*shape, dtype=torch.float64, device="cpu", seed=0, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def forward_and_grads(function, inputs, grad_output_seed=99):
+    """Output and input gradients of ``function`` for a fixed random output gradient."""
+    leaves = [tensor.detach().clone().requires_grad_(tensor.is_floating_point()) for tensor in inputs]
+    output = function(*leaves)
+    grad_output = random(*output.shape, dtype=output.dtype, device=output.device, seed=grad_output_seed)
+    output.backward(grad_output)
+    return output.detach(), [leaf.grad for leaf in leaves if leaf.requires_grad]
+
+
+def assert_close_to_float64(function_under_test, float64_function, inputs, dtype):
+    """Compare in float64: the reference runs on float64 copies of the (rounded) inputs."""
+    ours, our_grads = forward_and_grads(function_under_test, inputs)
+    widened = [tensor.double().cpu() if tensor.is_floating_point() else tensor.cpu() for tensor in inputs]
+    expected, expected_grads = forward_and_grads(float64_function, widened)
+    tolerance = TOLERANCE[dtype]
+    scale = lambda tensor: max(1.0, tensor.abs().max().item())
+    assert (ours.double().cpu() - expected).abs().max().item() < tolerance * scale(expected)
+    for mine, theirs in zip(our_grads, expected_grads):
+        assert (mine.double().cpu() - theirs).abs().max().item() < tolerance * scale(theirs)
+
+
+def float64_layer_norm(x, weight, bias, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(variance + eps) * weight + bias
+
+
+def float64_rms_norm(x, weight, eps=1e-5):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def float64_gelu(x, bias, approximate):
+    z = x + bias
+    if approximate == "tanh":
+        return 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z ** 3)))
+    return 0.5 * z * (1 + torch.erf(z / 2 ** 0.5))
+
+
+def float64_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+
+def float64_cross_entropy(logits, target):
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------- fallbacks (CPU)
+
+def test_fallbacks_are_used_when_fused_kernels_are_asked_for_on_cpu():
+    x, weight = random(4, 16, dtype=torch.float32), random(16, dtype=torch.float32, seed=1)
+    assert torch.equal(kernels.rms_norm(x, weight, 1e-5, fused=True), reference.rms_norm(x, weight, 1e-5))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_reference_bias_gelu_matches_float64(approximate):
+    inputs = [random(8, 32, dtype=torch.float32), random(32, dtype=torch.float32, seed=1)]
+    assert_close_to_float64(lambda x, b: reference.bias_gelu(x, b, approximate),
+                            lambda x, b: float64_gelu(x, b, approximate), inputs, torch.float32)
+
+
+def test_reference_norms_match_float64():
+    x, weight, bias = random(8, 48, dtype=torch.float32), random(48, dtype=torch.float32, seed=1), \
+        random(48, dtype=torch.float32, seed=2)
+    assert_close_to_float64(lambda *a: reference.layer_norm(*a, 1e-5), float64_layer_norm, [x, weight, bias],
+                            torch.float32)
+    assert_close_to_float64(lambda *a: reference.rms_norm(*a, 1e-5), float64_rms_norm, [x, weight], torch.float32)
+
+
+def test_reference_rope_is_hf_llama_rotary_embedding():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    query, key = random(2, 5, 4, 8, dtype=torch.float32), random(2, 5, 2, 8, dtype=torch.float32, seed=1)
+    cos, sin = kernels.rope_tables(5, 8, 10000.0)
+    hf_query, hf_key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos[None], sin[None])
+    assert torch.allclose(reference.apply_rope(query, cos, sin), hf_query.transpose(1, 2), atol=1e-6)
+    assert torch.allclose(reference.apply_rope(key, cos, sin), hf_key.transpose(1, 2), atol=1e-6)
+
+
+def test_reference_cross_entropy_matches_float64():
+    logits, target = random(6, 50, dtype=torch.float32, scale=3.0), torch.randint(0, 50, (6,))
+    assert_close_to_float64(lambda x, t: reference.cross_entropy(x, t), float64_cross_entropy, [logits, target],
+                            torch.float32)
+
+
+# ---------------------------------------------------------------------------- Triton (GPU)
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_bias_gelu_matches_float64(dtype, approximate):
+    inputs = [random(64, 3072, dtype=dtype, device="cuda"), random(3072, dtype=dtype, device="cuda", seed=1)]
+    assert_close_to_float64(lambda x, b: kernels.bias_gelu(x, b, approximate, fused=True),
+                            lambda x, b: float64_gelu(x, b, approximate), inputs, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [768, 1000])
+def test_fused_layer_norm_forward_and_backward_match_float64(dtype, width):
+    inputs = [random(300, width, dtype=dtype, device="cuda", scale=2.0), random(width, dtype=dtype, device="cuda", seed=1),
+              random(width, dtype=dtype, device="cuda", seed=2)]
+    assert_close_to_float64(lambda *a: kernels.layer_norm(*a, 1e-5, fused=True), float64_layer_norm, inputs, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [768, 1000])
+def test_fused_rms_norm_forward_and_backward_match_float64(dtype, width):
+    inputs = [random(300, width, dtype=dtype, device="cuda", scale=2.0), random(width, dtype=dtype, device="cuda", seed=1)]
+    assert_close_to_float64(lambda *a: kernels.rms_norm(*a, 1e-5, fused=True), float64_rms_norm, inputs, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_fused_rope_forward_and_backward_match_float64(dtype, head_dim):
+    cos, sin = kernels.rope_tables(128, head_dim, 10000.0, device="cuda")
+    x = random(2, 128, 6, head_dim, dtype=dtype, device="cuda")
+    ours, our_grads = forward_and_grads(lambda t: kernels.apply_rope(t, cos, sin, fused=True), [x])
+    expected, expected_grads = forward_and_grads(lambda t: float64_rope(t, cos.double().cpu(), sin.double().cpu()),
+                                                 [x.double().cpu()])
+    assert (ours.double().cpu() - expected).abs().max().item() < TOLERANCE[dtype] * 4
+    assert (our_grads[0].double().cpu() - expected_grads[0]).abs().max().item() < TOLERANCE[dtype] * 4
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1000, 50304])
+def test_fused_cross_entropy_forward_and_backward_match_float64(dtype, vocab):
+    logits = random(64, vocab, dtype=dtype, device="cuda", scale=4.0)
+    target = torch.randint(0, vocab, (64,), generator=torch.Generator().manual_seed(0)).cuda()
+    assert_close_to_float64(lambda x, t: kernels.cross_entropy(x, t, fused=True), float64_cross_entropy,
+                            [logits, target], dtype)
+
+
+@needs_triton
+def test_fused_cross_entropy_statistics_combine_over_vocabulary_slices_like_megatron():
+    from ckptkit.kernels.fused import cross_entropy_partial_stats
+
+    logits = random(32, 1024, dtype=torch.float32, device="cuda", scale=4.0)
+    target = torch.randint(0, 1024, (32,), generator=torch.Generator().manual_seed(0)).cuda()
+    slices = [cross_entropy_partial_stats(piece.contiguous(), target - start)
+              for start, piece in zip((0, 512), logits.split(512, dim=-1))]
+    # What the all-reduces of combine_partial_stats compute across two tensor-parallel ranks:
+    global_max = torch.maximum(slices[0][0], slices[1][0])
+    total = sum(s[1] * torch.exp(s[0] - global_max) for s in slices)
+    loss = torch.log(total) + global_max - (slices[0][2] + slices[1][2])
+    expected = float64_cross_entropy(logits.double().cpu(), target.cpu())
+    assert (loss.double().cpu() - expected).abs().max().item() < 1e-5
