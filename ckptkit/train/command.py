@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 
@@ -9,6 +10,7 @@ import click
 
 from ..errors import CkptError
 from .config import MODEL_PRESETS, TrainConfig, model_spec
+from .launch import launched_by_torchrun
 from .optim import AdamConfig
 
 EXAMPLE = """\b
@@ -19,8 +21,8 @@ Examples:
   # go on to step 40 from there, on another layout (fresh optimizer), logging JSON lines
   ckptkit train --load runs/llama --tp 1 --pp 2 --dp 2 --steps 40 --save runs/llama2 --log-json log.jsonl
 \b
-  # on 8 GPUs: torchrun starts the ranks, ckptkit joins them
-  torchrun --nproc-per-node 8 -m ckptkit.cli train --model gpt2 --config gpt2_124m.json \\
+  # on 8 GPUs: torchrun starts the ranks, ckptkit joins them (NCCL, bf16)
+  torchrun --nproc-per-node 8 -m ckptkit.train --model gpt2 --config gpt2_124m.json \\
       --tp 2 --pp 2 --dp 2 --global-batch-size 64 --seq-length 1024 --data corpus_text_document
 """
 
@@ -87,6 +89,8 @@ def train(preset, config_file, tp, pp, dp, steps, micro_batch_size, global_batch
     except CkptError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
+    if not _is_rank_zero():
+        return
     for warning in caught:
         if "ckptkit" in warning.filename:  # ours, not third-party deprecation notices
             click.echo(f"warning: {warning.message}", err=True)
@@ -102,3 +106,8 @@ def train(preset, config_file, tp, pp, dp, steps, micro_batch_size, global_batch
                    f"{last.loss:.4f}, {last.tokens_per_s:,.0f} tokens/s")
     if result.checkpoint:
         click.echo(f"saved iteration {result.iteration} to {result.checkpoint}")
+
+
+def _is_rank_zero() -> bool:
+    """Under torchrun every rank runs this command; only rank 0 reports."""
+    return not launched_by_torchrun() or os.environ.get("RANK", "0") == "0"

@@ -111,6 +111,9 @@ def build_groups(layout: Layout) -> ParallelGroups:
             for t in range(T):
                 make([layout.rank(t, d, 0), layout.rank(t, d, P - 1)], "embedding_group")
     groups.world_group = dist.group.WORLD if layout.world_size > 1 else None
+    # A first collective with every rank in it: NCCL sets its communicator up here rather
+    # than inside the pipeline's first point-to-point exchange, where ranks arrive apart.
+    dist.barrier()
     return groups
 
 
