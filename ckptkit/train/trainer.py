@@ -2,8 +2,8 @@
 
 >>> from ckptkit.train import TrainConfig, train, MODEL_PRESETS
 >>> result = train(TrainConfig(model=MODEL_PRESETS["llama"], tp=2, pp=2, steps=20, save="run1"))
->>> result.losses[-1] < result.losses[0]
-True
+>>> [record.step for record in result.records][-1], result.checkpoint
+(20, 'run1')
 
 ``train`` runs in this process for a single rank, spawns ``TP x PP x DP`` worker
 processes otherwise (gloo on CPU), and under ``torchrun`` joins the process group the
