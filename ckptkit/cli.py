@@ -104,9 +104,16 @@ def render_conversion(result, as_json: bool) -> None:
     stdout.print(table)
 
 
+def _warn_when_trusting(context, parameter, trusting: bool) -> bool:
+    if trusting:
+        console.print("[bold yellow]warning:[/] --trust-remote-pickle: files are unpickled without the allow-list; "
+                      "code hidden in them can run on this machine", highlight=False, soft_wrap=True)
+    return trusting
+
+
 common_source_options = [
     click.option("--strict", is_flag=True, help="Treat diverged replicated tensors and unexpected tensors as errors."),
-    click.option("--trust-remote-pickle", is_flag=True,
+    click.option("--trust-remote-pickle", is_flag=True, callback=_warn_when_trusting,
                  help="Unpickle without the allow-list. DANGEROUS: the file can run code."),
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
 ]
@@ -136,6 +143,9 @@ def main(debug):
     """
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
+    from .streaming_io import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()  # a process of our own: reuse freed pages (see streaming_io)
 
 
 @main.command("inspect")
@@ -196,15 +206,19 @@ def inspect_command(checkpoint, tensors, strict, trust_remote_pickle, as_json):
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
 @click.option("--revision", help="With --push-to-hub: branch to upload to.")
 @click.option("--commit-message", help="With --push-to-hub: commit message.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes writing disjoint output files (under torchrun: per rank).")
 @with_options(common_source_options)
 @handle_errors
 def megatron_to_hf_command(source, destination, dtype, max_shard_size, tokenizer, vocab_size, overwrite,
-                           push_to_hub, private, revision, commit_message, strict, trust_remote_pickle, as_json):
+                           push_to_hub, private, revision, commit_message, workers, strict, trust_remote_pickle,
+                           as_json):
     """Convert a Megatron checkpoint (per-rank files, torch_dist or .zip) to a Hugging Face folder.
 
     \b
     Example:
       ckptkit megatron-to-hf checkpoints/gpt2/ gpt2-hf/ --dtype bf16 --max-shard-size 2GB
+      torchrun --nnodes 2 --nproc-per-node 4 ... -m ckptkit.cli megatron-to-hf ckpt/ hf/  (shared file system)
     """
     from .convert import megatron_to_hf
 
@@ -212,7 +226,7 @@ def megatron_to_hf_command(source, destination, dtype, max_shard_size, tokenizer
         result = megatron_to_hf(source, destination, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
                                 overwrite=overwrite, vocab_size=vocab_size, strict=strict,
                                 trust_remote_pickle=trust_remote_pickle, progress=progress.advance,
-                                on_start=progress.start)
+                                on_start=progress.start, workers=workers)
     payload = result
     if push_to_hub:
         payload = _push_after_conversion(result, destination, push_to_hub, private, revision, commit_message)
@@ -245,6 +259,8 @@ def _megatron_target_options(command):
         click.option("--naming", type=click.Choice(["mcore-local", "mcore-te", "legacy"]),
                      help="Parameter names to write (default: Megatron-Core local, or the source's for reshard)."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty destination."),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Processes writing disjoint rank files (under torchrun: per rank)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -261,8 +277,8 @@ def _megatron_target_options(command):
               show_default=True, help="Per-rank files (torch) or Megatron-Core distributed (torch_dist).")
 @with_options(common_source_options)
 @handle_errors
-def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, make_vocab_size_divisible_by,
-                           target_format, strict, trust_remote_pickle, as_json):
+def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, workers,
+                           make_vocab_size_divisible_by, target_format, strict, trust_remote_pickle, as_json):
     """Convert a Hugging Face folder to a Megatron checkpoint at any TP/PP.
 
     \b
@@ -276,7 +292,7 @@ def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, over
                                 make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=target_format,
                                 naming=naming or "mcore-local", overwrite=overwrite, strict=strict,
                                 trust_remote_pickle=trust_remote_pickle, progress=progress.advance,
-                                on_start=progress.start)
+                                on_start=progress.start, workers=workers)
     render_conversion(result, as_json)
 
 
@@ -289,7 +305,7 @@ def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, over
 @click.option("--make-vocab-size-divisible-by", type=int, help="Default: the source's.")
 @with_options(common_source_options)
 @handle_errors
-def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, target_format,
+def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, workers, target_format,
                     make_vocab_size_divisible_by, strict, trust_remote_pickle, as_json):
     """Rewrite a Megatron checkpoint at other TP/PP sizes, keeping iteration and args.
 
@@ -305,7 +321,7 @@ def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, 
         result = reshard(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype, format=target_format,
                          naming=naming, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                          overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
-                         progress=progress.advance, on_start=progress.start)
+                         progress=progress.advance, on_start=progress.start, workers=workers)
     render_conversion(result, as_json)
 
 
@@ -315,9 +331,14 @@ def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, 
 @click.option("--atol", type=float, default=0.0, show_default=True, help="Largest allowed |a - b| per element.")
 @click.option("--ignore-dtype", is_flag=True, help="Compare values across dtypes (e.g. fp32 vs bf16).")
 @click.option("--all-rows", is_flag=True, help="Show every tensor, not only the ones that differ.")
+@click.option("--logits", is_flag=True,
+              help="Run both checkpoints on the same tokens and compare logits (Megatron in its own TP/PP layout).")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="With --logits: relative tolerance.")
+@click.option("--tokens", "tokens_file", type=click.Path(), help="With --logits: token ids (.pt or .json [batch, seq]).")
 @with_options(common_source_options)
 @handle_errors
-def verify_command(a, b, atol, ignore_dtype, all_rows, strict, trust_remote_pickle, as_json):
+def verify_command(a, b, atol, ignore_dtype, all_rows, logits, rtol, tokens_file, strict, trust_remote_pickle,
+                   as_json):
     """Check that two checkpoints (any layouts) hold the same model, tensor by tensor.
 
     With one path, check that checkpoint alone: files, index coverage, headers, shapes.
@@ -327,7 +348,11 @@ def verify_command(a, b, atol, ignore_dtype, all_rows, strict, trust_remote_pick
     Example:
       ckptkit verify checkpoints/gpt2/ gpt2-hf/
       ckptkit verify gpt2-hf/
+      ckptkit verify --logits checkpoints/gpt2/ gpt2-hf/ --atol 1e-4
     """
+    if logits:
+        _verify_logits(a, b, atol, rtol, tokens_file, as_json)
+        return
     from .verification import verify
 
     result = verify(a, b, atol=atol, ignore_dtype=ignore_dtype, strict=strict,
@@ -355,6 +380,24 @@ def verify_command(a, b, atol, ignore_dtype, all_rows, strict, trust_remote_pick
             verdict = "[red]NOT equivalent[/]" if b else "[red]NOT intact[/]"
         stdout.print(f"{verdict}: {len(result.tensors)} tensors, max |a-b| = {result.max_abs_diff:.3g}")
     sys.exit(0 if result.equivalent else 1 if b else 2)
+
+
+def _verify_logits(a, b, atol, rtol, tokens_file, as_json):
+    from .errors import BadInput
+    from .logits_check import compare_logits, load_tokens
+
+    if b is None:
+        raise BadInput("verify --logits needs two checkpoints")
+    tokens = load_tokens(tokens_file) if tokens_file else None
+    result = compare_logits(a, b, tokens=tokens, atol=atol or 1e-4, rtol=rtol)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        verdict = "[green]logits match[/]" if result.equivalent else "[red]logits differ[/]"
+        stdout.print(f"{verdict}: max |a-b| = {result.max_abs_diff:.3g}, max rel = {result.max_rel_diff:.3g} "
+                     f"(atol {result.atol:g}, rtol {result.rtol:g}); A ran on {result.runner_a}, "
+                     f"B on {result.runner_b}", highlight=False)
+    sys.exit(0 if result.equivalent else 1)
 
 
 @main.command("demo")
@@ -387,17 +430,16 @@ def demo_command(keep, as_json):
     sys.exit(0 if summary.ok else 1)
 
 
-def _register_optional_commands():
-    """Commands that live in their own modules (publishing, training)."""
-    for module_name, attribute in (("ckptkit.commands.push", "push"), ("ckptkit.train.command", "train")):
-        try:
-            module = __import__(module_name, fromlist=[attribute])
-        except ImportError:
-            continue
-        main.add_command(getattr(module, attribute))
+def _register_commands_from_their_modules():
+    """Publishing and training live in their own modules."""
+    from .commands.push import push
+    from .train.command import train
+
+    main.add_command(push)
+    main.add_command(train)
 
 
-_register_optional_commands()
+_register_commands_from_their_modules()
 
 if __name__ == "__main__":  # pragma: no cover
     main()
