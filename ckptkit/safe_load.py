@@ -99,7 +99,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def safe_torch_load(path: str | os.PathLike, *, mmap: bool = True,
-                    trust_remote_pickle: bool = False):
+                    trust_remote_pickle: bool = False, map_location: str = "cpu"):
     """``torch.load`` a checkpoint file with ``weights_only=True`` and our allow-list.
 
     >>> state = safe_torch_load("iter_0000010/mp_rank_00_000/model_optim_rng.pt")
@@ -114,7 +114,7 @@ def safe_torch_load(path: str | os.PathLike, *, mmap: bool = True,
     if trust_remote_pickle:
         warnings.warn(f"{path}: loading with full unpickling (--trust-remote-pickle): "
                       "code inside this file can run", stacklevel=2)
-        return _load(path, mmap, weights_only=False)
+        return _load(path, mmap, weights_only=False, map_location=map_location)
     unknown = pickled_globals(path)
     harmless_names = {_dotted(entry) for entry in HARMLESS_GLOBALS}
     stand_ins, refused = [], []
@@ -129,7 +129,7 @@ def safe_torch_load(path: str | os.PathLike, *, mmap: bool = True,
         raise BadInput(f"{path}: refuses to unpickle disallowed global {refused[0]!r} "
                        "(it could run code; pass --trust-remote-pickle only for files you trust)")
     with torch.serialization.safe_globals(HARMLESS_GLOBALS + stand_ins):
-        return _load(path, mmap, weights_only=True)
+        return _load(path, mmap, weights_only=True, map_location=map_location)
 
 
 def _dotted(entry) -> str:
@@ -138,15 +138,33 @@ def _dotted(entry) -> str:
     return f"{entry.__module__}.{entry.__qualname__}"
 
 
-def _load(path: Path, mmap: bool, weights_only: bool):
+def _load(path: Path, mmap: bool, weights_only: bool, map_location: str = "cpu"):
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=weights_only)
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=weights_only)
     except RuntimeError as error:
         if mmap and "mmap" in str(error):
             # Files from torch<1.6 (non-zip) cannot be memory-mapped.
-            return torch.load(path, map_location="cpu", weights_only=weights_only)
+            return torch.load(path, map_location=map_location, weights_only=weights_only)
         raise BadInput(f"{path}: cannot load ({_first_line(error)})") from None
     except (zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
         raise BadInput(f"{path}: cannot load ({_first_line(error)})") from None
     except Exception as error:  # pickle.UnpicklingError and friends from hostile files
         raise BadInput(f"{path}: cannot load ({_first_line(error)})") from None
+
+
+def without_stand_ins(value):
+    """``value`` with Megatron stand-ins replaced by their plain values, at any depth.
+
+    Stand-ins re-pickle as a ckptkit function, which Megatron could not unpickle
+    without ckptkit installed; Megatron reads none of these enum fields back from
+    checkpoint args, so writers store the plain values.
+    """
+    if isinstance(value, MegatronStandIn):
+        return value.value
+    if isinstance(value, argparse.Namespace):
+        return argparse.Namespace(**{name: without_stand_ins(item) for name, item in vars(value).items()})
+    if type(value) in (list, tuple):
+        return type(value)(without_stand_ins(item) for item in value)
+    if type(value) is dict:
+        return {key: without_stand_ins(item) for key, item in value.items()}
+    return value

@@ -32,13 +32,14 @@ from .. import rules
 from ..errors import BadInput, Unsupported
 from ..megatron_args import megatron_args, spec_from_args
 from ..spec import CanonicalTensor, ModelSpec, canonical_tensors, check_parallel_sizes, padded_vocab_size, rule_for
-from ..safe_load import safe_torch_load
+from ..safe_load import safe_torch_load, without_stand_ins
+from ..streaming_io import read_tensor
 from ..torch_stream import StreamingTorchWriter
 from .base import CheckpointMeta, CheckpointReader
+from .tracker import TRACKER, follow_tracker, iteration_dir_name
 from .megatron_names import NAMINGS, Naming, detect_naming
 
 NAME = "megatron-legacy"
-TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 WRITE_CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
@@ -49,10 +50,6 @@ def rank_dir_name(tp_rank: int, pp_stage: int, pp_size: int) -> str:
     if pp_size == 1:
         return f"mp_rank_{tp_rank:02d}"
     return f"mp_rank_{tp_rank:02d}_{pp_stage:03d}"
-
-
-def iteration_dir_name(iteration: int | None, release: bool = False) -> str:
-    return "release" if release or iteration is None else f"iter_{iteration:07d}"
 
 
 # ---------------------------------------------------------------------------- finding files
@@ -66,19 +63,9 @@ def locate_iteration_dir(root: Path) -> tuple[Path, int | None, bool]:
     if _has_rank_dirs(root):
         match = re.match(r"^iter_(\d+)$", root.name)
         return root, (int(match.group(1)) if match else None), root.name == "release"
-    tracker = root / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        if text == "release":
-            folder = root / "release"
-            iteration, release = None, True
-        elif text.isdigit():
-            iteration, release = int(text), False
-            folder = root / iteration_dir_name(iteration)
-        else:
-            raise BadInput(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
-        if not folder.is_dir():
-            raise BadInput(f"{tracker}: names {text!r} but {folder} does not exist")
+    followed = follow_tracker(root)
+    if followed is not None:
+        folder, iteration, release = followed
         if not _has_rank_dirs(folder):
             raise BadInput(f"{folder}: no mp_rank_* folders")
         return folder, iteration, release
@@ -183,38 +170,115 @@ class _Location:
 
 @dataclass
 class _RankFiles:
+    """The rank files of one checkpoint: their pickles loaded, their tensors read on demand.
+
+    Only the pickle is loaded up front (``map_location="meta"``): each tensor comes back
+    on the meta device with its storage's byte offset in the file, and :meth:`read` fills
+    a fresh tensor from the file with explicit reads. Files torch cannot give offsets for
+    are memory-mapped instead.
+    """
+
     folder: Path
     tp: int
     pp: int
     trust_remote_pickle: bool = False
     loaded: dict = field(default_factory=dict)
+    full_states: dict = field(default_factory=dict)
+    descriptors: dict = field(default_factory=dict)
 
     def path(self, tp_rank: int, pp_stage: int) -> Path:
         return self.folder / rank_dir_name(tp_rank, pp_stage, self.pp) / RANK_FILE
+
+    def _load(self, path: Path, map_location: str) -> dict:
+        state = safe_torch_load(path, trust_remote_pickle=self.trust_remote_pickle, map_location=map_location)
+        if not isinstance(state, dict):
+            raise BadInput(f"{path}: expected a dict, found {type(state).__name__}")
+        return state
 
     def chunks(self, tp_rank: int, pp_stage: int) -> list[dict]:
         key = (tp_rank, pp_stage)
         if key not in self.loaded:
             path = self.path(tp_rank, pp_stage)
-            state = safe_torch_load(path, trust_remote_pickle=self.trust_remote_pickle)
-            if not isinstance(state, dict):
-                raise BadInput(f"{path}: expected a dict, found {type(state).__name__}")
-            self.loaded[key] = (state, _model_chunks(state, path))
+            state = self._load(path, "meta")
+            chunks = _model_chunks(state, path)
+            if not _offsets_known(chunks):
+                state = self._load(path, "cpu")
+                chunks = _model_chunks(state, path)
+            self.loaded[key] = (state, chunks)
         return self.loaded[key][1]
 
     def state(self, tp_rank: int, pp_stage: int) -> dict:
-        self.chunks(tp_rank, pp_stage)
-        return self.loaded[(tp_rank, pp_stage)][0]
+        """The whole file with real (memory-mapped) tensors: optimizer state, RNG, ..."""
+        key = (tp_rank, pp_stage)
+        if key not in self.full_states:
+            self.chunks(tp_rank, pp_stage)
+            state = self.loaded[key][0]
+            if _has_meta_tensors(state):
+                state = self._load(self.path(tp_rank, pp_stage), "cpu")
+            self.full_states[key] = state
+        return self.full_states[key]
+
+    def read(self, tp_rank: int, pp_stage: int, stored: torch.Tensor) -> torch.Tensor:
+        """The values of ``stored`` (a tensor of :meth:`chunks`), in a tensor of its own."""
+        if stored.device.type != "meta":
+            return stored
+        key = (tp_rank, pp_stage)
+        if key not in self.descriptors:
+            self.descriptors[key] = os.open(self.path(tp_rank, pp_stage), os.O_RDONLY)
+        element = stored.element_size()
+        offset = stored.untyped_storage()._checkpoint_offset + stored.storage_offset() * element
+        if stored.is_contiguous():
+            return read_tensor(self.descriptors[key], offset, stored.shape, stored.dtype)
+        # A view saved as such (rare): read the span it covers, then take the same view.
+        span = 1 + sum((size - 1) * stride for size, stride in zip(stored.shape, stored.stride())) \
+            if stored.numel() else 0
+        flat = read_tensor(self.descriptors[key], offset, (span,), stored.dtype)
+        return flat.as_strided(stored.shape, stored.stride()).contiguous()
+
+    def close(self) -> None:
+        for descriptor in self.descriptors.values():
+            os.close(descriptor)
+        self.descriptors.clear()
+        self.loaded.clear()
+        self.full_states.clear()
+
+
+def _tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+def _offsets_known(chunks: list[dict]) -> bool:
+    """Whether torch gave every meta tensor its byte offset (torch>=2.5 and zip files do)."""
+    return all(tensor.device.type != "meta" or hasattr(tensor.untyped_storage(), "_checkpoint_offset")
+               for tensor in _tensors_in(chunks))
+
+
+def _has_meta_tensors(state: dict) -> bool:
+    return any(tensor.device.type == "meta" for tensor in _tensors_in(state))
 
 
 class MegatronLegacyReader(CheckpointReader):
     """Canonical tensors merged from Megatron per-rank files (mmap'd, read on demand)."""
 
-    def __init__(self, path, *, vocab_size: int | None = None, strict: bool = False,
-                 trust_remote_pickle: bool = False):
+    def __init__(self, path, **options):
+        self._temporary = None
+        try:
+            self._open(path, **options)
+        except BaseException:
+            self.close()  # a .zip source was unpacked into a temporary folder: remove it
+            raise
+
+    def _open(self, path, *, vocab_size: int | None = None, strict: bool = False,
+              trust_remote_pickle: bool = False):
         self.source = Path(path)
         self.strict = strict
-        self._temporary = None
         root = self.source
         if root.suffix == ".zip" and root.is_file():
             self._temporary = _extract_zip(root)
@@ -224,7 +288,7 @@ class MegatronLegacyReader(CheckpointReader):
         folder, iteration, release = locate_iteration_dir(root)
         ranks = self._scan_ranks(folder)
         first_file = folder / sorted(ranks)[0] / RANK_FILE
-        first = safe_torch_load(first_file, trust_remote_pickle=trust_remote_pickle)
+        first = safe_torch_load(first_file, trust_remote_pickle=trust_remote_pickle, map_location="meta")
         args = first.get("args") if isinstance(first, dict) else None
         if args is None:
             raise BadInput(f"{first_file}: no 'args' entry; cannot tell the architecture")
@@ -236,7 +300,9 @@ class MegatronLegacyReader(CheckpointReader):
                               f"{args.num_experts}) are not supported yet")
         self._check_rank_set(folder, ranks, tp, pp)
         self.files = _RankFiles(folder, tp, pp, trust_remote_pickle)
-        self.files.loaded[(0, 0)] = (first, _model_chunks(first, first_file))
+        first_chunks = _model_chunks(first, first_file)
+        if _offsets_known(first_chunks):
+            self.files.loaded[(0, 0)] = (first, first_chunks)
         self.spec = spec_from_args(args, vocab_size=vocab_size, source=str(first_file))
         version = float(first.get("checkpoint_version", 0) or 0)
         if iteration is None and not release:
@@ -376,9 +442,14 @@ class MegatronLegacyReader(CheckpointReader):
                 self._by_name.setdefault(canonical.name, []).append(canonical)
         return self._by_name
 
-    def shards(self, name: str) -> list[torch.Tensor]:
-        """Every TP rank's piece of canonical tensor ``name``, as stored (mmap'd)."""
+    def _stored_shards(self, name: str) -> list[torch.Tensor]:
+        """Every TP rank's piece of ``name`` as loaded: shapes and dtypes, values not read yet."""
         return [self._shard(name, tp_rank) for tp_rank in range(self.files.tp)]
+
+    def shards(self, name: str) -> list[torch.Tensor]:
+        """Every TP rank's piece of canonical tensor ``name``, read from the files."""
+        pp_stage = self.index[name].pp_stage
+        return [self.files.read(tp_rank, pp_stage, stored) for tp_rank, stored in enumerate(self._stored_shards(name))]
 
     def tensor(self, name: str) -> torch.Tensor:
         canonical = self._canonical_entry(name)
@@ -438,12 +509,13 @@ class MegatronLegacyReader(CheckpointReader):
                     if extra:
                         raise BadInput(f"{self.files.path(tp_rank, pp_stage)}: unexpected tensor {extra[0]}")
         for canonical in self.canonical():
-            shards = self.shards(canonical.name)
-            self._check_shard_shapes(canonical, shards)
+            self._check_shard_shapes(canonical, self._stored_shards(canonical.name))
             if canonical.rule == "replicated":
-                self._check_replicas(canonical.name, shards)
+                self._check_replicas(canonical.name, self.shards(canonical.name))
         if self.tied_head_location is not None:
-            head = [self._shard_at(self.tied_head_location, t, "output_layer.weight") for t in range(self.files.tp)]
+            stage = self.tied_head_location.pp_stage
+            head = [self.files.read(t, stage, self._shard_at(self.tied_head_location, t, "output_layer.weight"))
+                    for t in range(self.files.tp)]
             embedding = self.shards("embedding.word_embeddings.weight")
             for tp_rank, (mine, theirs) in enumerate(zip(head, embedding)):
                 if mine.shape != theirs.shape or not torch.equal(mine, theirs):
@@ -463,7 +535,8 @@ class MegatronLegacyReader(CheckpointReader):
         return self.files.state(tp_rank, pp_stage)
 
     def close(self) -> None:
-        self.files.loaded.clear()
+        if hasattr(self, "files"):
+            self.files.close()
         if self._temporary is not None:
             shutil.rmtree(self._temporary, ignore_errors=True)
             self._temporary = None
@@ -587,12 +660,32 @@ def _nest(flat: dict, naming: str) -> dict:
     return nested
 
 
-def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, progress=None) -> list[str]:
+def output_files(spec: ModelSpec, target: TargetLayout, dtype: torch.dtype) -> list[tuple[str, int]]:
+    """``(relative path, approximate bytes)`` of every rank file :func:`write` makes, in order."""
+    shapes = {tensor.name: tensor.shape for tensor in canonical_tensors(spec)}
+    shapes["output_layer.weight"] = shapes["embedding.word_embeddings.weight"]
+    element = torch.empty((), dtype=dtype).element_size()
+    folder = iteration_dir_name(target.iteration if not target.release else None, target.release)
+    files = []
+    for entry in plan_files(spec, target):
+        size = 0
+        for chunk in entry.chunks:
+            for planned in chunk:
+                numel = torch.Size(shapes[planned.canonical]).numel()
+                size += numel * element // (1 if planned.rule == "replicated" else target.tp)
+        files.append((f"{folder}/{entry.relative_path}", size))
+    return files
+
+
+def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, progress=None,
+          only=None, finish: bool = True) -> list[str]:
     """Write ``reader``'s model as Megatron per-rank files under ``out_dir`` (a fresh folder).
 
     Streams: for each pipeline stage, each canonical tensor is read once, split over the
     TP ranks, and every piece goes straight to its rank file on disk. Returns the
-    relative paths written.
+    relative paths written. ``only`` (relative paths, as returned) restricts the files
+    written, for one worker's share; ``finish=False`` leaves out the tracker file, which
+    the process that writes it does once every share is done.
     """
     spec = reader.spec
     dtype = target.dtype or reader.meta.dtype
@@ -607,9 +700,15 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
                          base=target.args_base)
     if target.naming == "legacy":
         args.use_legacy_models = True
+    args = without_stand_ins(args)
+    if only is not None:
+        only = set(only)
+        plan = [entry for entry in plan if f"{folder.name}/{entry.relative_path}" in only]
     written = []
     for pp_stage in range(target.pp):
         stage_files = [entry for entry in plan if entry.pp_stage == pp_stage]
+        if not stage_files:
+            continue
         writers = {}
         refs = {entry.tp_rank: [OrderedDict() for _ in entry.chunks] for entry in stage_files}
         try:
@@ -621,8 +720,11 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
             for chunk_index, chunk in enumerate(template.chunks):
                 for position, planned in enumerate(chunk):
                     source_name = planned.copy_of or planned.canonical
-                    full = reader.tensor(source_name).to(dtype)
-                    pieces = rule_for(spec, planned.rule, padded).split(full, target.tp)
+                    full = reader.tensor(source_name).to(dtype)  # no copy when the dtype is already right
+                    if planned.rule == "replicated":
+                        pieces = [full] * target.tp  # every rank writes the same bytes; no copies needed
+                    else:
+                        pieces = rule_for(spec, planned.rule, padded).split(full, target.tp)
                     del full
                     for entry in stage_files:
                         key = entry.chunks[chunk_index][position].file_key
@@ -648,5 +750,12 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
         finally:
             for writer in writers.values():
                 writer.close()
-    (out_dir / TRACKER).write_text("release" if target.release or iteration is None else str(iteration))
+    if finish:
+        write_tracker(out_dir, target)
     return written
+
+
+def write_tracker(out_dir: Path, target: TargetLayout) -> None:
+    """``latest_checkpointed_iteration.txt``: the iteration, or ``release``."""
+    iteration = target.iteration if not target.release else None
+    (out_dir / TRACKER).write_text("release" if target.release or iteration is None else str(iteration))

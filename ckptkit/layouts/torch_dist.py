@@ -33,7 +33,6 @@ entries are left unread, and weights come only from the model keys.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -72,7 +71,8 @@ from ..errors import BadInput, CkptError, InternalError, Unsupported
 from ..megatron_args import megatron_args, spec_from_args
 from ..spec import CanonicalTensor, canonical_tensors, check_parallel_sizes, padded_vocab_size, rule_for
 from .base import CheckpointMeta, CheckpointReader
-from .megatron_legacy import TRACKER, TargetLayout, iteration_dir_name
+from .megatron_legacy import TargetLayout
+from .tracker import TRACKER, follow_tracker, iteration_dir_name
 from .megatron_names import NAMINGS
 
 NAME = "torch_dist"
@@ -156,18 +156,9 @@ def locate_checkpoint_dir(root: Path) -> tuple[Path, int | None, bool]:
     if _is_dist_folder(root):
         match = re.match(r"^iter_(\d+)$", root.name)
         return root, (int(match.group(1)) if match else None), root.name == "release"
-    tracker = root / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        if text == "release":
-            folder, iteration, release = root / "release", None, True
-        elif text.isdigit():
-            iteration, release = int(text), False
-            folder = root / iteration_dir_name(iteration)
-        else:
-            raise BadInput(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
-        if not folder.is_dir():
-            raise BadInput(f"{tracker}: names {text!r} but {folder} does not exist")
+    followed = follow_tracker(root)
+    if followed is not None:
+        folder, iteration, release = followed
         if not _is_dist_folder(folder):
             raise BadInput(f"{folder}: no {CONFIG_FILE} or {DCP_METADATA}: not a torch_dist checkpoint")
         return folder, iteration, release
@@ -744,24 +735,6 @@ def _pickled(obj) -> bytes:
     return buffer.getvalue()
 
 
-def _plain(value):
-    """``value`` with Megatron enum stand-ins replaced by their plain values, at any depth.
-
-    Stand-ins re-pickle as a ckptkit function (see safe_load.MegatronStandIn), which
-    Megatron could not unpickle without ckptkit installed; Megatron reads none of these
-    enum fields back from checkpoint args (``load_args_from_checkpoint``).
-    """
-    if isinstance(value, safe_load.MegatronStandIn):
-        return value.value
-    if isinstance(value, argparse.Namespace):
-        return argparse.Namespace(**{name: _plain(item) for name, item in vars(value).items()})
-    if type(value) in (list, tuple):
-        return type(value)(_plain(item) for item in value)
-    if type(value) is dict:
-        return {key: _plain(item) for key, item in value.items()}
-    return value
-
-
 def _source_flops(reader: CheckpointReader) -> float:
     """Training progress the source recorded (kept on reshard), 0 when unknown."""
     common = getattr(reader, "common_state", None)
@@ -800,7 +773,7 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
         extra_fields={"ckpt_format": "torch_dist", "use_dist_ckpt": True,
                       "no_save_optim": True, "no_save_rng": True},
     )
-    common = {"args": _plain(args), "checkpoint_version": WRITE_CHECKPOINT_VERSION,
+    common = {"args": safe_load.without_stand_ins(args), "checkpoint_version": WRITE_CHECKPOINT_VERSION,
               "iteration": iteration or 0,
               "num_floating_point_operations_so_far": _source_flops(reader) if target.args_base else 0.0,
               "content_metadata": dict(CONTENT_METADATA)}
