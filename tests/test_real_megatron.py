@@ -102,3 +102,9 @@ def test_pre_core_names_are_written_back_as_megatron_2024_nests_them(tmp_path):
 
     assert layout(ours) == layout(theirs)
     assert torch.equal(ours["word_embeddings_for_head"]["weight"], theirs["word_embeddings_for_head"]["weight"])
+
+
+def test_resharded_files_refer_to_no_ckptkit_code_so_megatron_can_unpickle_them(tmp_path):
+    reshard(fixture_path("gpt2_tp2pp2", "conv", "torch"), tmp_path / "out", tp=1, pp=1)
+    names = pickled_globals(tmp_path / "out" / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt")
+    assert names and not [name for name in names if "ckptkit" in name]
