@@ -6,17 +6,16 @@ writes into a hidden partial folder and renames it into place only when complete
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, GenerationConfig
 
-from . import __version__
-from .atomic import atomic_directory
+from . import __version__, parallel
 from .errors import BadInput
 from .families import FAMILIES
 from .layouts import CheckpointReader, open_checkpoint
@@ -118,8 +117,13 @@ class _collect_warnings:
 
 
 def write_hf_folder(reader: CheckpointReader, out: Path, *, dtype, max_shard_size, tokenizer=None,
-                    progress: Progress | None = None) -> list[str]:
-    """Config, generation config, shards (+ index) and tokenizer files into ``out``."""
+                    progress: Progress | None = None, shards_written: list[str] | None = None) -> list[str]:
+    """Config, generation config, shards (+ index) and tokenizer files into ``out``.
+
+    With ``shards_written`` the shards are already there (written by worker processes):
+    only the index, config and tokenizer files are added.
+    """
+    from transformers import AutoConfig, GenerationConfig  # here: 0.6 s of import other commands skip
     family = FAMILIES[reader.spec.family]
     config_fields = family.spec_to_config(reader.spec, dtype)
     config_fields.pop("architectures", None)
@@ -134,7 +138,11 @@ def write_hf_folder(reader: CheckpointReader, out: Path, *, dtype, max_shard_siz
     config = AutoConfig.for_model(model_type, **config_fields)
     config.architectures = [family.architecture]
     config.dtype = dtype_name
-    written = hf_layout.write(reader, out, family, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    if shards_written is None:
+        written = hf_layout.write(reader, out, family, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    else:
+        written = shards_written + hf_layout.write_index(out, family, reader.spec, dtype=dtype,
+                                                         max_shard_size=max_shard_size)
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
     written += ["config.json", "generation_config.json"]
@@ -158,8 +166,12 @@ def copy_tokenizer(folder: Path, out: Path) -> list[str]:
 
 def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tokenizer=None,
                    overwrite=False, vocab_size=None, strict=False, trust_remote_pickle=False,
-                   progress: Progress | None = None, on_start: Callable[[int], None] | None = None) -> ConvertResult:
+                   progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
+                   workers: int = 1) -> ConvertResult:
     """Convert a Megatron checkpoint (any layout ckptkit reads) into a Hugging Face folder.
+
+    ``workers`` processes write disjoint shards; under ``torchrun`` every rank takes its
+    part of the shards (see :mod:`ckptkit.parallel`).
 
     >>> megatron_to_hf("ckpt/", "hf_out/", dtype="bf16").files
     ['model.safetensors', 'config.json', 'generation_config.json']
@@ -172,15 +184,68 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
         target_dtype = hf_layout.parse_dtype(dtype) or reader.meta.dtype
         if on_start:
             on_start(_tensor_steps(reader))
-        with atomic_directory(destination, overwrite) as out, _collect_warnings(notes):
-            files = write_hf_folder(reader, out, dtype=target_dtype, max_shard_size=max_shard_size,
-                                    tokenizer=tokenizer, progress=progress)
+        with parallel.SharedOutput(destination, overwrite) as shared, _collect_warnings(notes):
+            out = shared.path
+            share = _WriteShare(str(source), _reader_options(strict, trust_remote_pickle, vocab_size), str(out),
+                                target_dtype, max_shard_size)
+            family = FAMILIES[reader.spec.family]
+            files = _write_shares(reader, shared, share, workers, progress,
+                                  hf_layout.output_files(family, reader.spec, target_dtype, max_shard_size))
+            if shared.leader:
+                files = write_hf_folder(reader, out, dtype=target_dtype, max_shard_size=max_shard_size,
+                                        tokenizer=tokenizer, shards_written=files)
         _note_dropped_state(reader, notes, "Hugging Face has no place for them")
         return ConvertResult(str(source), str(destination), reader.meta.summary(),
                              {"layout": "hf-safetensors", "dtype": str(target_dtype).removeprefix("torch."),
                               "architecture": FAMILIES[reader.spec.family].architecture},
                              reader.spec.family, parameter_count(reader), files, _bytes_in(Path(destination)),
                              time.perf_counter() - started, notes)
+
+
+def _reader_options(strict, trust_remote_pickle, vocab_size=None) -> dict:
+    options = {"strict": strict, "trust_remote_pickle": trust_remote_pickle}
+    if vocab_size:
+        options["vocab_size"] = vocab_size
+    return options
+
+
+@dataclass(frozen=True)
+class _WriteShare:
+    """Some of a conversion's output files, written from a reader of the source.
+
+    Picklable, so a worker process can reopen the source and write its share. ``target``
+    is the output dtype for Hugging Face shards, or a Megatron :class:`TargetLayout`
+    (whose ``args_base``, with ``args_from_source``, comes from the reopened source).
+    """
+
+    source: str
+    reader_options: dict
+    out: str
+    target: object
+    max_shard_size: object = None
+    args_from_source: bool = False
+
+    def __call__(self, names: list[str]) -> list[str]:
+        with open_checkpoint(self.source, **self.reader_options) as reader:
+            return self.write(reader, names)
+
+    def write(self, reader: CheckpointReader, names: list[str], progress: Progress | None = None) -> list[str]:
+        if isinstance(self.target, torch.dtype):
+            return hf_layout.write(reader, Path(self.out), FAMILIES[reader.spec.family], dtype=self.target,
+                                   max_shard_size=self.max_shard_size, progress=progress, only=names, finish=False)
+        target = replace(self.target, args_base=reader.meta.args) if self.args_from_source else self.target
+        return megatron_legacy.write(reader, Path(self.out), target, progress=progress, only=names, finish=False)
+
+
+def _write_shares(reader: CheckpointReader, shared: parallel.SharedOutput, share: _WriteShare, workers: int,
+                  progress: Progress | None, files: list[tuple[str, int]]) -> list[str]:
+    """Write this process's share of ``files`` (in ``workers`` processes), then wait for every rank's."""
+    if workers < 1:
+        raise BadInput(f"--workers must be at least 1 (got {workers})")
+    runs = parallel.my_share(files, workers=workers, rank=shared.group.rank, world=shared.group.world)
+    written = parallel.run_parts(share, runs, in_process=functools.partial(share.write, reader, progress=progress))
+    shared.parts_done()
+    return written
 
 
 def _note_dropped_state(reader: CheckpointReader, notes: list[str], why: str) -> None:
@@ -198,8 +263,11 @@ def _note_dropped_state(reader: CheckpointReader, notes: list[str], why: str) ->
 def hf_to_megatron(source, destination, *, tp=1, pp=1, vpp=1, dtype=None, make_vocab_size_divisible_by=128,
                    format="torch", naming="mcore-local", overwrite=False, strict=False,
                    trust_remote_pickle=False, progress: Progress | None = None,
-                   on_start: Callable[[int], None] | None = None) -> ConvertResult:
+                   on_start: Callable[[int], None] | None = None, workers: int = 1) -> ConvertResult:
     """Convert a Hugging Face folder into a Megatron checkpoint at TP/PP(/VPP).
+
+    ``workers`` processes write disjoint rank files; under ``torchrun`` every rank takes
+    its part of them (see :mod:`ckptkit.parallel`).
 
     >>> hf_to_megatron("hf_model/", "megatron/", tp=2, pp=2).target_layout["tp"]
     2
@@ -207,12 +275,13 @@ def hf_to_megatron(source, destination, *, tp=1, pp=1, vpp=1, dtype=None, make_v
     return _to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=format, naming=naming,
                         overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
-                        progress=progress, on_start=on_start, keep_training_state=False)
+                        progress=progress, on_start=on_start, keep_training_state=False, workers=workers)
 
 
 def reshard(source, destination, *, tp, pp, vpp=1, dtype=None, format=None, naming=None,
             make_vocab_size_divisible_by=None, overwrite=False, strict=False, trust_remote_pickle=False,
-            progress: Progress | None = None, on_start: Callable[[int], None] | None = None) -> ConvertResult:
+            progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
+            workers: int = 1) -> ConvertResult:
     """Rewrite a Megatron checkpoint at other parallel sizes, keeping iteration and args.
 
     Optimizer and RNG state belong to the old layout and are dropped (with a note).
@@ -223,11 +292,12 @@ def reshard(source, destination, *, tp, pp, vpp=1, dtype=None, format=None, nami
     return _to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=format, naming=naming,
                         overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
-                        progress=progress, on_start=on_start, keep_training_state=True)
+                        progress=progress, on_start=on_start, keep_training_state=True, workers=workers)
 
 
 def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_divisible_by, format, naming,
-                 overwrite, strict, trust_remote_pickle, progress, on_start, keep_training_state) -> ConvertResult:
+                 overwrite, strict, trust_remote_pickle, progress, on_start, keep_training_state,
+                 workers=1) -> ConvertResult:
     started = time.perf_counter()
     notes: list[str] = []
     reader = _open_validated(source, strict=strict, trust_remote_pickle=trust_remote_pickle, notes=notes)
@@ -254,8 +324,20 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
         )
         if on_start:
             on_start(_tensor_steps(reader, pp * vpp))
-        with atomic_directory(destination, overwrite) as out, _collect_warnings(notes):
-            files = writers[target_format](reader, out, target, progress=progress)
+        with parallel.SharedOutput(destination, overwrite) as shared, _collect_warnings(notes):
+            out = shared.path
+            if target_format == "torch":
+                share = _WriteShare(str(source), _reader_options(strict, trust_remote_pickle), str(out),
+                                    replace(target, args_base=None), args_from_source=keep_training_state)
+                files = _write_shares(reader, shared, share, workers, progress,
+                                      megatron_legacy.output_files(reader.spec, target, target.dtype))
+                if shared.leader:
+                    megatron_legacy.write_tracker(out, target)
+            elif workers > 1 or shared.group.world > 1:
+                raise BadInput(f"--workers and torchrun split per-rank (torch) output only; write "
+                               f"{target_format} with one process")
+            else:
+                files = writers[target_format](reader, out, target, progress=progress)
         if keep_training_state:
             _note_dropped_state(reader, notes, "they belong to the old parallel layout; resume with "
                                 "--no-load-optim --no-load-rng")

@@ -19,6 +19,8 @@ import struct
 
 import torch
 
+from .streaming_io import OrderedWriteThread, byte_view
+
 # safetensors' Dtype enum order; files store tensors by descending dtype, then by name.
 _DTYPE_CODES = [
     (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.int8, "I8"), (torch.float8_e5m2, "F8_E5M2"),
@@ -56,6 +58,8 @@ class StreamingSafetensorsWriter:
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(encoded)))
         self._file.write(encoded)
+        self._file.flush()
+        self._writes = OrderedWriteThread(path)
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -66,15 +70,20 @@ class StreamingSafetensorsWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path}: {name} is {tensor.dtype} {tuple(tensor.shape)}; "
                              f"planned {dtype} {shape}")
-        data = tensor.detach().contiguous().cpu()
-        self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else b"")
+        data = tensor.detach().cpu().contiguous()
+        # On the write thread: the caller reads and reshapes the next tensor meanwhile.
+        self._writes.submit(lambda: self._file.write(byte_view(data)), data.numel() * data.element_size())
         self._next += 1
 
     def close(self) -> None:
         if not self._file.closed:
             complete = self._next == len(self.order)
-            self._file.flush()
-            self._file.close()
+            try:
+                self._writes.drain()
+                self._file.flush()
+                self._writes.close(durable=complete)
+            finally:
+                self._file.close()
             if not complete and self._next is not None:
                 raise ValueError(f"{self.path}: closed after {self._next} of {len(self.order)} tensors")
 
@@ -85,4 +94,7 @@ class StreamingSafetensorsWriter:
         if exc_type is None:
             self.close()
         else:
-            self._file.close()
+            try:
+                self._writes.close(durable=False)
+            finally:
+                self._file.close()

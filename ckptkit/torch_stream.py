@@ -22,6 +22,8 @@ import sys
 import torch
 import torch.serialization as serialization
 
+from .streaming_io import OrderedWriteThread
+
 _STORAGE_TYPE_NAMES = {
     torch.float32: "FloatStorage", torch.float64: "DoubleStorage", torch.float16: "HalfStorage",
     torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
@@ -63,6 +65,7 @@ class StreamingTorchWriter:
     def __init__(self, path):
         self._opener = serialization._open_zipfile_writer(str(path))
         self._zip = self._opener.__enter__()
+        self._writes = OrderedWriteThread(path)
         self._next_key = 0
         self._closed = False
 
@@ -70,15 +73,15 @@ class StreamingTorchWriter:
         """Write one tensor's bytes now; return the reference to place in the object."""
         if tensor.dtype not in _STORAGE_TYPE_NAMES:
             raise TypeError(f"unsupported dtype {tensor.dtype}")
-        tensor = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().cpu().contiguous()
         key = str(self._next_key)
         self._next_key += 1
-        storage = tensor.untyped_storage()
-        offset_bytes = tensor.storage_offset() * tensor.element_size()
         num_bytes = tensor.numel() * tensor.element_size()
-        if offset_bytes or storage.nbytes() != num_bytes:
-            storage = tensor.clone().untyped_storage()
-        self._zip.write_record(f"data/{key}", storage, num_bytes)
+        start = tensor.storage_offset() * tensor.element_size()
+        # A slice of the storage shares its memory: a view into a larger tensor (a TP
+        # piece) is written without a copy. On the write thread, which keeps it alive.
+        storage = tensor.untyped_storage()[start: start + num_bytes]
+        self._writes.submit(lambda: self._zip.write_record(f"data/{key}", storage, num_bytes), num_bytes)
         return TensorRef(key, tensor.dtype, tensor.shape)
 
     def finish(self, obj) -> None:
@@ -103,18 +106,26 @@ class StreamingTorchWriter:
 
         buffer = io.BytesIO()
         Pickler(buffer, protocol=2).dump(obj)
+        self._writes.drain()
         data = buffer.getvalue()
         self._zip.write_record("data.pkl", data, len(data))
         self._zip.write_record(".format_version", "1", 1)
         alignment = str(serialization._get_storage_alignment())
         self._zip.write_record(".storage_alignment", alignment, len(alignment))
         self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        self.close()
+        self.close(complete=True)
 
-    def close(self):
+    def close(self, complete: bool = False):
+        """Close the file; ``complete`` (from :meth:`finish`) also waits until it is on disk."""
         if not self._closed:
             self._closed = True
-            self._opener.__exit__(None, None, None)
+            try:
+                self._writes.drain()
+            finally:
+                try:
+                    self._opener.__exit__(None, None, None)
+                finally:
+                    self._writes.close(durable=complete)
 
     def __enter__(self):
         return self

@@ -12,6 +12,8 @@ Reading is lazy: ``safe_open`` per shard (only the requested tensor's bytes are 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from safetensors import safe_open
 from ..errors import BadInput
 from ..families import HfFamily, HfMapping, family_for_config
 from ..safe_load import safe_torch_load
-from ..safetensors_stream import StreamingSafetensorsWriter
+from ..safetensors_stream import DTYPE_NAMES, StreamingSafetensorsWriter
+from ..streaming_io import read_tensor
 from ..spec import ModelSpec, canonical_tensors
 from .base import CheckpointMeta, CheckpointReader
 
@@ -104,6 +107,36 @@ def hf_table(family: HfFamily, spec: ModelSpec) -> dict[str, tuple[HfMapping, li
     return table
 
 
+_DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_NAMES.items()}
+
+
+class _SafetensorsData:
+    """Where each tensor's bytes are in a ``.safetensors`` file (header already checked by
+    ``safe_open``), read with explicit reads: the file is not mapped, so its pages never
+    count against this process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            self.header = json.loads(os.pread(self.fd, length, 8))
+        except (struct.error, ValueError) as error:
+            os.close(self.fd)
+            raise BadInput(f"{path}: unreadable safetensors header ({error})") from None
+        self.data_start = 8 + length
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        if entry["dtype"] not in _DTYPES_BY_CODE:
+            raise BadInput(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        start, _ = entry["data_offsets"]
+        return read_tensor(self.fd, self.data_start + start, entry["shape"], _DTYPES_BY_CODE[entry["dtype"]])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class HfReader(CheckpointReader):
     """Canonical tensors rebuilt from a Hugging Face folder."""
 
@@ -119,6 +152,7 @@ class HfReader(CheckpointReader):
             raise BadInput(f"{self.folder / 'config.json'}: missing field {error.args[0]!r}") from None
         self.table = hf_table(self.family, self.spec)
         self._open: dict = {}
+        self._data: dict[str, _SafetensorsData] = {}
         self.location = self._locate_tensors()
         first_name = self.table["embedding.word_embeddings.weight"][1][0]
         self.meta = CheckpointMeta(
@@ -158,9 +192,13 @@ class HfReader(CheckpointReader):
         file_name = self.location.get(hf_name)
         if file_name is None:
             raise BadInput(f"{self.folder}: tensor {hf_name} missing from the checkpoint")
-        handle = self._handle(file_name)
+        self._handle(file_name)
+        if file_name not in self._data:
+            self._data[file_name] = _SafetensorsData(self.folder / file_name)
         try:
-            return handle.get_tensor(hf_name)
+            return self._data[file_name].read(hf_name)
+        except BadInput:
+            raise
         except Exception as error:
             raise BadInput(f"{self.folder / file_name}: cannot read tensor {hf_name} "
                            f"({str(error).splitlines()[0]})") from None
@@ -206,6 +244,9 @@ class HfReader(CheckpointReader):
 
     def close(self) -> None:
         self._open.clear()
+        for data in self._data.values():
+            data.close()
+        self._data.clear()
 
 
 class HfBinReader(HfReader):
@@ -282,33 +323,53 @@ def plan_output(family: HfFamily, spec: ModelSpec, dtype: torch.dtype, max_shard
     return HfPlan(shards, source_of, sum(meta.numel() * element for meta in planned.values()))
 
 
+def output_files(family: HfFamily, spec: ModelSpec, dtype: torch.dtype, max_shard_size) -> list[tuple[str, int]]:
+    """``(shard file name, bytes)`` of every shard :func:`write` makes, in order."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return [(shard.file_name, sum(torch.Size(shape).numel() * element for _, shape in shard.tensors.values()))
+            for shard in plan_output(family, spec, dtype, max_shard_size).shards]
+
+
 def write(reader: CheckpointReader, out_dir: Path, family: HfFamily, *, dtype: torch.dtype,
-          max_shard_size="5GB", progress=None) -> list[str]:
-    """Write config.json, shards and (for several shards) the index into ``out_dir``.
+          max_shard_size="5GB", progress=None, only=None, finish: bool = True) -> list[str]:
+    """Write the shards and (for several shards) the index into ``out_dir``.
 
     Each canonical tensor is read once; the HF tensors it yields wait in ``pending``
-    only until their shard reaches them (q/k/v of one layer, typically).
+    only until their shard reaches them (q/k/v of one layer, typically). ``only`` (shard
+    file names) restricts the shards written, for one worker's share; ``finish=False``
+    leaves out the index, which the process that writes it does once every share is done.
     """
     spec = reader.spec
     plan = plan_output(family, spec, dtype, max_shard_size)
     table = hf_table(family, spec)
+    shards = [shard for shard in plan.shards if only is None or shard.file_name in only]
+    mine = {name for shard in shards for name in shard.tensors}
     pending: dict[str, torch.Tensor] = {}
     written = []
-    for shard in plan.shards:
+    for shard in shards:
         with StreamingSafetensorsWriter(out_dir / shard.file_name, shard.tensors) as out:
             for hf_name in out.order:
                 if hf_name not in pending:
                     canonical = plan.source_of[hf_name]
                     mapping, hf_names = table[canonical]
-                    full = reader.tensor(canonical).to(dtype)
-                    pending.update(zip(hf_names, mapping.to_hf(full, spec)))
+                    full = reader.tensor(canonical).to(dtype)  # no copy when the dtype is already right
+                    pending.update((name, tensor) for name, tensor in zip(hf_names, mapping.to_hf(full, spec))
+                                   if name in mine)
                     del full
                     if progress:
                         progress(canonical)
                 out.write(hf_name, pending.pop(hf_name))
         written.append(shard.file_name)
-    if len(plan.shards) > 1:
-        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map.items()))}
-        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        written.append(SAFETENSORS_INDEX)
+    if finish:
+        written += write_index(out_dir, family, spec, dtype=dtype, max_shard_size=max_shard_size)
     return written
+
+
+def write_index(out_dir: Path, family: HfFamily, spec: ModelSpec, *, dtype: torch.dtype, max_shard_size) -> list[str]:
+    """``model.safetensors.index.json`` when the model has several shards; returns what it wrote."""
+    plan = plan_output(family, spec, dtype, max_shard_size)
+    if len(plan.shards) <= 1:
+        return []
+    index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map.items()))}
+    (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [SAFETENSORS_INDEX]

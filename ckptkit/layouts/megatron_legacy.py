@@ -33,7 +33,7 @@ from ..errors import BadInput, Unsupported
 from ..megatron_args import megatron_args, spec_from_args
 from ..spec import CanonicalTensor, ModelSpec, canonical_tensors, check_parallel_sizes, padded_vocab_size, rule_for
 from ..safe_load import safe_torch_load, without_stand_ins
-from ..streaming_io import read_tensor
+from ..streaming_io import read_into, read_tensor
 from ..torch_stream import StreamingTorchWriter
 from .base import CheckpointMeta, CheckpointReader
 from .tracker import TRACKER, follow_tracker, iteration_dir_name
@@ -218,13 +218,29 @@ class _RankFiles:
             self.full_states[key] = state
         return self.full_states[key]
 
+    def _descriptor(self, tp_rank: int, pp_stage: int) -> int:
+        key = (tp_rank, pp_stage)
+        if key not in self.descriptors:
+            self.descriptors[key] = os.open(self.path(tp_rank, pp_stage), os.O_RDONLY)
+        return self.descriptors[key]
+
+    def read_rows_into(self, tp_rank: int, pp_stage: int, stored: torch.Tensor, rows: range,
+                       out: torch.Tensor) -> bool:
+        """Read rows ``rows`` of ``stored`` straight into contiguous ``out``; False when the
+        tensor is not one that can be read that way (memory-mapped, or a strided view)."""
+        if stored.device.type != "meta" or not stored.is_contiguous():
+            return False
+        row_bytes = stored[0].numel() * stored.element_size() if stored.dim() else stored.element_size()
+        offset = stored.untyped_storage()._checkpoint_offset + stored.storage_offset() * stored.element_size()
+        read_into(self._descriptor(tp_rank, pp_stage), out, offset + rows.start * row_bytes)
+        return True
+
     def read(self, tp_rank: int, pp_stage: int, stored: torch.Tensor) -> torch.Tensor:
         """The values of ``stored`` (a tensor of :meth:`chunks`), in a tensor of its own."""
         if stored.device.type != "meta":
             return stored
         key = (tp_rank, pp_stage)
-        if key not in self.descriptors:
-            self.descriptors[key] = os.open(self.path(tp_rank, pp_stage), os.O_RDONLY)
+        self._descriptor(tp_rank, pp_stage)
         element = stored.element_size()
         offset = stored.untyped_storage()._checkpoint_offset + stored.storage_offset() * element
         if stored.is_contiguous():
@@ -453,6 +469,9 @@ class MegatronLegacyReader(CheckpointReader):
 
     def tensor(self, name: str) -> torch.Tensor:
         canonical = self._canonical_entry(name)
+        stacked = self._read_stacked(canonical)
+        if stacked is not None:
+            return stacked
         shards = self.shards(name)
         self._check_shard_shapes(canonical, shards)
         if canonical.rule == "qkv" and self.meta.checkpoint_version < 2.0:
@@ -462,6 +481,31 @@ class MegatronLegacyReader(CheckpointReader):
         if canonical.rule == "replicated":
             self._check_replicas(name, shards)
         return self._rule(canonical).merge(shards)
+
+    def _read_stacked(self, canonical: CanonicalTensor) -> torch.Tensor | None:
+        """For rules whose merge stacks row blocks (column, vocab, QKV, gated), read every
+        shard's rows straight to their place in the merged tensor: one pass, no ``cat``.
+        Gated shards are ``[gate_t; up_t]`` and the merged tensor ``[gate_0..; up_0..]``.
+        None when the rule or the stored tensors do not allow it."""
+        stacked = canonical.rule in ("column", "vocab", "gated") or \
+            (canonical.rule == "qkv" and self.meta.checkpoint_version >= 2.0)
+        if not stacked:
+            return None
+        stored = self._stored_shards(canonical.name)
+        self._check_shard_shapes(canonical, stored)
+        if any(shard.device.type != "meta" or not shard.is_contiguous() or shard.dim() == 0 for shard in stored):
+            return None
+        rows = stored[0].shape[0]
+        merged = torch.empty((rows * len(stored), *stored[0].shape[1:]), dtype=stored[0].dtype)
+        halves = 2 if canonical.rule == "gated" else 1
+        block = rows // halves
+        pp_stage = self.index[canonical.name].pp_stage
+        for tp_rank, shard in enumerate(stored):
+            for half in range(halves):
+                start = half * block * len(stored) + tp_rank * block
+                self.files.read_rows_into(tp_rank, pp_stage, shard, range(half * block, (half + 1) * block),
+                                          merged[start: start + block])
+        return merged
 
     def _expected_shard_shape(self, canonical: CanonicalTensor) -> tuple:
         full = torch.empty(canonical.shape, device="meta")
