@@ -143,9 +143,6 @@ def main(debug):
     """
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
-    from .streaming_io import keep_freed_memory_for_reuse
-
-    keep_freed_memory_for_reuse()  # a process of our own: reuse freed pages (see streaming_io)
 
 
 @main.command("inspect")
@@ -221,6 +218,9 @@ def megatron_to_hf_command(source, destination, dtype, max_shard_size, tokenizer
       torchrun --nnodes 2 --nproc-per-node 4 ... -m ckptkit.cli megatron-to-hf ckpt/ hf/  (shared file system)
     """
     from .convert import megatron_to_hf
+    from .streaming_io import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()  # a conversion process: reuse freed pages (see streaming_io)
 
     with TensorProgress("megatron -> hf", enabled=not as_json) as progress:
         result = megatron_to_hf(source, destination, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
@@ -286,6 +286,9 @@ def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, over
       ckptkit hf-to-megatron llama-hf/ megatron-llama/ --tp 2 --pp 2 --dtype bf16
     """
     from .convert import hf_to_megatron
+    from .streaming_io import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()  # a conversion process: reuse freed pages (see streaming_io)
 
     with TensorProgress("hf -> megatron", enabled=not as_json) as progress:
         result = hf_to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
@@ -316,6 +319,9 @@ def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, 
       ckptkit reshard checkpoints/gpt2/ checkpoints/gpt2-tp1pp4/ --tp 1 --pp 4
     """
     from .convert import reshard
+    from .streaming_io import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()  # a conversion process: reuse freed pages (see streaming_io)
 
     with TensorProgress("reshard", enabled=not as_json) as progress:
         result = reshard(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype, format=target_format,

@@ -56,7 +56,7 @@ def read_tensor(fd: int, offset: int, shape, dtype: torch.dtype) -> torch.Tensor
 
 
 def keep_freed_memory_for_reuse() -> None:
-    """Process-wide, for command-line entry points and worker processes (not for a library
+    """Process-wide, for the conversion commands and their worker processes (not for a library
     call inside someone else's program): make glibc's malloc keep freed memory for reuse.
 
     By default every block over 32 MiB (most weights) is a fresh ``mmap``, and each of its
