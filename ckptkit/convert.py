@@ -16,12 +16,14 @@ from typing import Callable
 import torch
 
 from . import __version__, parallel
-from .errors import BadInput
+from .atomic import check_destination
+from .errors import BadInput, InternalError
 from .families import FAMILIES
 from .layouts import CheckpointReader, open_checkpoint
 from .layouts import hf as hf_layout
 from .layouts import megatron_legacy
-from .spec import canonical_tensors, check_parallel_sizes
+from .safe_load import safe_torch_load
+from .spec import canonical_tensors, check_parallel_sizes, padded_vocab_size, rule_for
 
 Progress = Callable[[str], None]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -178,10 +180,12 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
     """
     started = time.perf_counter()
     notes: list[str] = []
+    check_destination(Path(destination), overwrite)  # before reading a large source
     reader = _open_validated(source, strict=strict, trust_remote_pickle=trust_remote_pickle,
                              vocab_size=vocab_size, notes=notes)
     with reader:
         target_dtype = hf_layout.parse_dtype(dtype) or reader.meta.dtype
+        plan = _hf_plan(reader, target_dtype, max_shard_size)
         if on_start:
             on_start(_tensor_steps(reader))
         with parallel.SharedOutput(destination, overwrite) as shared, _collect_warnings(notes):
@@ -194,6 +198,7 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
             if shared.leader:
                 files = write_hf_folder(reader, out, dtype=target_dtype, max_shard_size=max_shard_size,
                                         tokenizer=tokenizer, shards_written=files)
+                check_hf_output(out, plan, label=Path(destination))
         _note_dropped_state(reader, notes, "Hugging Face has no place for them")
         return ConvertResult(str(source), str(destination), reader.meta.summary(),
                              {"layout": "hf-safetensors", "dtype": str(target_dtype).removeprefix("torch."),
@@ -248,6 +253,15 @@ def _write_shares(reader: CheckpointReader, shared: parallel.SharedOutput, share
     return written
 
 
+def _hf_plan(reader: CheckpointReader, dtype, max_shard_size) -> hf_layout.HfPlan:
+    if isinstance(max_shard_size, int) and max_shard_size <= 0:
+        raise BadInput(f"--max-shard-size must be positive (got {max_shard_size})")
+    try:
+        return hf_layout.plan_output(FAMILIES[reader.spec.family], reader.spec, dtype, max_shard_size)
+    except ValueError as error:  # huggingface_hub's size parser: "5GB", "500MB", ...
+        raise BadInput(f"--max-shard-size {max_shard_size!r}: {str(error).splitlines()[0]}") from None
+
+
 def _note_dropped_state(reader: CheckpointReader, notes: list[str], why: str) -> None:
     if reader.meta.layout != megatron_legacy.NAME:
         return
@@ -300,6 +314,10 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
                  workers=1) -> ConvertResult:
     started = time.perf_counter()
     notes: list[str] = []
+    if make_vocab_size_divisible_by is not None and make_vocab_size_divisible_by < 1:
+        raise BadInput("--make-vocab-size-divisible-by must be a positive integer "
+                       f"(got {make_vocab_size_divisible_by})")
+    check_destination(Path(destination), overwrite)  # before reading a large source
     reader = _open_validated(source, strict=strict, trust_remote_pickle=trust_remote_pickle, notes=notes)
     with reader:
         meta = reader.meta
@@ -338,6 +356,8 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
                                f"{target_format} with one process")
             else:
                 files = writers[target_format](reader, out, target, progress=progress)
+            if shared.leader:
+                check_megatron_output(out, reader.spec, target, target_format, label=Path(destination))
         if keep_training_state:
             _note_dropped_state(reader, notes, "they belong to the old parallel layout; resume with "
                                 "--no-load-optim --no-load-rng")
@@ -348,3 +368,96 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
         return ConvertResult(str(source), str(destination), meta.summary(), target_summary, reader.spec.family,
                              parameter_count(reader), files, _bytes_in(Path(destination)),
                              time.perf_counter() - started, notes)
+
+
+# ---------------------------------------------------------------------------- checking what was written
+
+def _compare_with_plan(where: Path, found: dict, planned: dict) -> None:
+    """``found`` and ``planned`` map tensor names to (dtype, shape); any difference is our bug."""
+    for name in planned:
+        if name not in found:
+            raise InternalError(f"{where}: tensor {name} is missing from the written file")
+        if found[name] != planned[name]:
+            raise InternalError(f"{where}: tensor {name} was written as {found[name]}; planned {planned[name]}")
+    for name in found:
+        if name not in planned:
+            raise InternalError(f"{where}: tensor {name} was written but not planned")
+
+
+def check_hf_output(out: Path, plan: hf_layout.HfPlan, *, label: Path) -> None:
+    """Re-open the written shards (headers only) and compare names, dtypes and shapes with the plan."""
+    from safetensors import safe_open
+
+    from .safetensors_stream import DTYPE_NAMES
+
+    for shard in plan.shards:
+        try:
+            with safe_open(str(out / shard.file_name), framework="pt") as handle:
+                found = {name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape()))
+                         for name in handle.keys()}
+        except Exception as error:
+            raise InternalError(f"{label / shard.file_name}: written shard does not read back "
+                                f"({str(error).splitlines()[0]})") from None
+        planned = {name: (DTYPE_NAMES[dtype], tuple(shape)) for name, (dtype, shape) in shard.tensors.items()}
+        _compare_with_plan(label / shard.file_name, found, planned)
+    if len(plan.shards) > 1:
+        index = hf_layout._read_index(out / hf_layout.SAFETENSORS_INDEX)
+        if index != plan.weight_map:
+            raise InternalError(f"{label / hf_layout.SAFETENSORS_INDEX}: does not list the planned shards")
+    hf_layout.read_config(out)
+
+
+def check_megatron_output(out: Path, spec, target: megatron_legacy.TargetLayout, target_format: str, *,
+                          label: Path) -> None:
+    """Re-open the written checkpoint (pickles and metadata, no tensor data) and compare it with the plan."""
+    iteration = target.iteration if not target.release else None
+    folder_name = megatron_legacy.iteration_dir_name(iteration, target.release)
+    tracker = out / megatron_legacy.TRACKER
+    expected_tracker = "release" if target.release or iteration is None else str(iteration)
+    if not tracker.is_file() or tracker.read_text().strip() != expected_tracker:
+        raise InternalError(f"{label / megatron_legacy.TRACKER}: missing or not naming {expected_tracker}")
+    padded = padded_vocab_size(spec.vocab_size, target.make_vocab_size_divisible_by, target.tp)
+    if target_format == "torch_dist":
+        _check_torch_dist_output(out / folder_name, spec, target, padded, label=label / folder_name)
+        return
+    canonical = {tensor.name: tensor for tensor in canonical_tensors(spec)}
+    for planned_file in megatron_legacy.plan_files(spec, target):
+        where = label / folder_name / planned_file.relative_path
+        try:
+            state = safe_torch_load(out / folder_name / planned_file.relative_path)
+        except BadInput as error:
+            raise InternalError(f"{where}: written rank file does not read back ({error})") from None
+        chunk_keys = ["model"] if len(planned_file.chunks) == 1 else \
+            [f"model{chunk}" for chunk in range(len(planned_file.chunks))]
+        for chunk_key, entries, extra_keys in zip(chunk_keys, planned_file.chunks, planned_file.extra_state_keys):
+            stored = megatron_legacy._flatten(state.get(chunk_key) or {})
+            found = {key: (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else value
+                     for key, value in stored.items()}
+            planned = dict.fromkeys(extra_keys)
+            for entry in entries:
+                shape = canonical[entry.copy_of or entry.canonical].shape
+                if entry.rule == "vocab":
+                    shape = (padded, *shape[1:])
+                pieces = rule_for(spec, entry.rule, padded).split(torch.empty(shape, device="meta"), target.tp)
+                planned[entry.file_key] = (target.dtype, tuple(pieces[planned_file.tp_rank].shape))
+            _compare_with_plan(where, found, planned)
+
+
+def _check_torch_dist_output(folder: Path, spec, target, padded: int, *, label: Path) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .layouts import torch_dist
+
+    try:
+        metadata = torch_dist.read_dcp_metadata(folder)
+        torch_dist.TorchDistReader._check_data_files(folder, metadata)
+    except BadInput as error:
+        raise InternalError(f"{label}: written checkpoint does not read back ({error})") from None
+    items, _ = torch_dist.plan_items(spec, target.tp, padded, target.dtype)
+    planned = {item.index.fqn: (target.dtype, tuple(item.tensor_data.size)) for item in items}
+    stored = metadata.state_dict_metadata
+    found = {key: (entry.properties.dtype, tuple(entry.size)) for key, entry in stored.items()
+             if isinstance(entry, TensorStorageMetadata)}
+    _compare_with_plan(label / torch_dist.DCP_METADATA, found, planned)
+    if torch_dist.COMMON_STATE_KEY not in stored or not (folder / torch_dist.CONFIG_FILE).is_file():
+        raise InternalError(f"{label}: common state or {torch_dist.CONFIG_FILE} was not written")

@@ -7,7 +7,7 @@ path, the checkpoint is checked alone: files, index coverage, headers, shapes.
 """
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 from .errors import BadInput
 from .layouts import open_checkpoint
 from .layouts import hf as hf_layout
+from .layouts.megatron_legacy import TRACKER
 
 
 @dataclass
@@ -124,6 +125,7 @@ def check_alone(path, **options) -> VerifyResult:
     try:
         if folder.is_dir() and (folder / hf_layout.SAFETENSORS_INDEX).is_file():
             result.problems += _index_problems(folder)
+        result.problems += _tracker_problems(folder)
         with open_checkpoint(path, **options) as reader:
             result.notes += reader.validate()
             for canonical in reader.canonical():
@@ -136,15 +138,29 @@ def check_alone(path, **options) -> VerifyResult:
     return result
 
 
+def _tracker_problems(folder: Path) -> list[str]:
+    """A Megatron checkpoint root needs its tracker: without it Megatron starts from scratch
+    (and ckptkit writes it last, so its absence marks an unfinished copy)."""
+    if not folder.is_dir() or (folder / TRACKER).is_file():
+        return []
+    if any(child.name.startswith("mp_rank_") or child.name == ".metadata" for child in folder.iterdir()):
+        return []  # an iteration folder itself
+    iterations = [child for child in folder.iterdir()
+                  if child.is_dir() and (re.fullmatch(r"iter_\d+", child.name) or child.name == "release")]
+    if iterations:
+        return [f"{folder / TRACKER}: missing (Megatron-LM would not load {iterations[0].name} from {folder})"]
+    return []
+
+
 def _index_problems(folder: Path) -> list[str]:
     """Index entries must point at files that hold them, and files must hold nothing unlisted."""
     from safetensors import safe_open
 
     index_path = folder / hf_layout.SAFETENSORS_INDEX
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        return [f"{index_path}: not a valid shard index ({error})"]
+        weight_map = hf_layout._read_index(index_path)
+    except BadInput as error:
+        return [str(error)]
     problems = []
     listed: dict[str, set] = {}
     for tensor_name, file_name in weight_map.items():

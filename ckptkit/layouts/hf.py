@@ -72,17 +72,46 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+# Sizes transformers configs give as positive integers (the names of every supported family);
+# null or absent means the family's default (GPT-2's n_inner: 4 x hidden).
+_SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_size", "num_hidden_layers",
+                "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "max_position_embeddings", "head_dim")
+
+
+def spec_from_config(family: HfFamily, config: dict, path: Path) -> ModelSpec:
+    """The family's spec of ``config``, refusing missing fields and sizes that are not positive integers."""
+    for name in _SIZE_FIELDS:
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BadInput(f"{path}: {name} is {value!r}; expected a positive integer")
+    try:
+        return family.config_to_spec(config)
+    except KeyError as error:
+        raise BadInput(f"{path}: missing field {error.args[0]!r}") from None
+    except BadInput as error:
+        raise BadInput(f"{path}: {error}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as error:
+        raise BadInput(f"{path}: invalid value ({str(error).splitlines()[0]})") from None
+
+
 def _read_index(path: Path) -> dict:
     try:
         index = json.loads(path.read_text())
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-        return weight_map
     except json.JSONDecodeError as error:
         raise BadInput(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
     except (KeyError, TypeError) as error:
         raise BadInput(f"{path}: not a shard index ({error})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInput(f"{path}: cannot read ({error})") from None
+    for tensor_name, file_name in weight_map.items():
+        # Shards live beside the index: a path would point the reader at other files.
+        if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in (".", ".."):
+            raise BadInput(f"{path}: tensor {tensor_name} maps to {file_name!r}, not a file name in this folder")
+    return weight_map
 
 
 def expand(mapping: HfMapping, layer: int | None) -> tuple[str, list[str]]:
@@ -146,10 +175,7 @@ class HfReader(CheckpointReader):
         self.trust_remote_pickle = trust_remote_pickle
         config = read_config(self.folder)
         self.family = family_for_config(config, str(self.folder / "config.json"))
-        try:
-            self.spec = self.family.config_to_spec(config)
-        except KeyError as error:
-            raise BadInput(f"{self.folder / 'config.json'}: missing field {error.args[0]!r}") from None
+        self.spec = spec_from_config(self.family, config, self.folder / "config.json")
         self.table = hf_table(self.family, self.spec)
         self._open: dict = {}
         self._data: dict[str, _SafetensorsData] = {}
