@@ -21,8 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ckptkit.families import FAMILIES  # noqa: E402
-from ckptkit.layouts import hf as hf_layout  # noqa: E402
 from ckptkit.layouts import megatron_legacy  # noqa: E402
 from ckptkit.layouts.base import CheckpointMeta, CheckpointReader  # noqa: E402
 from ckptkit.layouts.megatron_names import NAMINGS  # noqa: E402
