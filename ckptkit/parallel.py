@@ -20,14 +20,15 @@ the same source tensors, in the same run where it can.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .atomic import PARTIAL_MARK, _replace, atomic_directory, check_destination
+from .atomic import (PARTIAL_MARK, _owner, _remove, _replace, _sync_tree, atomic_directory, check_destination,
+                     remove_stale_siblings)
 from .errors import BadInput, CkptError
 
 
@@ -98,9 +99,6 @@ class _LocalGroup:
     def all_succeeded(self, ok: bool) -> bool:
         return ok
 
-    def barrier(self) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
@@ -128,9 +126,6 @@ class _TorchGroup:
         failures = torch.tensor([0 if ok else 1])
         self.dist.all_reduce(failures)
         return int(failures.item()) == 0
-
-    def barrier(self) -> None:
-        self.dist.barrier()
 
     def close(self) -> None:
         if self.owned:
@@ -163,11 +158,18 @@ class SharedOutput:
         made = None
         if self.leader:
             try:
+                if self.destination.parent.is_dir():
+                    with contextlib.suppress(OSError):  # folders of killed runs on this host
+                        remove_stale_siblings(self.destination)
                 check_destination(self.destination, self.overwrite)
-                made = tempfile.mkdtemp(prefix=f".{self.destination.name}{PARTIAL_MARK}",
+                # named like atomic_directory's, so a killed job's folder is cleaned up the same way
+                made = tempfile.mkdtemp(prefix=f".{self.destination.name}{PARTIAL_MARK}{_owner()}-",
                                         dir=self.destination.parent)
             except CkptError as error:
                 made = error
+            except OSError as error:
+                made = BadInput(f"{self.destination.parent}: cannot create the output there "
+                                f"({error.strerror or error})")
         made = self.group.broadcast(made)
         if isinstance(made, BaseException):
             self.group.close()
@@ -188,14 +190,25 @@ class SharedOutput:
             if not self._reported:
                 self.group.all_succeeded(False)
             succeeded = self.group.all_succeeded(exc_type is None)
+            publish_error = None
             if self.leader:
-                if succeeded:
+                try:
+                    if not succeeded:
+                        raise BadInput(f"{self.destination}: another rank failed; nothing was written")
                     os.chmod(self.path, 0o755)
+                    _sync_tree(self.path)
                     _replace(self.path, self.destination)
-                else:
-                    shutil.rmtree(self.path, ignore_errors=True)
-            self.group.barrier()
-            if not succeeded and exc_type is None:
+                except BaseException as error:  # reported to every rank below, raised here
+                    publish_error = error
+                    _remove(self.path)
+            # in place of a barrier: every rank learns whether the output was published
+            published = self.group.all_succeeded(publish_error is None)
+            if publish_error is not None and exc_type is None:
+                if isinstance(publish_error, OSError):
+                    raise BadInput(f"{self.destination}: {publish_error.strerror or publish_error} "
+                                   "while publishing the output") from None
+                raise publish_error
+            if not published and exc_type is None:
                 raise BadInput(f"{self.destination}: another rank failed; nothing was written")
         finally:
             self.group.close()

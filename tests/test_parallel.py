@@ -108,3 +108,31 @@ def test_two_torchrun_ranks_write_what_one_process_writes(megatron_tp2pp2, tmp_p
         assert process.returncode == 0, error
     assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "ranks")
     assert not [path for path in tmp_path.iterdir() if "partial" in path.name]
+
+
+_RANK_SCRIPT = """
+import sys
+from pathlib import Path
+from ckptkit.parallel import SharedOutput
+
+rank = int(sys.argv[2])
+with SharedOutput(sys.argv[1]) as shared:
+    (shared.path / f"part{rank}").write_text("written")
+    if rank == 1:
+        raise SystemExit("rank 1 cannot write its part")
+    shared.parts_done()
+"""
+
+
+@pytest.mark.slow
+def test_when_one_torchrun_rank_fails_no_rank_publishes_anything(tmp_path):
+    port = _free_port()
+    ranks = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        ranks.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(tmp_path / "out"), str(rank)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=120) for process in ranks]
+    assert [process.returncode for process in ranks] == [1, 1], outputs
+    assert "another rank failed" in outputs[0][1]
+    assert list(tmp_path.iterdir()) == []  # no destination, no partial folder
