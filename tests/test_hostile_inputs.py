@@ -571,8 +571,7 @@ def destination_parent_refusing_new_folders(ws):
 CASES = [
     truncated_rank_file, zero_length_rank_file, first_rank_file_runs_a_command, later_rank_file_runs_a_command,
     plain_pickle_rank_file_runs_a_command, missing_rank_folder, missing_rank_file, tracker_with_garbage_text,
-    pytest.param(tracker_with_binary_garbage, marks=pytest.mark.xfail(
-        strict=True, reason="torch_dist.detect reads the tracker as UTF-8 and lets UnicodeDecodeError out")),
+    tracker_with_binary_garbage,
     empty_tracker, tracker_naming_a_missing_iteration,
     shapes_mismatched_across_tp_ranks, dtype_mismatched_across_tp_ranks, diverged_replicated_tensor_with_strict,
     tied_head_differing_from_embeddings_with_strict, tensor_missing_on_one_tp_rank, unknown_tensor_in_a_rank_file,

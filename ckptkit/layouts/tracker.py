@@ -21,7 +21,10 @@ def follow_tracker(root: Path) -> tuple[Path, int | None, bool] | None:
     tracker = Path(root) / TRACKER
     if not tracker.is_file():
         return None
-    text = tracker.read_text().strip()
+    try:
+        text = tracker.read_text().strip()
+    except (UnicodeDecodeError, OSError) as error:
+        raise BadInput(f"{tracker}: unreadable ({type(error).__name__}); expected an iteration number or 'release'") from None
     if text == "release":
         folder, iteration, release = Path(root) / "release", None, True
     elif text.isdigit():
