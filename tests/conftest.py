@@ -60,6 +60,17 @@ def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
+def converted_logits_error(source, fixture_name: str, workdir: Path) -> torch.Tensor:
+    """|logits of source converted to HF - logits Megatron computed|, over the real vocabulary."""
+    from ckptkit.convert import megatron_to_hf
+
+    megatron_to_hf(source, workdir / "hf")
+    reference = reference_logits(fixture_name)
+    vocab = reference["vocab"]
+    ours = hf_logits(workdir / "hf", reference["tokens"])[..., :vocab]
+    return (ours - reference["logits"][..., :vocab].float()).abs()
+
+
 def hf_state(folder: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from ckptkit.convert import megatron_to_hf, reshard
+from ckptkit.convert import reshard
 from ckptkit.layouts import open_checkpoint
 from ckptkit.safe_load import pickled_globals, safe_torch_load
 from ckptkit.verification import verify
 
-from conftest import fixture_path, hf_logits, reference_logits
+from conftest import converted_logits_error, fixture_path
 
 FLOAT32_LOGITS_ATOL = 1e-5  # a hand merge reaches 1.4e-6; the tanh GeLU would be 6e-4 off
 
@@ -18,22 +18,14 @@ CASES = [
 ]
 
 
-def _logits_error(source, name, tmp_path):
-    megatron_to_hf(source, tmp_path / "hf")
-    reference = reference_logits(name)
-    vocab = reference["vocab"]
-    ours = hf_logits(tmp_path / "hf", reference["tokens"])[..., :vocab]
-    return (ours - reference["logits"][..., :vocab].float()).abs()
-
-
 @pytest.mark.parametrize("name,parts", CASES, ids=[case[0] for case in CASES])
 def test_real_megatron_gpt2_reproduces_megatron_logits(name, parts, tmp_path):
-    error = _logits_error(fixture_path(*parts), name, tmp_path)
+    error = converted_logits_error(fixture_path(*parts), name, tmp_path)
     assert error.max().item() < FLOAT32_LOGITS_ATOL
 
 
 def test_real_megatron_llama_bf16_reproduces_megatron_logits_at_bf16_rounding(tmp_path):
-    error = _logits_error(fixture_path("llama_tp2pp2", "conv", "torch"), "llama_tp2pp2", tmp_path)
+    error = converted_logits_error(fixture_path("llama_tp2pp2", "conv", "torch"), "llama_tp2pp2", tmp_path)
     # Megatron computed in bf16; rounding alone gives ~0.02-0.03 max, ~0.004 mean. A wrong
     # layout lands near the logits' own size (~1).
     assert error.max().item() < 0.06

@@ -24,7 +24,7 @@ from ckptkit.layouts import torch_dist
 from ckptkit.layouts.megatron_legacy import TargetLayout
 from ckptkit.safe_load import MegatronStandIn, pickled_globals, safe_torch_load
 
-from conftest import FIXTURES, assert_same_state, fixture_path, hf_logits, hf_state, make_hf_model, reference_logits
+from conftest import converted_logits_error, FIXTURES, assert_same_state, fixture_path, hf_state, make_hf_model
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 PER_RANK = {  # the same weights, converted by Megatron's own --ckpt-convert-format torch
@@ -62,14 +62,6 @@ def _per_rank(name: str) -> Path:
     if not PER_RANK[name].is_dir():
         pytest.skip(f"{PER_RANK[name]} not present")
     return PER_RANK[name]
-
-
-def _logits_error(source, name, tmp_path):
-    megatron_to_hf(source, tmp_path / "hf")
-    reference = reference_logits(name)
-    vocab = reference["vocab"]
-    ours = hf_logits(tmp_path / "hf", reference["tokens"])[..., :vocab]
-    return (ours - reference["logits"][..., :vocab].float()).abs()
 
 
 def _tensor_layout(folder: Path) -> dict:
@@ -114,12 +106,12 @@ def _rewrite_with(source_iter_dir: Path, target_iter_dir: Path, extra: dict) -> 
 # ---------------------------------------------------------------------------- real Megatron files
 
 def test_real_torch_dist_gpt2_reproduces_megatron_logits(real_dist, tmp_path):
-    error = _logits_error(real_dist("gpt2_tp2pp2"), "gpt2_tp2pp2", tmp_path)
+    error = converted_logits_error(real_dist("gpt2_tp2pp2"), "gpt2_tp2pp2", tmp_path)
     assert error.max().item() < 1e-5  # reaches 1.5e-6; tanh GeLU or a wrong layout is >= 6e-4 off
 
 
 def test_real_torch_dist_llama_bf16_reproduces_megatron_logits_at_bf16_rounding(real_dist, tmp_path):
-    error = _logits_error(real_dist("llama_tp2pp2"), "llama_tp2pp2", tmp_path)
+    error = converted_logits_error(real_dist("llama_tp2pp2"), "llama_tp2pp2", tmp_path)
     # Megatron computed in bf16: reaches 0.025 max, 0.0042 mean; a wrong layout is ~1 off.
     assert error.max().item() < 0.06
     assert error.mean().item() < 0.008
