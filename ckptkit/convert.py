@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, parallel
+from . import parallel
 from .atomic import check_destination
 from .errors import BadInput, InternalError
 from .families import FAMILIES
@@ -49,14 +50,13 @@ class ConvertResult:
         return dict(self.__dict__)
 
 
-def _megatron_writers():
-    writers = {"torch": megatron_legacy.write}
-    try:
-        from .layouts import torch_dist
-        writers["torch_dist"] = torch_dist.write
-    except ImportError:
-        pass
-    return writers
+def _write_torch_dist(*args, **kwargs) -> list[str]:
+    from .layouts import torch_dist  # imports torch.distributed.checkpoint (0.6-0.9 s): only when used
+
+    return torch_dist.write(*args, **kwargs)
+
+
+MEGATRON_WRITERS = {"torch": megatron_legacy.write, "torch_dist": _write_torch_dist}
 
 
 def parameter_count(reader: CheckpointReader) -> int:
@@ -118,6 +118,24 @@ class _collect_warnings:
                     self.notes.append(message)
 
 
+def _import_transformers_meanwhile() -> threading.Thread:
+    """Import ``transformers`` on a thread while the shards are written.
+
+    Only the config at the end needs it, and its import is about a second of Python on
+    the benchmark machine (a fifth of copying a 1.3B checkpoint), while the conversion's
+    own threads spend their time in torch and in system calls without the GIL.
+    """
+    def load() -> None:
+        try:
+            import transformers  # noqa: F401
+        except Exception:  # noqa: BLE001 - the import in write_hf_folder reports it
+            pass
+
+    thread = threading.Thread(target=load, name="import transformers", daemon=True)
+    thread.start()
+    return thread
+
+
 def write_hf_folder(reader: CheckpointReader, out: Path, *, dtype, max_shard_size, tokenizer=None,
                     progress: Progress | None = None, shards_written: list[str] | None = None) -> list[str]:
     """Config, generation config, shards (+ index) and tokenizer files into ``out``.
@@ -125,7 +143,7 @@ def write_hf_folder(reader: CheckpointReader, out: Path, *, dtype, max_shard_siz
     With ``shards_written`` the shards are already there (written by worker processes):
     only the index, config and tokenizer files are added.
     """
-    from transformers import AutoConfig, GenerationConfig  # here: 0.6 s of import other commands skip
+    from transformers import AutoConfig, GenerationConfig  # here: a second of import other commands skip
     family = FAMILIES[reader.spec.family]
     config_fields = family.spec_to_config(reader.spec, dtype)
     config_fields.pop("architectures", None)
@@ -193,9 +211,11 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
             share = _WriteShare(str(source), _reader_options(strict, trust_remote_pickle, vocab_size), str(out),
                                 target_dtype, max_shard_size)
             family = FAMILIES[reader.spec.family]
+            importing = _import_transformers_meanwhile() if shared.leader else None
             files = _write_shares(reader, shared, share, workers, progress,
                                   hf_layout.output_files(family, reader.spec, target_dtype, max_shard_size))
             if shared.leader:
+                importing.join()
                 files = write_hf_folder(reader, out, dtype=target_dtype, max_shard_size=max_shard_size,
                                         tokenizer=tokenizer, shards_written=files)
                 check_hf_output(out, plan, label=Path(destination))
@@ -327,9 +347,9 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
         check_parallel_sizes(reader.spec, tp, pp, vpp)
         source_format = "torch_dist" if meta.layout == "torch_dist" else "torch"
         target_format = format or (source_format if keep_training_state else "torch")
-        writers = _megatron_writers()
+        writers = MEGATRON_WRITERS
         if target_format not in writers:
-            raise BadInput(f"unknown or unavailable format {target_format!r} (available: {', '.join(writers)})")
+            raise BadInput(f"unknown format {target_format!r} (available: {', '.join(writers)})")
         target = megatron_legacy.TargetLayout(
             tp=tp, pp=pp, vpp=vpp,
             naming=naming or (meta.naming if keep_training_state and meta.naming in

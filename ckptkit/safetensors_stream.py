@@ -19,7 +19,7 @@ import struct
 
 import torch
 
-from .streaming_io import OrderedWriteThread, byte_view
+from .streaming_io import DirectWriteFile, OrderedWriteThread, byte_view
 
 # safetensors' Dtype enum order; files store tensors by descending dtype, then by name.
 _DTYPE_CODES = [
@@ -55,12 +55,10 @@ class StreamingSafetensorsWriter:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)))
-        self._file.write(encoded)
-        self._file.flush()
-        self._writes = OrderedWriteThread(path)
+        self._writes = OrderedWriteThread(DirectWriteFile(path))
+        self._writes.out.write(struct.pack("<Q", len(encoded)) + encoded)
         self._next = 0
+        self._closed = False
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self.order[self._next]
@@ -72,19 +70,18 @@ class StreamingSafetensorsWriter:
                              f"planned {dtype} {shape}")
         data = tensor.detach().cpu().contiguous()
         # On the write thread: the caller reads and reshapes the next tensor meanwhile.
-        self._writes.submit(lambda: self._file.write(byte_view(data)), data.numel() * data.element_size())
+        self._writes.submit(lambda: self._writes.out.write(byte_view(data)), data.numel() * data.element_size())
         self._next += 1
 
     def close(self) -> None:
-        if not self._file.closed:
+        if not self._closed:
+            self._closed = True
             complete = self._next == len(self.order)
             try:
                 self._writes.drain()
-                self._file.flush()
-                self._writes.close(durable=complete)
             finally:
-                self._file.close()
-            if not complete and self._next is not None:
+                self._writes.close(durable=complete)
+            if not complete:
                 raise ValueError(f"{self.path}: closed after {self._next} of {len(self.order)} tensors")
 
     def __enter__(self):
@@ -93,8 +90,6 @@ class StreamingSafetensorsWriter:
     def __exit__(self, exc_type, *rest):
         if exc_type is None:
             self.close()
-        else:
-            try:
-                self._writes.close(durable=False)
-            finally:
-                self._file.close()
+        elif not self._closed:
+            self._closed = True
+            self._writes.close(durable=False)

@@ -5,30 +5,34 @@ Reading: :func:`read_into` fills a fresh tensor from a byte range of a file with
 touching the pages of a memory-mapped source instead would leave the whole source
 resident in (and counted against) the process until it is unmapped.
 
-Writing: :class:`OrderedWriteThread` runs a file's writes in order on one thread, so
-the next tensor is read and reshaped while the previous one goes to the file (every
-write call used here releases the GIL). After each write it asks the kernel to start
-writing those pages back (``posix_fadvise(DONTNEED)`` starts writeback of dirty pages
-and drops clean ones), so the disk works while the conversion computes instead of
-receiving everything at the final flush; :meth:`OrderedWriteThread.close` waits for
-the data to be on disk (``fdatasync``) before the output is renamed into place.
+Writing: :class:`DirectWriteFile` sends a file's bytes to the disk without going
+through the page cache (``O_DIRECT``, gathered into aligned blocks), and
+:class:`OrderedWriteThread` runs a file's writes in order on one thread, so the next
+tensor is read and reshaped while the previous one goes to the file (the copies and
+write calls used here release the GIL). Closing waits for the data to be on disk
+(``fdatasync``) before the output is renamed into place.
 
 >>> buffer = torch.empty((4, 8), dtype=torch.float16)
 >>> read_into(fd, buffer, offset=4096)
 """
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import queue
 import threading
 from typing import Callable
 
+import numpy
 import torch
 
 # Pending bytes a writer thread may hold before the producer waits: two large
 # tensors in flight, enough to keep the disk busy, small next to the RSS budget.
 MAX_PENDING_BYTES = 256 << 20
 _CHUNK = 1 << 30  # Linux moves at most ~2 GiB per read call
+# Staging for unbuffered writes: large enough that each write is one big request.
+STAGING_BYTES = 32 << 20
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -87,24 +91,131 @@ def _advise_writeback(fd: int, start: int, end: int) -> None:
         os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
 
+def _open_direct(path) -> int | None:
+    """``path`` created for writing with ``O_DIRECT``, or None where the file system refuses it."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError as error:
+        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # tmpfs and some network file systems
+            return None
+        raise
+
+
+class DirectWriteFile:
+    """A write-only file object that sends its bytes to the disk without the page cache.
+
+    Buffered writes cost the kernel a copy into the page cache, dirty-page accounting and
+    throttling, and writeback later; on the benchmark machine's virtual disk a 2.9 GB
+    torch zip went to disk at 0.35 GB/s that way and at 1.4 GB/s with ``O_DIRECT`` (CRC-32s
+    included). ``O_DIRECT`` needs the memory, the file offset and the length of each write
+    aligned to the device's block, so bytes are gathered in a page-aligned staging buffer
+    and written out in whole blocks; the last block is zero-padded, and the file is cut
+    back to its true length on :meth:`close`. Where the file system refuses ``O_DIRECT``
+    (tmpfs) the file is written normally, with a writeback hint after each write.
+
+    ``write`` accepts any contiguous bytes-like object (a ``memoryview`` from torch's zip
+    writer, ``bytes``); copies of large writes release the GIL.
+
+    >>> out = DirectWriteFile(path)
+    >>> out.write(header_bytes); out.write(byte_view(tensor))
+    >>> out.close()          # fdatasync, then the file is complete on disk
+    """
+
+    BLOCK = 4096  # a multiple of every logical block size Linux supports
+
+    def __init__(self, path, *, staging_bytes: int = STAGING_BYTES):
+        self.path = path
+        self.size = 0
+        self._fd = _open_direct(path)
+        self.direct = self._fd is not None
+        if not self.direct:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._advised = 0
+            return
+        self._staging = mmap.mmap(-1, staging_bytes)  # anonymous: page-aligned
+        self._staged = numpy.frombuffer(self._staging, dtype=numpy.uint8)
+        self._fill = 0
+        self._flushed = 0  # bytes of the file already written from the staging buffer
+
+    def write(self, data) -> int:
+        if memoryview(data).nbytes == 0:
+            return 0
+        incoming = numpy.frombuffer(data, dtype=numpy.uint8)
+        count = len(incoming)
+        self.size += count
+        if not self.direct:
+            self._write_all(memoryview(incoming))
+            _advise_writeback(self._fd, self._advised, self.size)
+            self._advised = self.size
+            return count
+        done, capacity = 0, len(self._staged)
+        while done < count:
+            take = min(count - done, capacity - self._fill)
+            self._staged[self._fill: self._fill + take] = incoming[done: done + take]
+            self._fill += take
+            done += take
+            if self._fill == capacity:
+                self._write_staged(capacity)
+        return count
+
+    def _write_all(self, view: memoryview) -> None:
+        while len(view):
+            written = os.write(self._fd, view[:_CHUNK])
+            view = view[written:]
+
+    def _write_staged(self, length: int) -> None:
+        view = memoryview(self._staging)[:length]
+        while len(view):
+            written = os.pwrite(self._fd, view, self._flushed)
+            self._flushed += written
+            view = view[written:]
+        self._fill = 0
+
+    def flush(self) -> None:
+        """Nothing to do: whole blocks are written as they fill, the rest on :meth:`close`."""
+
+    def close(self, *, durable: bool = True) -> None:
+        """Write what is staged, fix the length, and with ``durable`` wait for the disk."""
+        if self._fd is None:
+            return
+        try:
+            if self.direct:
+                tail = self._fill
+                if tail:
+                    padded = -(-tail // self.BLOCK) * self.BLOCK
+                    self._staged[tail:padded] = 0
+                    self._write_staged(padded)
+                os.ftruncate(self._fd, self.size)
+            if durable:
+                os.fdatasync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+            if self.direct:
+                del self._staged
+                self._staging.close()
+
+
 class OrderedWriteThread:
     """Run ``submit``ted write jobs for one file in order on a background thread.
 
-    ``path`` is the file being written (opened here read-only, for the writeback hints
-    and the final ``fdatasync``). A job is a callable that writes; its ``nbytes`` count
-    against :data:`MAX_PENDING_BYTES` until it has run. The first error of a job is
-    raised by the next ``submit``, ``drain`` or ``close``.
+    ``out`` is the :class:`DirectWriteFile` the jobs write to; it is closed by
+    :meth:`close`. A job is a callable that writes; its ``nbytes`` count against
+    :data:`MAX_PENDING_BYTES` until it has run. The first error of a job is raised by
+    the next ``submit``, ``drain`` or ``close``.
     """
 
-    def __init__(self, path, *, max_pending_bytes: int = MAX_PENDING_BYTES):
-        self._fd = os.open(path, os.O_RDONLY)
+    def __init__(self, out: DirectWriteFile, *, max_pending_bytes: int = MAX_PENDING_BYTES):
+        self.out = out
         self._jobs: queue.Queue = queue.Queue()
         self._budget = threading.Condition()
         self._pending = 0
         self._max_pending = max_pending_bytes
         self._error: BaseException | None = None
-        self._advised = 0
-        self._thread = threading.Thread(target=self._run, name=f"write {os.path.basename(str(path))}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"write {os.path.basename(str(out.path))}",
+                                        daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -119,9 +230,6 @@ class OrderedWriteThread:
             try:
                 if self._error is None:
                     job()
-                    size = os.fstat(self._fd).st_size
-                    _advise_writeback(self._fd, self._advised, size)
-                    self._advised = size
             except BaseException as error:  # handed to the producer thread
                 self._error = error
             finally:
@@ -151,13 +259,11 @@ class OrderedWriteThread:
         self._raise_error()
 
     def close(self, *, durable: bool = True) -> None:
-        """Finish the queued jobs, stop the thread; with ``durable`` wait for the disk."""
+        """Finish the queued jobs, stop the thread, close the file; with ``durable`` wait for the disk."""
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
         try:
-            if durable and self._error is None:
-                os.fdatasync(self._fd)
+            self.out.close(durable=durable and self._error is None)
         finally:
-            os.close(self._fd)
-        self._raise_error()
+            self._raise_error()

@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.serialization as serialization
 
-from .streaming_io import OrderedWriteThread
+from .streaming_io import DirectWriteFile, OrderedWriteThread
 
 _STORAGE_TYPE_NAMES = {
     torch.float32: "FloatStorage", torch.float64: "DoubleStorage", torch.float16: "HalfStorage",
@@ -63,9 +63,11 @@ class StreamingTorchWriter:
     """Append tensors to a torch zip file, then pickle the object that refers to them."""
 
     def __init__(self, path):
-        self._opener = serialization._open_zipfile_writer(str(path))
+        # torch's zip writer accepts a file object: it then hands every byte it writes,
+        # CRC-32s computed, to our unbuffered file.
+        self._writes = OrderedWriteThread(DirectWriteFile(path))
+        self._opener = serialization._open_zipfile_writer(self._writes.out)
         self._zip = self._opener.__enter__()
-        self._writes = OrderedWriteThread(path)
         self._next_key = 0
         self._closed = False
 

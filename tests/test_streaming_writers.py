@@ -38,3 +38,58 @@ def test_streamed_torch_file_loads_with_mmap_and_weights_only(tmp_path):
     assert torch.equal(state["model"]["w"], weight) and torch.equal(state["model"]["v"], view)
     assert state["args"].tensor_model_parallel_size == 2 and state["iteration"] == 7
     assert state["model"]["_extra_state"] is None
+
+
+# ---------------------------------------------------------------------------- unbuffered file writes
+
+def _write_in_pieces(path, pieces, *, staging_bytes, durable=True):
+    from ckptkit.streaming_io import DirectWriteFile
+
+    out = DirectWriteFile(path, staging_bytes=staging_bytes)
+    for piece in pieces:
+        out.write(piece)
+    out.close(durable=durable)
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[1], [4096], [8192, 8192], [7, 5000, 0, 12289, 3], [20000], [100, 8092, 1]])
+def test_unbuffered_file_holds_exactly_the_bytes_written_across_staging_boundaries(tmp_path, sizes):
+    generator = torch.Generator().manual_seed(sum(sizes))
+    pieces = [torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator).numpy().tobytes()
+              for size in sizes]
+    out = _write_in_pieces(tmp_path / "f.bin", pieces, staging_bytes=8192)
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
+    assert out.size == sum(sizes)
+
+
+def test_unbuffered_file_bypasses_the_page_cache_where_the_file_system_allows(tmp_path):
+    import errno
+    import os
+
+    try:  # what the file system under tmp_path says of O_DIRECT, asked directly
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        expected = True
+    except OSError as error:
+        assert error.errno in (errno.EINVAL, errno.EOPNOTSUPP)
+        expected = False
+    assert _write_in_pieces(tmp_path / "f.bin", [b"x" * 10], staging_bytes=8192).direct is expected
+
+
+def test_unbuffered_file_falls_back_to_ordinary_writes_where_o_direct_is_refused(tmp_path, monkeypatch):
+    from ckptkit import streaming_io
+
+    # What _open_direct returns when open() fails with EINVAL (older tmpfs, some network file systems).
+    monkeypatch.setattr(streaming_io, "_open_direct", lambda path: None)
+    pieces = [b"a" * 5000, b"b" * 3, bytes(range(256)) * 40]
+    out = _write_in_pieces(tmp_path / "f.bin", pieces, staging_bytes=8192, durable=False)
+    assert not out.direct
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
+
+
+def test_streamed_torch_file_passes_zip_crc_checks(tmp_path):
+    import zipfile
+
+    with StreamingTorchWriter(tmp_path / "model.pt") as writer:
+        writer.finish({"w": torch.randn(3000, 7), "b": torch.arange(10), "nested": {"h": torch.ones(2).half()}})
+    with zipfile.ZipFile(tmp_path / "model.pt") as archive:
+        assert archive.testzip() is None

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import Unsupported
 from ..spec import ModelSpec
-from .base import HfFamily, HfMapping, qkv_fuse, qkv_parts, same, same_back, transposed, transposed_back, vocab_rows
+from .base import HfFamily, HfMapping, same, same_back, transposed, transposed_back, vocab_rows
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
@@ -53,23 +53,36 @@ def spec_to_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
 
 
 def _c_attn(fused, spec):
-    """Canonical per-group rows -> Conv1D ``[hidden, q|k|v]`` (transposed)."""
-    return [torch.cat(qkv_parts(fused, spec), dim=0).t().contiguous()]
+    """Canonical per-head rows -> Conv1D ``[hidden, q|k|v]`` (transposed).
+
+    2 heads of dim 1, hidden 2: rows ``[q0 k0 v0 q1 k1 v1]`` (each a row of 2 inputs)
+    -> a ``[2, 6]`` tensor whose column ``j`` is row ``[q0 q1 k0 k1 v0 v1][j]``.
+    GPT-2 has no grouped-query attention: a group is a head with one q, k and v.
+    Rows are regrouped first (copies of whole heads), then transposed: measured 3x
+    faster than one 4-D strided copy, which reads the source with a large stride.
+    """
+    heads, head_dim, hidden = spec.num_attention_heads, spec.head_dim, fused.shape[1]
+    by_part = fused.view(heads, 3, head_dim * hidden).transpose(0, 1).reshape(3 * heads * head_dim, hidden)
+    return [by_part.t().contiguous()]
 
 
 def _c_attn_back(tensors, spec):
-    columns = tensors[0].t()
-    width = spec.num_attention_heads * spec.head_dim
-    return qkv_fuse(torch.split(columns, [width, width, width], dim=0), spec)
+    """Inverse of :func:`_c_attn`: transposed first, then whole heads regrouped."""
+    heads, head_dim = spec.num_attention_heads, spec.head_dim
+    rows = tensors[0].t().contiguous()
+    hidden = rows.shape[1]
+    return rows.view(3, heads, head_dim * hidden).transpose(0, 1).reshape(3 * heads * head_dim, hidden)
 
 
 def _qkv_bias(fused, spec):
-    return [torch.cat(qkv_parts(fused, spec), dim=0)]
+    """``[q0 k0 v0 q1 k1 v1]`` -> ``[q0 q1 k0 k1 v0 v1]`` (heads of ``head_dim`` entries)."""
+    heads, head_dim = spec.num_attention_heads, spec.head_dim
+    return [fused.view(heads, 3, head_dim).permute(1, 0, 2).reshape(3 * heads * head_dim)]
 
 
 def _qkv_bias_back(tensors, spec):
-    width = spec.num_attention_heads * spec.head_dim
-    return qkv_fuse(torch.split(tensors[0], [width, width, width], dim=0), spec)
+    heads, head_dim = spec.num_attention_heads, spec.head_dim
+    return tensors[0].view(3, heads, head_dim).permute(1, 0, 2).reshape(3 * heads * head_dim).contiguous()
 
 
 def mappings(spec: ModelSpec) -> list[HfMapping]:

@@ -12,8 +12,14 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BadInput
-from . import hf, megatron_legacy, torch_dist
+from . import hf, megatron_legacy, torch_dist_folders
 from .base import CheckpointMeta, CheckpointReader
+
+
+def _open_torch_dist(path, **options) -> CheckpointReader:
+    from . import torch_dist  # imports torch.distributed.checkpoint: only for torch_dist sources
+
+    return torch_dist.open_reader(path, **options)
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,7 @@ class LayoutEntry:
 
 
 LAYOUTS: list[LayoutEntry] = [
-    LayoutEntry(torch_dist.NAME, torch_dist.detect, torch_dist.open_reader,
+    LayoutEntry(torch_dist_folders.NAME, torch_dist_folders.detect, _open_torch_dist,
                 "Megatron-Core distributed checkpoint (iter_*/metadata.json, .metadata, *.distcp)"),
     LayoutEntry(megatron_legacy.NAME, megatron_legacy.detect, megatron_legacy.open_reader,
                 "Megatron-LM per-rank files (iter_*/mp_rank_*/model_optim_rng.pt), or a .zip of them"),

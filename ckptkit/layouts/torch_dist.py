@@ -72,12 +72,10 @@ from ..megatron_args import megatron_args, spec_from_args
 from ..spec import CanonicalTensor, canonical_tensors, check_parallel_sizes, padded_vocab_size, rule_for
 from .base import CheckpointMeta, CheckpointReader
 from .megatron_legacy import TargetLayout
-from .tracker import TRACKER, follow_tracker, iteration_dir_name
+from .tracker import TRACKER, iteration_dir_name
+from .torch_dist_folders import CONFIG_FILE, DCP_METADATA, NAME, locate_checkpoint_dir
 from .megatron_names import NAMINGS
 
-NAME = "torch_dist"
-CONFIG_FILE = "metadata.json"
-DCP_METADATA = ".metadata"
 LEGACY_COMMON_FILE = "common.pt"
 COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", shape (1,), offset (0,))
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
@@ -136,54 +134,6 @@ def extra_state_key(linear: str, layer: int, num_layers: int) -> str:
 
 
 # ---------------------------------------------------------------------------- finding files
-
-def _is_dist_folder(folder: Path) -> bool:
-    """Holds torch.distributed.checkpoint metadata, or a Megatron ``metadata.json``."""
-    if not folder.is_dir():
-        return False
-    if (folder / DCP_METADATA).is_file():
-        return True
-    config = folder / CONFIG_FILE
-    try:
-        return config.is_file() and config.stat().st_size < 4096 and "sharded_backend" in config.read_text()
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def locate_checkpoint_dir(root: Path) -> tuple[Path, int | None, bool]:
-    """``(iteration folder, iteration, is_release)`` for a checkpoint root or iteration folder."""
-    root = Path(root)
-    if _is_dist_folder(root):
-        match = re.match(r"^iter_(\d+)$", root.name)
-        return root, (int(match.group(1)) if match else None), root.name == "release"
-    followed = follow_tracker(root)
-    if followed is not None:
-        folder, iteration, release = followed
-        if not _is_dist_folder(folder):
-            raise BadInput(f"{folder}: no {CONFIG_FILE} or {DCP_METADATA}: not a torch_dist checkpoint")
-        return folder, iteration, release
-    candidates = sorted(child for child in root.iterdir() if _is_dist_folder(child)) if root.is_dir() else []
-    if len(candidates) == 1:
-        return locate_checkpoint_dir(candidates[0])
-    raise BadInput(f"{root}: not a torch_dist checkpoint ({TRACKER} missing and no single iteration folder)")
-
-
-def detect(path: Path) -> bool:
-    """A torch_dist iteration folder, or a checkpoint root whose iteration folders are."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    if _is_dist_folder(path):
-        return True
-    if (path / TRACKER).is_file():
-        try:
-            locate_checkpoint_dir(path)
-            return True
-        except BadInput:
-            # A broken tracker beside torch_dist folders is still ours: the reader says what is wrong.
-            return any(_is_dist_folder(child) for child in path.iterdir())
-    return sum(_is_dist_folder(child) for child in path.iterdir()) == 1
-
 
 # ---------------------------------------------------------------------------- safe unpickling
 
