@@ -5,6 +5,8 @@ measures, each in its own process, with the source's pages already cached and a
 ``sync`` before the clock starts and inside the timed span:
 
 * the copy floor: ``cp -r SOURCE DEST && sync`` (the same bytes, the same disk);
+* the direct-copy floor: each file copied by ``dd bs=64M oflag=direct`` then ``sync``
+  (writes around the page cache, as ckptkit's are);
 * ``ckptkit megatron-to-hf``, ``hf-to-megatron --tp 2 --pp 2`` and ``reshard --tp 1 --pp 4``,
   each followed by ``sync`` (a conversion is done when its bytes are on disk);
 * with ``--anchor-python``: transformers 4.46's
@@ -52,6 +54,7 @@ class Measurement:
     floor_seconds: float
     returncode: int
     load_before: float = 0.0
+    direct_floor_seconds: float = 0.0
 
     @property
     def ratio_to_floor(self) -> float:
@@ -92,6 +95,22 @@ def copy_floor(source: Path, scratch: Path) -> float:
     shutil.rmtree(destination, ignore_errors=True)
     warm(source)
     seconds, _, _ = timed(["cp", "-r", str(source), str(destination)])
+    shutil.rmtree(destination)
+    return seconds
+
+
+def direct_copy_floor(source: Path, scratch: Path) -> float:
+    """The same copy with the page cache bypassed on the write side (``dd oflag=direct``, as
+    ckptkit writes): what the disk itself takes for these bytes."""
+    destination = scratch / "copy-direct"
+    shutil.rmtree(destination, ignore_errors=True)
+    warm(source)
+    files = [path for path in sorted(source.rglob("*")) if path.is_file()]
+    script = []
+    for path in files:
+        target = destination / path.relative_to(source)
+        script.append(f"mkdir -p '{target.parent}' && dd if='{path}' of='{target}' bs=64M oflag=direct status=none")
+    seconds, _, _ = timed(["sh", "-c", " && ".join(script)])
     shutil.rmtree(destination)
     return seconds
 
@@ -146,6 +165,8 @@ def bench_size(size: str, work: Path, *, workers: list[int], anchor_python: str 
     tokenizer = gpt2_tokenizer_folder(work / "gpt2-tokenizer")
     floors = {source: min(copy_floor(source, scratch) for _ in range(repeat))
               for source in (megatron_source, hf_source)}
+    direct_floors = {source: min(direct_copy_floor(source, scratch) for _ in range(repeat))
+                     for source in (megatron_source, hf_source)}
     cases = [("megatron-to-hf", megatron_source, ["megatron-to-hf", megatron_source]),
              ("hf-to-megatron", hf_source, ["hf-to-megatron", hf_source, None, "--tp", 2, "--pp", 2]),
              ("reshard", megatron_source, ["reshard", megatron_source, None, "--tp", 1, "--pp", 4])]
@@ -168,7 +189,7 @@ def bench_size(size: str, work: Path, *, workers: list[int], anchor_python: str 
                     shutil.rmtree(destination, ignore_errors=True)
                 if best is None or seconds < best.seconds:
                     best = Measurement(size, what, worker_count, seconds, peak, folder_bytes(source), written,
-                                       floors[source], code, load)
+                                       floors[source], code, load, direct_floors[source])
             results.append(best)
     if anchor_python:
         best = None
@@ -183,7 +204,8 @@ def bench_size(size: str, work: Path, *, workers: list[int], anchor_python: str 
             shutil.rmtree(destination, ignore_errors=True)
             if best is None or seconds < best.seconds:
                 best = Measurement(size, "transformers script (megatron->hf)", 1, seconds, peak,
-                                   folder_bytes(megatron_source), written, floors[megatron_source], code, load)
+                                   folder_bytes(megatron_source), written, floors[megatron_source], code, load,
+                                   direct_floors[megatron_source])
         results.append(best)
     print(f"  {size}: {parameter_count(spec) / 1e9:.2f}B parameters", file=sys.stderr)
     return results
@@ -205,8 +227,8 @@ def machine() -> str:
 
 def render(results: list[Measurement]) -> str:
     lines = ["| size | conversion | workers | GB read | GB written | seconds | GB/s (read) | x copy floor "
-             "| peak RSS GiB | RSS bound GiB | x script time | x script RSS | load before |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| x direct-copy floor | peak RSS GiB | RSS bound GiB | x script time | x script RSS | load before |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     anchors = {m.size: m for m in results if m.what.startswith("transformers")}
     for m in results:
         bound = 1 + 3 * largest_tensor_bytes(m.size) / GIB
@@ -217,12 +239,12 @@ def render(results: list[Measurement]) -> str:
         failed = " (FAILED)" if m.returncode else ""
         lines.append(f"| {m.size} | {m.what}{failed} | {m.workers} | {m.bytes_read / 1e9:.2f} | "
                      f"{m.bytes_written / 1e9:.2f} | {m.seconds:.1f} | {m.bytes_read / 1e9 / m.seconds:.2f} | "
-                     f"{m.ratio_to_floor:.2f} | {m.peak_rss_bytes / GIB:.2f} | {bound:.2f} | {versus[0]} | {versus[1]} | "
+                     f"{m.ratio_to_floor:.2f} | {m.seconds / m.direct_floor_seconds:.2f} | {m.peak_rss_bytes / GIB:.2f} | {bound:.2f} | {versus[0]} | {versus[1]} | "
                      f"{m.load_before:.1f} |")
-    floors = sorted({(m.size, m.floor_seconds, m.bytes_read) for m in results})
+    floors = sorted({(m.size, m.floor_seconds, m.direct_floor_seconds, m.bytes_read) for m in results})
     lines.append("")
-    lines.append("copy floors (cp -r + sync): " + "; ".join(
-        f"{size} {nbytes / 1e9:.2f} GB {seconds:.1f} s" for size, seconds, nbytes in floors))
+    lines.append("copy floors (cp -r + sync | dd oflag=direct + sync): " + "; ".join(
+        f"{size} {nbytes / 1e9:.2f} GB {seconds:.1f} s | {direct:.1f} s" for size, seconds, direct, nbytes in floors))
     return "\n".join(lines)
 
 

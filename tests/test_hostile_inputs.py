@@ -744,8 +744,7 @@ def test_write_failure_with_overwrite_keeps_the_existing_destination(workspace, 
     assert (workspace.out / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("target", ["hf", "torch", pytest.param("torch_dist", marks=pytest.mark.xfail(
-    strict=True, reason="torch_dist.write turns a KeyboardInterrupt inside dcp.save into InternalError"))])
+@pytest.mark.parametrize("target", ["hf", "torch", "torch_dist"])
 def test_ctrl_c_mid_write_leaves_nothing_and_keeps_the_existing_destination(workspace, monkeypatch, target):
     workspace.out.mkdir()
     (workspace.out / "keep.txt").write_text("mine")

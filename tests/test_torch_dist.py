@@ -307,3 +307,10 @@ def test_torch_dist_output_refuses_pre_core_names(tmp_path):
     with open_checkpoint(fixture_path("legacy_gpt2_tp2pp2", "c22")) as reader:
         with pytest.raises(Unsupported, match="Megatron-Core names"):
             torch_dist.write(reader, tmp_path, TargetLayout(tp=1, pp=1, naming="legacy"))
+
+
+def test_library_callers_who_trust_the_metadata_pickle_are_warned(real_dist):
+    folder = real_dist("gpt2_tp2pp2") / "iter_0000010"
+    with pytest.warns(UserWarning, match="code inside this file can run"):
+        trusted = torch_dist.read_dcp_metadata(folder, trust_remote_pickle=True)
+    assert trusted.state_dict_metadata.keys() == torch_dist.read_dcp_metadata(folder).state_dict_metadata.keys()

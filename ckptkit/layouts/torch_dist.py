@@ -178,6 +178,9 @@ def read_dcp_metadata(folder: Path, *, trust_remote_pickle: bool = False) -> Met
     path = folder / DCP_METADATA
     if not path.is_file():
         raise BadInput(f"{path}: file not found (every torch_dist checkpoint has one)")
+    if trust_remote_pickle:
+        warnings.warn(f"{path}: loading with full unpickling (--trust-remote-pickle): "
+                      "code inside this file can run", stacklevel=2)
     try:
         with open(path, "rb") as opened:
             metadata = pickle.load(opened) if trust_remote_pickle else _MetadataUnpickler(opened, path).load()
@@ -754,10 +757,10 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
             warnings.simplefilter("ignore")  # single-process save is intended
             dcp.save({}, storage_writer=storage, planner=planner, no_dist=True)
     except dcp.CheckpointException as error:
-        # Our own errors (a source tensor of the wrong shape) and OSErrors (disk full) keep
-        # their type for the caller; anything else is a bug of ours.
+        # Our own errors (a source tensor of the wrong shape), OSErrors (disk full) and
+        # Ctrl-C keep their type for the caller; anything else is a bug of ours.
         inner = _inner_error(error)
-        if isinstance(inner, (CkptError, OSError)):
+        if isinstance(inner, (CkptError, OSError, KeyboardInterrupt)):
             raise inner from None
         raise InternalError(f"{folder}: torch.distributed.checkpoint.save failed "
                             f"({safe_load._first_line(inner)})") from None
