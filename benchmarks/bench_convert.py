@@ -7,7 +7,7 @@ measures, each in its own process, with the source's pages already cached and a
 * the copy floor: ``cp -r SOURCE DEST && sync`` (the same bytes, the same disk);
 * the direct-copy floor: each file copied by ``dd bs=64M oflag=direct`` then ``sync``
   (writes around the page cache, as ckptkit's are);
-* ``ckptkit megatron-to-hf``, ``hf-to-megatron --tp 2 --pp 2`` and ``reshard --tp 1 --pp 4``,
+* ``ckptkit megatron-to-hf --max-shard-size 1GB``, ``hf-to-megatron --tp 2 --pp 2`` and ``reshard --tp 1 --pp 4``,
   each followed by ``sync`` (a conversion is done when its bytes are on disk);
 * with ``--anchor-python``: transformers 4.46's
   ``checkpoint_reshaping_and_interoperability.py`` on the same Megatron checkpoint.
@@ -167,7 +167,8 @@ def bench_size(size: str, work: Path, *, workers: list[int], anchor_python: str 
               for source in (megatron_source, hf_source)}
     direct_floors = {source: min(direct_copy_floor(source, scratch) for _ in range(repeat))
                      for source in (megatron_source, hf_source)}
-    cases = [("megatron-to-hf", megatron_source, ["megatron-to-hf", megatron_source]),
+    # 1 GB shards: several output files, so that workers have files to share.
+    cases = [("megatron-to-hf", megatron_source, ["megatron-to-hf", megatron_source, None, "--max-shard-size", "1GB"]),
              ("hf-to-megatron", hf_source, ["hf-to-megatron", hf_source, None, "--tp", 2, "--pp", 2]),
              ("reshard", megatron_source, ["reshard", megatron_source, None, "--tp", 1, "--pp", 4])]
     results = []
@@ -178,8 +179,6 @@ def bench_size(size: str, work: Path, *, workers: list[int], anchor_python: str 
                 destination = scratch / what
                 shutil.rmtree(destination, ignore_errors=True)
                 command = [destination if argument is None else argument for argument in arguments]
-                if len(command) == 2:
-                    command.append(destination)
                 warm(source)
                 load = os.getloadavg()[0]
                 extra = ["--workers", worker_count] if worker_count > 1 else []

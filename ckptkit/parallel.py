@@ -76,17 +76,29 @@ def _worker_started() -> None:
 
 def run_parts(job: Callable[[list[str]], list[str]], runs: list[list[str]],
               in_process: Callable[[list[str]], list[str]] | None = None) -> list[str]:
-    """Write each non-empty run; several runs in as many spawned processes (``job`` must
-    pickle). With one run, ``in_process`` (or ``job``) runs here. Returns the files written."""
+    """Write each non-empty run and return the files written, in the runs' order.
+
+    The first run is written here (by ``in_process``, or ``job``), the others by as many
+    spawned processes (``job`` must pickle). They are started first, so their start-up
+    (a fresh interpreter imports torch: about a second) overlaps this process's run.
+    """
     runs = [run for run in runs if run]
+    here = in_process or job
     if len(runs) <= 1:
-        return (in_process or job)(runs[0]) if runs else []
+        return here(runs[0]) if runs else []
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    with concurrent.futures.ProcessPoolExecutor(len(runs), mp_context=context,
+    with concurrent.futures.ProcessPoolExecutor(len(runs) - 1, mp_context=context,
                                                 initializer=_worker_started) as pool:
-        written = []
-        for files in pool.map(job, runs):
-            written += files
+        elsewhere = [pool.submit(job, run) for run in runs[1:]]
+        try:
+            written = here(runs[0])
+        except BaseException:
+            for future in elsewhere:
+                future.cancel()
+            concurrent.futures.wait(elsewhere)  # their files are in the same partial folder
+            raise
+        for future in elsewhere:
+            written += future.result()
     return written
 
 

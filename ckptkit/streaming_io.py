@@ -91,9 +91,14 @@ def _advise_writeback(fd: int, start: int, end: int) -> None:
         os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
 
+# Set to 1 to write through the page cache anyway (a file system that accepts O_DIRECT
+# but serves it slowly, such as some FUSE mounts).
+BUFFERED_WRITES_VARIABLE = "CKPTKIT_BUFFERED_WRITES"
+
+
 def _open_direct(path) -> int | None:
     """``path`` created for writing with ``O_DIRECT``, or None where the file system refuses it."""
-    if not hasattr(os, "O_DIRECT"):
+    if not hasattr(os, "O_DIRECT") or os.environ.get(BUFFERED_WRITES_VARIABLE, "") not in ("", "0"):
         return None
     try:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)

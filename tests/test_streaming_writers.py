@@ -86,6 +86,12 @@ def test_unbuffered_file_falls_back_to_ordinary_writes_where_o_direct_is_refused
     assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
 
 
+def test_unbuffered_writes_can_be_turned_off_by_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTKIT_BUFFERED_WRITES", "1")
+    out = _write_in_pieces(tmp_path / "f.bin", [b"z" * 9000], staging_bytes=8192)
+    assert not out.direct and (tmp_path / "f.bin").read_bytes() == b"z" * 9000
+
+
 def test_streamed_torch_file_passes_zip_crc_checks(tmp_path):
     import zipfile
 
