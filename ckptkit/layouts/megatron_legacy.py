@@ -36,7 +36,7 @@ from ..safe_load import safe_torch_load, without_stand_ins
 from ..streaming_io import read_into, read_tensor
 from ..torch_stream import StreamingTorchWriter
 from .base import CheckpointMeta, CheckpointReader
-from .tracker import TRACKER, follow_tracker, iteration_dir_name
+from .tracker import TRACKER, iteration_dir_name, locate_iteration_folder
 from .megatron_names import NAMINGS, Naming, detect_naming
 
 NAME = "megatron-legacy"
@@ -60,24 +60,9 @@ def _has_rank_dirs(path: Path) -> bool:
 
 def locate_iteration_dir(root: Path) -> tuple[Path, int | None, bool]:
     """``(iteration folder, iteration, is_release)`` for a checkpoint root or iteration folder."""
-    if _has_rank_dirs(root):
-        match = re.match(r"^iter_(\d+)$", root.name)
-        return root, (int(match.group(1)) if match else None), root.name == "release"
-    followed = follow_tracker(root)
-    if followed is not None:
-        folder, iteration, release = followed
-        if not _has_rank_dirs(folder):
-            raise BadInput(f"{folder}: no mp_rank_* folders")
-        return folder, iteration, release
-    candidates = sorted(child for child in root.iterdir() if child.is_dir() and _has_rank_dirs(child)) \
-        if root.is_dir() else []
-    if len(candidates) == 1:
-        return locate_iteration_dir(candidates[0])
-    children = list(root.iterdir()) if root.is_dir() else []
-    if len(children) == 1 and children[0].is_dir():
-        # An archive usually wraps the checkpoint in one top-level folder.
-        return locate_iteration_dir(children[0])
-    raise BadInput(f"{root}: not a Megatron checkpoint ({TRACKER} missing and no single iter_* folder)")
+    return locate_iteration_folder(
+        root, _has_rank_dirs, tracked_mismatch="no mp_rank_* folders", unwrap_single_child=True,
+        not_found=f"not a Megatron checkpoint ({TRACKER} missing and no single iter_* folder)")
 
 
 def detect(path: Path) -> bool:

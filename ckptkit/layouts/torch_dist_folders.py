@@ -13,11 +13,10 @@ command detects layouts, only ``torch_dist`` sources and targets need the reader
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..errors import BadInput
-from .tracker import TRACKER, follow_tracker
+from .tracker import TRACKER, locate_iteration_folder
 
 NAME = "torch_dist"
 CONFIG_FILE = "metadata.json"
@@ -39,20 +38,9 @@ def is_dist_folder(folder: Path) -> bool:
 
 def locate_checkpoint_dir(root: Path) -> tuple[Path, int | None, bool]:
     """``(iteration folder, iteration, is_release)`` for a checkpoint root or iteration folder."""
-    root = Path(root)
-    if is_dist_folder(root):
-        match = re.match(r"^iter_(\d+)$", root.name)
-        return root, (int(match.group(1)) if match else None), root.name == "release"
-    followed = follow_tracker(root)
-    if followed is not None:
-        folder, iteration, release = followed
-        if not is_dist_folder(folder):
-            raise BadInput(f"{folder}: no {CONFIG_FILE} or {DCP_METADATA}: not a torch_dist checkpoint")
-        return folder, iteration, release
-    candidates = sorted(child for child in root.iterdir() if is_dist_folder(child)) if root.is_dir() else []
-    if len(candidates) == 1:
-        return locate_checkpoint_dir(candidates[0])
-    raise BadInput(f"{root}: not a torch_dist checkpoint ({TRACKER} missing and no single iteration folder)")
+    return locate_iteration_folder(
+        root, is_dist_folder, tracked_mismatch=f"no {CONFIG_FILE} or {DCP_METADATA}: not a torch_dist checkpoint",
+        not_found=f"not a torch_dist checkpoint ({TRACKER} missing and no single iteration folder)")
 
 
 def detect(path: Path) -> bool:
