@@ -181,6 +181,18 @@ class DirectWriteFile:
     def flush(self) -> None:
         """Nothing to do: whole blocks are written as they fill, the rest on :meth:`close`."""
 
+    def tell(self) -> int:
+        """Bytes written so far (staged ones included): the file's length once closed."""
+        return self.size
+
+    def fileno(self) -> int:
+        """The descriptor (an ``fsync`` on it before :meth:`close` does not cover staged bytes;
+        :meth:`close` itself waits for all of them)."""
+        return self._fd
+
+    def writable(self) -> bool:
+        return True
+
     def close(self, *, durable: bool = True) -> None:
         """Write what is staged, fix the length, and with ``durable`` wait for the disk."""
         if self._fd is None:

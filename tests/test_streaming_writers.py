@@ -59,7 +59,7 @@ def test_unbuffered_file_holds_exactly_the_bytes_written_across_staging_boundari
               for size in sizes]
     out = _write_in_pieces(tmp_path / "f.bin", pieces, staging_bytes=8192)
     assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
-    assert out.size == sum(sizes)
+    assert out.tell() == out.size == sum(sizes)
 
 
 def test_unbuffered_file_bypasses_the_page_cache_where_the_file_system_allows(tmp_path):

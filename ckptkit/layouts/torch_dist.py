@@ -33,6 +33,7 @@ entries are left unread, and weights come only from the model keys.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -45,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -69,6 +71,7 @@ from torch.futures import Future
 from .. import safe_load
 from ..errors import BadInput, CkptError, InternalError, Unsupported
 from ..megatron_args import megatron_args, spec_from_args
+from ..streaming_io import DirectWriteFile
 from ..spec import CanonicalTensor, canonical_tensors, check_parallel_sizes, padded_vocab_size, rule_for
 from .base import CheckpointMeta, CheckpointReader
 from .megatron_legacy import TargetLayout
@@ -646,6 +649,26 @@ def _item_bytes(item: WriteItem, payloads: dict[str, bytes]) -> int:
     return math.prod(data.chunk.sizes) * data.properties.dtype.itemsize
 
 
+class _UnbufferedFileSystem(FileSystem):
+    """torch.distributed.checkpoint's local file system, with files it creates written
+    around the page cache (:class:`~ckptkit.streaming_io.DirectWriteFile`): about 4x
+    faster to disk on the benchmark machine, as for the per-rank files."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        stream = DirectWriteFile(path)
+        try:
+            yield stream
+        except BaseException:
+            stream.close(durable=False)
+            raise
+        stream.close()  # durable: torch's fsync before this does not cover the staged tail
+
+
 class _BoundedFileSystemWriter(FileSystemWriter):
     """``FileSystemWriter`` that closes a ``.distcp`` file every ``max_file_bytes``.
 
@@ -657,6 +680,7 @@ class _BoundedFileSystemWriter(FileSystemWriter):
 
     def __init__(self, path, max_file_bytes: int, payloads: dict[str, bytes]):
         super().__init__(str(path), single_file_per_rank=True, thread_count=1)
+        self.fs = _UnbufferedFileSystem()
         self.max_file_bytes = max_file_bytes
         self.payloads = payloads
 
