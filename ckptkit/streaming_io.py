@@ -17,6 +17,7 @@ write calls used here release the GIL). Closing waits for the data to be on disk
 """
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import mmap
 import os
@@ -31,8 +32,9 @@ import torch
 # tensors in flight, enough to keep the disk busy, small next to the RSS budget.
 MAX_PENDING_BYTES = 256 << 20
 _CHUNK = 1 << 30  # Linux moves at most ~2 GiB per read call
-# Staging for unbuffered writes: large enough that each write is one big request.
-STAGING_BYTES = 32 << 20
+# Each of an unbuffered file's two staging buffers: large enough that each write is one
+# big request (8 to 32 MiB wrote at the same 1.7-1.8 GB/s here).
+STAGING_BYTES = 16 << 20
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -139,10 +141,16 @@ class DirectWriteFile:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._advised = 0
             return
-        self._staging = mmap.mmap(-1, staging_bytes)  # anonymous: page-aligned
-        self._staged = numpy.frombuffer(self._staging, dtype=numpy.uint8)
+        # Two staging buffers: one fills while the other is written by the flusher
+        # thread, so copying and the disk overlap even when the caller writes synchronously
+        # (torch.distributed.checkpoint's writer does).
+        self._buffers = [mmap.mmap(-1, staging_bytes) for _ in range(2)]  # anonymous: page-aligned
+        self._arrays = [numpy.frombuffer(buffer, dtype=numpy.uint8) for buffer in self._buffers]
+        self._current = 0  # the buffer being filled
         self._fill = 0
-        self._flushed = 0  # bytes of the file already written from the staging buffer
+        self._sent = 0  # file offset where the next block goes
+        self._flusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="direct write")
+        self._in_flight: concurrent.futures.Future | None = None
 
     def write(self, data) -> int:
         if memoryview(data).nbytes == 0:
@@ -155,14 +163,15 @@ class DirectWriteFile:
             _advise_writeback(self._fd, self._advised, self.size)
             self._advised = self.size
             return count
-        done, capacity = 0, len(self._staged)
+        done, staging = 0, self._arrays[self._current]
         while done < count:
-            take = min(count - done, capacity - self._fill)
-            self._staged[self._fill: self._fill + take] = incoming[done: done + take]
+            take = min(count - done, len(staging) - self._fill)
+            staging[self._fill: self._fill + take] = incoming[done: done + take]
             self._fill += take
             done += take
-            if self._fill == capacity:
-                self._write_staged(capacity)
+            if self._fill == len(staging):
+                self._send(len(staging))
+                staging = self._arrays[self._current]
         return count
 
     def _write_all(self, view: memoryview) -> None:
@@ -170,12 +179,27 @@ class DirectWriteFile:
             written = os.write(self._fd, view[:_CHUNK])
             view = view[written:]
 
-    def _write_staged(self, length: int) -> None:
-        view = memoryview(self._staging)[:length]
-        while len(view):
-            written = os.pwrite(self._fd, view, self._flushed)
-            self._flushed += written
-            view = view[written:]
+    def _pwrite_all(self, buffer: mmap.mmap, length: int, offset: int) -> None:
+        whole = memoryview(buffer)
+        try:
+            done = 0
+            while done < length:
+                done += os.pwrite(self._fd, whole[done:length], offset + done)
+        finally:
+            # An error's traceback keeps this frame: a live view would pin the buffer.
+            whole.release()
+
+    def _wait_in_flight(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()  # raises the write's error (a full disk, say)
+
+    def _send(self, length: int) -> None:
+        """Hand the current buffer's first ``length`` bytes to the flusher; fill the other."""
+        self._wait_in_flight()  # the other buffer is free once its write is done
+        self._in_flight = self._flusher.submit(self._pwrite_all, self._buffers[self._current], length, self._sent)
+        self._sent += length
+        self._current ^= 1
         self._fill = 0
 
     def flush(self) -> None:
@@ -194,25 +218,35 @@ class DirectWriteFile:
         return True
 
     def close(self, *, durable: bool = True) -> None:
-        """Write what is staged, fix the length, and with ``durable`` wait for the disk."""
+        """Write what is staged, fix the length, and wait for the disk.
+
+        ``durable=False`` abandons the file (an error path: it is about to be removed):
+        nothing is waited for, and bytes still staged may be dropped.
+        """
         if self._fd is None:
             return
         try:
             if self.direct:
-                tail = self._fill
-                if tail:
-                    padded = -(-tail // self.BLOCK) * self.BLOCK
-                    self._staged[tail:padded] = 0
-                    self._write_staged(padded)
-                os.ftruncate(self._fd, self.size)
+                try:
+                    tail = self._fill
+                    if tail and durable:
+                        padded = -(-tail // self.BLOCK) * self.BLOCK
+                        self._arrays[self._current][tail:padded] = 0
+                        self._send(padded)
+                    self._wait_in_flight()
+                finally:
+                    self._flusher.shutdown(wait=True)  # no write may outlive the descriptor
+                if durable:
+                    os.ftruncate(self._fd, self.size)
             if durable:
                 os.fdatasync(self._fd)
         finally:
             os.close(self._fd)
             self._fd = None
             if self.direct:
-                del self._staged
-                self._staging.close()
+                # Dropped, not closed: a view may live on in an error's traceback; the
+                # memory goes back when the last reference does.
+                self._arrays = self._buffers = None
 
 
 class OrderedWriteThread:

@@ -86,6 +86,27 @@ def test_unbuffered_file_falls_back_to_ordinary_writes_where_o_direct_is_refused
     assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
 
 
+def test_a_failed_background_write_is_raised_to_the_writer(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from ckptkit.streaming_io import DirectWriteFile
+
+    out = DirectWriteFile(tmp_path / "f.bin", staging_bytes=8192)
+    if not out.direct:
+        pytest.skip("the file system under tmp_path refuses O_DIRECT")
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(4):  # the first full buffer goes to the flusher; a later write or close sees its error
+            out.write(b"x" * 8192)
+        out.close()
+    out.close(durable=False)
+
+
 def test_unbuffered_writes_can_be_turned_off_by_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CKPTKIT_BUFFERED_WRITES", "1")
     out = _write_in_pieces(tmp_path / "f.bin", [b"z" * 9000], staging_bytes=8192)
