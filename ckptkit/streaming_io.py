@@ -120,7 +120,7 @@ class DirectWriteFile:
     aligned to the device's block, so bytes are gathered in a page-aligned staging buffer
     and written out in whole blocks; the last block is zero-padded, and the file is cut
     back to its true length on :meth:`close`. Where the file system refuses ``O_DIRECT``
-    (tmpfs) the file is written normally, with a writeback hint after each write.
+    (at open, or at the first write) the file is written through the page cache.
 
     ``write`` accepts any contiguous bytes-like object (a ``memoryview`` from torch's zip
     writer, ``bytes``); copies of large writes release the GIL.
@@ -151,6 +151,7 @@ class DirectWriteFile:
         self._sent = 0  # file offset where the next block goes
         self._flusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="direct write")
         self._in_flight: concurrent.futures.Future | None = None
+        self._write_fd = self._fd  # another descriptor, without O_DIRECT, if writes are refused
 
     def write(self, data) -> int:
         if memoryview(data).nbytes == 0:
@@ -184,7 +185,14 @@ class DirectWriteFile:
         try:
             done = 0
             while done < length:
-                done += os.pwrite(self._fd, whole[done:length], offset + done)
+                try:
+                    done += os.pwrite(self._write_fd, whole[done:length], offset + done)
+                except OSError as error:
+                    # Accepted at open, refused at write (an alignment larger than BLOCK, some
+                    # FUSE file systems): the rest goes through the page cache instead.
+                    if error.errno != errno.EINVAL or self._write_fd != self._fd:
+                        raise
+                    self._write_fd = os.open(self.path, os.O_WRONLY)
         finally:
             # An error's traceback keeps this frame: a live view would pin the buffer.
             whole.release()
@@ -241,6 +249,8 @@ class DirectWriteFile:
             if durable:
                 os.fdatasync(self._fd)
         finally:
+            if self.direct and self._write_fd != self._fd:
+                os.close(self._write_fd)
             os.close(self._fd)
             self._fd = None
             if self.direct:

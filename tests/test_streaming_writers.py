@@ -107,6 +107,32 @@ def test_a_failed_background_write_is_raised_to_the_writer(tmp_path, monkeypatch
     out.close(durable=False)
 
 
+def test_writes_refused_after_an_accepted_o_direct_open_go_through_the_page_cache(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from ckptkit.streaming_io import DirectWriteFile
+
+    out = DirectWriteFile(tmp_path / "f.bin", staging_bytes=8192)
+    if not out.direct:
+        pytest.skip("the file system under tmp_path refuses O_DIRECT")
+    real_pwrite, refused = os.pwrite, []
+
+    def refuses_the_direct_descriptor(fd, data, offset):
+        if fd == out.fileno():
+            refused.append(offset)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refuses_the_direct_descriptor)
+    pieces = [bytes(range(256)) * 100, b"tail"]
+    for piece in pieces:
+        out.write(piece)
+    out.close()
+    assert refused == [0]
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(pieces)
+
+
 def test_unbuffered_writes_can_be_turned_off_by_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CKPTKIT_BUFFERED_WRITES", "1")
     out = _write_in_pieces(tmp_path / "f.bin", [b"z" * 9000], staging_bytes=8192)
