@@ -347,9 +347,8 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
         check_parallel_sizes(reader.spec, tp, pp, vpp)
         source_format = "torch_dist" if meta.layout == "torch_dist" else "torch"
         target_format = format or (source_format if keep_training_state else "torch")
-        writers = MEGATRON_WRITERS
-        if target_format not in writers:
-            raise BadInput(f"unknown format {target_format!r} (available: {', '.join(writers)})")
+        if target_format not in MEGATRON_WRITERS:
+            raise BadInput(f"unknown format {target_format!r} (available: {', '.join(MEGATRON_WRITERS)})")
         target = megatron_legacy.TargetLayout(
             tp=tp, pp=pp, vpp=vpp,
             naming=naming or (meta.naming if keep_training_state and meta.naming in
@@ -375,7 +374,7 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
                 raise BadInput(f"--workers and torchrun split per-rank (torch) output only; write "
                                f"{target_format} with one process")
             else:
-                files = writers[target_format](reader, out, target, progress=progress)
+                files = MEGATRON_WRITERS[target_format](reader, out, target, progress=progress)
             if shared.leader:
                 check_megatron_output(out, reader.spec, target, target_format, label=Path(destination))
         if keep_training_state:

@@ -117,9 +117,9 @@ class DirectWriteFile:
     throttling, and writeback later; on the benchmark machine's virtual disk a 2.9 GB
     torch zip went to disk at 0.35 GB/s that way and at 1.4 GB/s with ``O_DIRECT`` (CRC-32s
     included). ``O_DIRECT`` needs the memory, the file offset and the length of each write
-    aligned to the device's block, so bytes are gathered in a page-aligned staging buffer
-    and written out in whole blocks; the last block is zero-padded, and the file is cut
-    back to its true length on :meth:`close`. Where the file system refuses ``O_DIRECT``
+    aligned to the device's block, so bytes are gathered in page-aligned staging buffers
+    and written out in whole blocks by a flusher thread; the last block is zero-padded,
+    and the file is cut back to its true length on :meth:`close`. Where the file system refuses ``O_DIRECT``
     (at open, or at the first write) the file is written through the page cache.
 
     ``write`` accepts any contiguous bytes-like object (a ``memoryview`` from torch's zip

@@ -136,8 +136,6 @@ def extra_state_key(linear: str, layer: int, num_layers: int) -> str:
     return f"{_LAYER_PREFIX}{linear}._extra_state/shard_{layer}_{num_layers}"
 
 
-# ---------------------------------------------------------------------------- finding files
-
 # ---------------------------------------------------------------------------- safe unpickling
 
 _METADATA_CLASSES = {
