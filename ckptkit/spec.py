@@ -53,8 +53,11 @@ class ModelSpec:
     add_qkv_bias: bool = True
     tied_embeddings: bool = True
     rope_theta: float = 10000.0
+    # Hugging Face form: {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, or None
     rope_scaling: dict | None = field(default=None, compare=False, hash=False)
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # tokens a query sees, itself included (HF's sliding_window)
+    qk_layernorm: bool = False  # per-head norm of queries and keys before RoPE (Qwen3)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
