@@ -19,8 +19,9 @@ import torch
 from . import parallel
 from .atomic import check_destination
 from .errors import BadInput, InternalError
-from .families import FAMILIES
+from .bridges import BRIDGES, family_of
 from .layouts import CheckpointReader, open_checkpoint
+from .megatron_args import check_expressible
 from .layouts import hf as hf_layout
 from .layouts import megatron_legacy
 from .safe_load import safe_torch_load
@@ -144,7 +145,7 @@ def write_hf_folder(reader: CheckpointReader, out: Path, *, dtype, max_shard_siz
     only the index, config and tokenizer files are added.
     """
     from transformers import AutoConfig, GenerationConfig  # here: a second of import other commands skip
-    family = FAMILIES[reader.spec.family]
+    family = BRIDGES[reader.spec.family]
     config_fields = family.spec_to_config(reader.spec, dtype)
     config_fields.pop("architectures", None)
     model_type = config_fields.pop("model_type")
@@ -187,11 +188,21 @@ def copy_tokenizer(folder: Path, out: Path) -> list[str]:
 def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tokenizer=None,
                    overwrite=False, vocab_size=None, strict=False, trust_remote_pickle=False,
                    progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
-                   workers: int = 1) -> ConvertResult:
+                   workers: int = 1, architecture: str | None = None,
+                   extra_files: Callable[[Path, ConvertResult], list[str]] | None = None) -> ConvertResult:
     """Convert a Megatron checkpoint (any layout ckptkit reads) into a Hugging Face folder.
+
+    ``architecture`` (``"Phi3ForCausalLM"`` or ``"phi3"``) names the Hugging Face class
+    when the checkpoint does not record it, or overrides what it records; it is refused
+    when the model does not fit it.
 
     ``workers`` processes write disjoint shards; under ``torchrun`` every rank takes its
     part of the shards (see :mod:`ckptkit.parallel`).
+
+    ``extra_files(folder, result)`` adds files to the output before it is published, so that
+    they appear with it or not at all (a model card, for one): it is called once the output
+    is complete in its hidden partial ``folder``, with the result so far (``bytes_written``
+    and ``seconds`` still 0), and returns the names it wrote there.
 
     >>> megatron_to_hf("ckpt/", "hf_out/", dtype="bf16").files
     ['model.safetensors', 'config.json', 'generation_config.json']
@@ -202,6 +213,7 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
     reader = _open_validated(source, strict=strict, trust_remote_pickle=trust_remote_pickle,
                              vocab_size=vocab_size, notes=notes)
     with reader:
+        as_architecture(reader, architecture)
         target_dtype = hf_layout.parse_dtype(dtype) or reader.meta.dtype
         plan = _hf_plan(reader, target_dtype, max_shard_size)
         if on_start:
@@ -209,8 +221,8 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
         with parallel.SharedOutput(destination, overwrite) as shared, _collect_warnings(notes):
             out = shared.path
             share = _WriteShare(str(source), _reader_options(strict, trust_remote_pickle, vocab_size), str(out),
-                                target_dtype, max_shard_size)
-            family = FAMILIES[reader.spec.family]
+                                target_dtype, max_shard_size, architecture=architecture)
+            family = BRIDGES[reader.spec.family]
             importing = _import_transformers_meanwhile() if shared.leader else None
             files = _write_shares(reader, shared, share, workers, progress,
                                   hf_layout.output_files(family, reader.spec, target_dtype, max_shard_size))
@@ -219,12 +231,22 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
                 files = write_hf_folder(reader, out, dtype=target_dtype, max_shard_size=max_shard_size,
                                         tokenizer=tokenizer, shards_written=files)
                 check_hf_output(out, plan, label=Path(destination))
+            result = ConvertResult(str(source), str(destination), reader.meta.summary(),
+                                   {"layout": "hf-safetensors", "dtype": str(target_dtype).removeprefix("torch."),
+                                    "architecture": BRIDGES[reader.spec.family].architecture},
+                                   reader.spec.family, parameter_count(reader), files, 0, 0.0, notes)
+            if shared.leader and extra_files is not None:
+                result.files = files + extra_files(out, result)
         _note_dropped_state(reader, notes, "Hugging Face has no place for them")
-        return ConvertResult(str(source), str(destination), reader.meta.summary(),
-                             {"layout": "hf-safetensors", "dtype": str(target_dtype).removeprefix("torch."),
-                              "architecture": FAMILIES[reader.spec.family].architecture},
-                             reader.spec.family, parameter_count(reader), files, _bytes_in(Path(destination)),
-                             time.perf_counter() - started, notes)
+        result.bytes_written, result.seconds = _bytes_in(Path(destination)), time.perf_counter() - started
+        return result
+
+
+def as_architecture(reader: CheckpointReader, architecture: str | None) -> CheckpointReader:
+    """Read ``reader``'s model as ``architecture`` (see :func:`megatron_to_hf`)."""
+    if architecture:
+        reader.spec = replace(reader.spec, family=family_of(reader.spec, architecture, str(reader.meta.path)))
+    return reader
 
 
 def _reader_options(strict, trust_remote_pickle, vocab_size=None) -> dict:
@@ -249,14 +271,15 @@ class _WriteShare:
     target: object
     max_shard_size: object = None
     args_from_source: bool = False
+    architecture: str | None = None
 
     def __call__(self, names: list[str]) -> list[str]:
         with open_checkpoint(self.source, **self.reader_options) as reader:
-            return self.write(reader, names)
+            return self.write(as_architecture(reader, self.architecture), names)
 
     def write(self, reader: CheckpointReader, names: list[str], progress: Progress | None = None) -> list[str]:
         if isinstance(self.target, torch.dtype):
-            return hf_layout.write(reader, Path(self.out), FAMILIES[reader.spec.family], dtype=self.target,
+            return hf_layout.write(reader, Path(self.out), BRIDGES[reader.spec.family], dtype=self.target,
                                    max_shard_size=self.max_shard_size, progress=progress, only=names, finish=False)
         target = replace(self.target, args_base=reader.meta.args) if self.args_from_source else self.target
         return megatron_legacy.write(reader, Path(self.out), target, progress=progress, only=names, finish=False)
@@ -277,7 +300,7 @@ def _hf_plan(reader: CheckpointReader, dtype, max_shard_size) -> hf_layout.HfPla
     if isinstance(max_shard_size, int) and max_shard_size <= 0:
         raise BadInput(f"--max-shard-size must be positive (got {max_shard_size})")
     try:
-        return hf_layout.plan_output(FAMILIES[reader.spec.family], reader.spec, dtype, max_shard_size)
+        return hf_layout.plan_output(BRIDGES[reader.spec.family], reader.spec, dtype, max_shard_size)
     except ValueError as error:  # huggingface_hub's size parser: "5GB", "500MB", ...
         raise BadInput(f"--max-shard-size {max_shard_size!r}: {str(error).splitlines()[0]}") from None
 
@@ -345,6 +368,7 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
         if keep_training_state and not is_megatron_source:
             raise BadInput(f"{source}: reshard takes a Megatron checkpoint; use hf-to-megatron for {meta.layout}")
         check_parallel_sizes(reader.spec, tp, pp, vpp)
+        check_expressible(reader.spec)
         source_format = "torch_dist" if meta.layout == "torch_dist" else "torch"
         target_format = format or (source_format if keep_training_state else "torch")
         if target_format not in MEGATRON_WRITERS:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families import FAMILIES
+from .bridges import BRIDGES
 from .layouts import open_checkpoint
 from .spec import canonical_tensors, rule_for
 
@@ -58,5 +58,5 @@ def inspect_checkpoint(path, **options) -> InspectResult:
             for dimension in canonical.shape:
                 size *= dimension
             count += size
-        return InspectResult(str(path), meta.summary(), spec.family, FAMILIES[spec.family].architecture,
+        return InspectResult(str(path), meta.summary(), spec.family, BRIDGES[spec.family].architecture,
                              spec.to_dict(), count, tensors)

@@ -7,9 +7,11 @@ with ``--use-checkpoint-args`` (and to rebuild the same model without it).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 
+from .bridges import BRIDGES, family_of
 from .errors import BadInput, Unsupported
 from .spec import ModelSpec
 
@@ -39,26 +41,73 @@ def activation_from_args(args) -> str:
     return "gelu"
 
 
-def family_from_args(args) -> str:
-    swiglu = bool(_get(args, "swiglu", default=False))
-    rope = _get(args, "position_embedding_type", default="learned_absolute") == "rope" or \
-        bool(_get(args, "use_rotary_position_embeddings", default=False))
-    rms = _get(args, "normalization", default="LayerNorm") == "RMSNorm"
-    if swiglu and rope and rms:
-        qkv_bias_only = _get(args, "add_qkv_bias", default=False) and not _get(args, "add_bias_linear", default=True)
-        return "qwen2" if qkv_bias_only else "llama"
-    if not swiglu and not rope and not rms:
-        return "gpt2"
-    raise Unsupported(f"architecture with swiglu={swiglu}, rope={rope}, RMSNorm={rms} matches "
-                      "no supported family (gpt2: GeLU+LayerNorm+learned positions; "
-                      "llama/qwen2: SwiGLU+RMSNorm+RoPE)")
+def _position_embedding(args) -> str:
+    kind = _get(args, "position_embedding_type", default="learned_absolute")
+    if kind == "rope" or _get(args, "use_rotary_position_embeddings", default=False):
+        return "rope"
+    if kind == "learned_absolute":
+        return kind
+    raise Unsupported(f"position embedding {kind!r} is not supported (learned_absolute or rope)")
 
 
-def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkpoint") -> ModelSpec:
+def _check_rotary(args) -> None:
+    percent = float(_get(args, "rotary_percent", default=1.0))
+    if percent != 1.0:
+        raise Unsupported(f"rotary_percent {percent}: only full rotary embeddings are supported")
+    if _get(args, "rotary_interleaved", default=False):
+        raise Unsupported("interleaved rotary embeddings (--rotary-interleaved) are not supported")
+
+
+def rope_scaling_from_args(args) -> dict | None:
+    """Megatron's ``--use-rope-scaling`` is Llama 3.1's scaling with three of its four
+    numbers fixed (megatron/core/models/common/embeddings/rotary_pos_embedding.py,
+    ``_apply_scaling``: low 1, high 4, original length 8192); only the factor is an arg."""
+    if not _get(args, "use_rope_scaling", default=False):
+        return None
+    return {"rope_type": "llama3", "factor": float(_get(args, "rope_scaling_factor", default=8.0)),
+            **MEGATRON_LLAMA3_FIXED}
+
+
+MEGATRON_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def check_expressible(spec: ModelSpec) -> None:
+    """Refuse, before anything is written, a model Megatron's args cannot describe."""
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return
+    fixed = {name: scaling.get(name) for name in MEGATRON_LLAMA3_FIXED}
+    if scaling.get("rope_type") != "llama3" or fixed != MEGATRON_LLAMA3_FIXED:
+        raise Unsupported(f"RoPE scaling {scaling}: Megatron's --use-rope-scaling fixes "
+                          + ", ".join(f"{name}={value}" for name, value in MEGATRON_LLAMA3_FIXED.items())
+                          + " (only the factor is an argument)")
+
+
+def sliding_window_from_args(args) -> int | None:
+    """Megatron's ``window_size`` ``(left, right)`` lets query i see keys i-left..i+right
+    (megatron/core/transformer/utils.py, ``get_sliding_window_causal_mask``); Hugging Face's
+    ``sliding_window`` W counts the query itself: W = left + 1, right 0. -1 is unbounded."""
+    window = _get(args, "window_size")
+    if window is None:
+        return None
+    if _get(args, "window_attn_skip_freq") is not None:
+        raise Unsupported("a sliding window on some layers only (--window-attn-skip-freq) is not supported")
+    left, right = (int(value) for value in window)
+    if left < 0:
+        return None
+    if right != 0:
+        raise Unsupported(f"window_size {tuple(window)}: only causal windows (right side 0) are supported")
+    return left + 1
+
+
+def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkpoint",
+                   architecture: str | None = None) -> ModelSpec:
     """Read the architecture from Megatron's args.
 
     ``vocab_size`` overrides ``args.vocab_size`` (absent in some checkpoints, where
     only ``padded_vocab_size`` is known and padding cannot be told from real rows).
+    The family is the one the args record (``ARCHITECTURE_FIELD``, written by ckptkit),
+    ``architecture`` when given, else the first bridge that claims the model.
     """
     required = ["num_layers", "hidden_size", "num_attention_heads"]
     missing = [name for name in required if getattr(args, name, None) is None]
@@ -67,36 +116,45 @@ def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkp
     heads = args.num_attention_heads
     groups = _get(args, "num_query_groups") if _get(args, "group_query_attention", default=False) else heads
     hidden = args.hidden_size
-    ffn = _get(args, "ffn_hidden_size", default=4 * hidden)
     bias_linear = bool(_get(args, "add_bias_linear", default=True))
-    family = family_from_args(args)
     vocab = vocab_size or _get(args, "vocab_size") or _get(args, "padded_vocab_size")
     if vocab is None:
         raise BadInput(f"{source}: args give neither vocab_size nor padded_vocab_size (use --vocab-size)")
-    rope_scaling = None
-    if _get(args, "use_rope_scaling", default=False):
-        rope_scaling = {"rope_type": "llama3", "factor": float(_get(args, "rope_scaling_factor", default=8.0))}
-    return ModelSpec(
-        family=family,
-        num_layers=args.num_layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=groups or heads,
-        ffn_hidden_size=ffn,
-        vocab_size=int(vocab),
-        max_position_embeddings=_get(args, "max_position_embeddings", "seq_length", default=2048),
-        head_dim=_get(args, "kv_channels", default=hidden // heads),
-        position_embedding="rope" if family != "gpt2" else "learned_absolute",
-        normalization=_get(args, "normalization", default="LayerNorm"),
-        norm_epsilon=float(_get(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
-        activation=activation_from_args(args),
-        add_bias_linear=bias_linear,
-        add_qkv_bias=bias_linear or bool(_get(args, "add_qkv_bias", default=False)),
-        tied_embeddings=not _get(args, "untie_embeddings_and_output_weights", default=False),
-        rope_theta=float(_get(args, "rotary_base", default=10000)),
-        rope_scaling=rope_scaling,
-        sliding_window=_get(args, "window_size", default=None) and None,
-    )
+    try:
+        position_embedding = _position_embedding(args)
+        if position_embedding == "rope":
+            _check_rotary(args)
+        spec = ModelSpec(
+            family="",
+            num_layers=args.num_layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_query_groups=groups or heads,
+            ffn_hidden_size=_get(args, "ffn_hidden_size", default=4 * hidden),
+            vocab_size=int(vocab),
+            max_position_embeddings=_get(args, "max_position_embeddings", "seq_length", default=2048),
+            head_dim=_get(args, "kv_channels", default=hidden // heads),
+            position_embedding=position_embedding,
+            normalization=_get(args, "normalization", default="LayerNorm"),
+            norm_epsilon=float(_get(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
+            activation=activation_from_args(args),
+            add_bias_linear=bias_linear,
+            add_qkv_bias=bias_linear or bool(_get(args, "add_qkv_bias", default=False)),
+            tied_embeddings=not _get(args, "untie_embeddings_and_output_weights", default=False),
+            rope_theta=float(_get(args, "rotary_base", default=10000)),
+            rope_scaling=rope_scaling_from_args(args) if position_embedding == "rope" else None,
+            sliding_window=sliding_window_from_args(args),
+            qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
+        )
+    except Unsupported as error:
+        raise Unsupported(f"{source}: {error}") from None
+    recorded = architecture or _get(args, ARCHITECTURE_FIELD)
+    return replace(spec, family=family_of(spec, recorded, source))
+
+
+# The Hugging Face class a ckptkit-written checkpoint came from: Megatron's args cannot
+# tell Phi-3 from Llama, or a Mistral without a window from Llama. Megatron ignores it.
+ARCHITECTURE_FIELD = "hf_architecture"
 
 
 def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padded_vocab: int,
@@ -124,6 +182,8 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
         rotary_percent=1.0, rotary_interleaved=False,
         use_rope_scaling=spec.rope_scaling is not None,
+        qk_layernorm=spec.qk_layernorm,
+        window_size=(spec.sliding_window - 1, 0) if spec.sliding_window else None,
         normalization=spec.normalization, norm_epsilon=spec.norm_epsilon, layernorm_epsilon=spec.norm_epsilon,
         swiglu=spec.gated, openai_gelu=gelu_tanh, bias_gelu_fusion=False, bias_swiglu_fusion=False,
         squared_relu=False,
@@ -139,8 +199,10 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         transformer_impl=transformer_impl, iteration=iteration,
         ckpt_format="torch",
     )
+    fields[ARCHITECTURE_FIELD] = BRIDGES[spec.family].architecture
+    check_expressible(spec)
     if spec.rope_scaling:
-        fields["rope_scaling_factor"] = spec.rope_scaling.get("factor", 8.0)
+        fields["rope_scaling_factor"] = spec.rope_scaling["factor"]
     for name, value in fields.items():
         setattr(args, name, value)
     if base is None:

@@ -10,6 +10,8 @@ embedding.word_embeddings.weight                   vocab    >= vocab_size rows
 embedding.position_embeddings.weight               replic.  learned positions only
 decoder.layers.{L}.input_layernorm.weight/bias     replic.
 decoder.layers.{L}.self_attention.linear_qkv.*     qkv      rows grouped per query group
+decoder.layers.{L}.self_attention.q_layernorm.*    replic.  qk_layernorm only: [head_dim]
+decoder.layers.{L}.self_attention.k_layernorm.*    replic.  qk_layernorm only: [head_dim]
 decoder.layers.{L}.self_attention.linear_proj.w    row      .bias replicated
 decoder.layers.{L}.pre_mlp_layernorm.weight/bias   replic.
 decoder.layers.{L}.mlp.linear_fc1.weight/bias      column   gated: [all gate; all up]
@@ -36,7 +38,7 @@ LAYER = "decoder.layers.{layer}."
 class ModelSpec:
     """Architecture hyper-parameters shared by every layout of one model."""
 
-    family: str  # a key of ckptkit.families.FAMILIES: "gpt2", "llama", "mistral", "qwen2"
+    family: str  # a key of ckptkit.bridges.BRIDGES: "gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3"
     num_layers: int
     hidden_size: int
     num_attention_heads: int
@@ -55,7 +57,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     # Hugging Face form: {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
     # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, or None
-    rope_scaling: dict | None = field(default=None, compare=False, hash=False)
+    rope_scaling: dict | None = field(default=None, hash=False)
     sliding_window: int | None = None  # tokens a query sees, itself included (HF's sliding_window)
     qk_layernorm: bool = False  # per-head norm of queries and keys before RoPE (Qwen3)
 
@@ -99,6 +101,10 @@ def _layer_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
         ("input_layernorm.bias", (hidden,), "replicated", spec.has_norm_bias),
         ("self_attention.linear_qkv.weight", (qkv_rows, hidden), "qkv", True),
         ("self_attention.linear_qkv.bias", (qkv_rows,), "qkv", spec.add_qkv_bias),
+        ("self_attention.q_layernorm.weight", (spec.head_dim,), "replicated", spec.qk_layernorm),
+        ("self_attention.q_layernorm.bias", (spec.head_dim,), "replicated", spec.qk_layernorm and spec.has_norm_bias),
+        ("self_attention.k_layernorm.weight", (spec.head_dim,), "replicated", spec.qk_layernorm),
+        ("self_attention.k_layernorm.bias", (spec.head_dim,), "replicated", spec.qk_layernorm and spec.has_norm_bias),
         ("self_attention.linear_proj.weight", (hidden, spec.num_attention_heads * spec.head_dim), "row", True),
         ("self_attention.linear_proj.bias", (hidden,), "replicated", spec.add_bias_linear),
         ("pre_mlp_layernorm.weight", (hidden,), "replicated", True),

@@ -23,7 +23,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 
 from ..errors import BadInput
-from ..families import HfFamily, HfMapping, family_for_config
+from ..bridges import Bridge, HfMapping, bridge_for_config
 from ..safe_load import safe_torch_load
 from ..safetensors_stream import DTYPE_NAMES, StreamingSafetensorsWriter
 from ..streaming_io import read_tensor
@@ -79,14 +79,14 @@ _SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "vocab_
                 "max_position_embeddings", "head_dim")
 
 
-def spec_from_config(family: HfFamily, config: dict, path: Path) -> ModelSpec:
+def spec_from_config(bridge: Bridge, config: dict, path: Path) -> ModelSpec:
     """The family's spec of ``config``, refusing missing fields and sizes that are not positive integers."""
     for name in _SIZE_FIELDS:
         value = config.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise BadInput(f"{path}: {name} is {value!r}; expected a positive integer")
     try:
-        return family.config_to_spec(config)
+        return bridge.config_to_spec(config)
     except KeyError as error:
         raise BadInput(f"{path}: missing field {error.args[0]!r}") from None
     except BadInput as error:
@@ -120,11 +120,11 @@ def expand(mapping: HfMapping, layer: int | None) -> tuple[str, list[str]]:
     return mapping.canonical.format(layer=layer), [name.format(layer=layer) for name in mapping.hf_names]
 
 
-def hf_table(family: HfFamily, spec: ModelSpec) -> dict[str, tuple[HfMapping, list[str]]]:
+def hf_table(bridge: Bridge, spec: ModelSpec) -> dict[str, tuple[HfMapping, list[str]]]:
     """canonical name -> (mapping, concrete HF names), for the tensors this model has."""
     wanted = {tensor.name: tensor.layer for tensor in canonical_tensors(spec)}
     table = {}
-    for mapping in family.mappings(spec):
+    for mapping in bridge.mappings(spec):
         layers = range(spec.num_layers) if "{layer}" in mapping.canonical else [None]
         for layer in layers:
             canonical, names = expand(mapping, layer)
@@ -132,7 +132,7 @@ def hf_table(family: HfFamily, spec: ModelSpec) -> dict[str, tuple[HfMapping, li
                 table[canonical] = (mapping, names)
     missing = sorted(set(wanted) - set(table))
     if missing:
-        raise BadInput(f"family {family.name} has no Hugging Face name for {missing[0]}")
+        raise BadInput(f"{bridge.architecture} has no Hugging Face name for {missing[0]}")
     return table
 
 
@@ -174,9 +174,9 @@ class HfReader(CheckpointReader):
         self.strict = strict
         self.trust_remote_pickle = trust_remote_pickle
         config = read_config(self.folder)
-        self.family = family_for_config(config, str(self.folder / "config.json"))
-        self.spec = spec_from_config(self.family, config, self.folder / "config.json")
-        self.table = hf_table(self.family, self.spec)
+        self.bridge = bridge_for_config(config, str(self.folder / "config.json"))
+        self.spec = spec_from_config(self.bridge, config, self.folder / "config.json")
+        self.table = hf_table(self.bridge, self.spec)
         self._open: dict = {}
         self._data: dict[str, _SafetensorsData] = {}
         self.location = self._locate_tensors()
@@ -254,9 +254,9 @@ class HfReader(CheckpointReader):
                                    f"expected {shape} from config.json")
         notes = []
         for hf_name in sorted(set(self.location) - expected_names):
-            if any(hf_name.endswith(pattern) or hf_name == pattern for pattern in self.family.ignorable):
+            if any(hf_name.endswith(pattern) or hf_name == pattern for pattern in self.bridge.ignorable):
                 continue
-            message = f"{self.folder}: tensor {hf_name} is not part of a {self.family.architecture} model; ignored"
+            message = f"{self.folder}: tensor {hf_name} is not part of a {self.bridge.architecture} model; ignored"
             if self.strict:
                 raise BadInput(message)
             notes.append(message)
@@ -330,9 +330,9 @@ class HfPlan:
         return {name: shard.file_name for shard in self.shards for name in shard.tensors}
 
 
-def plan_output(family: HfFamily, spec: ModelSpec, dtype: torch.dtype, max_shard_size) -> HfPlan:
+def plan_output(bridge: Bridge, spec: ModelSpec, dtype: torch.dtype, max_shard_size) -> HfPlan:
     """Shard assignment from shapes alone (huggingface_hub's splitter, on meta tensors)."""
-    table = hf_table(family, spec)
+    table = hf_table(bridge, spec)
     planned, source_of = {}, {}
     for canonical in canonical_tensors(spec):
         mapping, hf_names = table[canonical.name]
@@ -349,14 +349,14 @@ def plan_output(family: HfFamily, spec: ModelSpec, dtype: torch.dtype, max_shard
     return HfPlan(shards, source_of, sum(meta.numel() * element for meta in planned.values()))
 
 
-def output_files(family: HfFamily, spec: ModelSpec, dtype: torch.dtype, max_shard_size) -> list[tuple[str, int]]:
+def output_files(bridge: Bridge, spec: ModelSpec, dtype: torch.dtype, max_shard_size) -> list[tuple[str, int]]:
     """``(shard file name, bytes)`` of every shard :func:`write` makes, in order."""
     element = torch.empty((), dtype=dtype).element_size()
     return [(shard.file_name, sum(torch.Size(shape).numel() * element for _, shape in shard.tensors.values()))
-            for shard in plan_output(family, spec, dtype, max_shard_size).shards]
+            for shard in plan_output(bridge, spec, dtype, max_shard_size).shards]
 
 
-def write(reader: CheckpointReader, out_dir: Path, family: HfFamily, *, dtype: torch.dtype,
+def write(reader: CheckpointReader, out_dir: Path, bridge: Bridge, *, dtype: torch.dtype,
           max_shard_size="5GB", progress=None, only=None, finish: bool = True) -> list[str]:
     """Write the shards and (for several shards) the index into ``out_dir``.
 
@@ -366,8 +366,8 @@ def write(reader: CheckpointReader, out_dir: Path, family: HfFamily, *, dtype: t
     leaves out the index, which the process that writes it does once every share is done.
     """
     spec = reader.spec
-    plan = plan_output(family, spec, dtype, max_shard_size)
-    table = hf_table(family, spec)
+    plan = plan_output(bridge, spec, dtype, max_shard_size)
+    table = hf_table(bridge, spec)
     shards = [shard for shard in plan.shards if only is None or shard.file_name in only]
     mine = {name for shard in shards for name in shard.tensors}
     pending: dict[str, torch.Tensor] = {}
@@ -387,13 +387,13 @@ def write(reader: CheckpointReader, out_dir: Path, family: HfFamily, *, dtype: t
                 out.write(hf_name, pending.pop(hf_name))
         written.append(shard.file_name)
     if finish:
-        written += write_index(out_dir, family, spec, dtype=dtype, max_shard_size=max_shard_size)
+        written += write_index(out_dir, bridge, spec, dtype=dtype, max_shard_size=max_shard_size)
     return written
 
 
-def write_index(out_dir: Path, family: HfFamily, spec: ModelSpec, *, dtype: torch.dtype, max_shard_size) -> list[str]:
+def write_index(out_dir: Path, bridge: Bridge, spec: ModelSpec, *, dtype: torch.dtype, max_shard_size) -> list[str]:
     """``model.safetensors.index.json`` when the model has several shards; returns what it wrote."""
-    plan = plan_output(family, spec, dtype, max_shard_size)
+    plan = plan_output(bridge, spec, dtype, max_shard_size)
     if len(plan.shards) <= 1:
         return []
     index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(plan.weight_map.items()))}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..errors import Unsupported
+
 # canonical suffix inside decoder.layers.N. -> spellings (first is written)
 _MCORE_LOCAL_LAYER = {
     "input_layernorm.weight": ["input_layernorm.weight"],
@@ -26,6 +28,11 @@ _MCORE_LOCAL_LAYER = {
     "self_attention.linear_qkv.bias": ["self_attention.linear_qkv.bias"],
     "self_attention.linear_proj.weight": ["self_attention.linear_proj.weight"],
     "self_attention.linear_proj.bias": ["self_attention.linear_proj.bias"],
+    # --qk-layernorm: per-head norms, the same names with or without Transformer Engine
+    "self_attention.q_layernorm.weight": ["self_attention.q_layernorm.weight"],
+    "self_attention.q_layernorm.bias": ["self_attention.q_layernorm.bias"],
+    "self_attention.k_layernorm.weight": ["self_attention.k_layernorm.weight"],
+    "self_attention.k_layernorm.bias": ["self_attention.k_layernorm.bias"],
     "pre_mlp_layernorm.weight": ["pre_mlp_layernorm.weight"],
     "pre_mlp_layernorm.bias": ["pre_mlp_layernorm.bias"],
     "mlp.linear_fc1.weight": ["mlp.linear_fc1.weight"],
@@ -101,9 +108,13 @@ class Naming:
 
     def file_name(self, canonical_suffix: str, local_layer: int | None) -> str:
         """The spelling we write for a canonical name (suffix inside the layer if per-layer)."""
+        names = self.global_names if local_layer is None else self.layer_names
+        if canonical_suffix not in names:
+            raise Unsupported(f"the {self.name} naming has no name for {canonical_suffix} "
+                              "(pre-Core models lack it): write mcore-local or mcore-te")
         if local_layer is None:
-            return self.global_names[canonical_suffix][0]
-        return f"{self.layer_prefixes[0]}{local_layer}.{self.layer_names[canonical_suffix][0]}"
+            return names[canonical_suffix][0]
+        return f"{self.layer_prefixes[0]}{local_layer}.{names[canonical_suffix][0]}"
 
     def extra_state_names(self, local_layer: int) -> list[str]:
         return [f"{self.layer_prefixes[0]}{local_layer}.{linear}._extra_state"

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import Unsupported
 from ..spec import ModelSpec
-from .base import HfFamily, HfMapping, same, same_back, transposed, transposed_back, vocab_rows
+from .base import Bridge, HfMapping, first_problem, same, same_back, transposed, transposed_back, vocab_rows
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
@@ -33,13 +33,22 @@ def config_to_spec(config: dict) -> ModelSpec:
     )
 
 
+def mismatch(spec: ModelSpec) -> str | None:
+    return first_problem(
+        (not spec.gated and spec.activation in ("gelu", "gelu_tanh"), f"activation {spec.activation}; expected GeLU"),
+        (spec.normalization == "LayerNorm", f"{spec.normalization}; expected LayerNorm"),
+        (spec.position_embedding == "learned_absolute", f"{spec.position_embedding} positions; expected learned"),
+        (spec.head_dim * spec.num_attention_heads == spec.hidden_size, "head_dim x heads differs from hidden size"),
+        (spec.num_query_groups == spec.num_attention_heads, "grouped-query attention"),
+        (spec.tied_embeddings, "an untied output layer (GPT2LMHeadModel always ties it)"),
+        (spec.add_bias_linear and spec.add_qkv_bias, "no linear biases"),
+        (not spec.qk_layernorm and spec.sliding_window is None and spec.rope_scaling is None,
+         "q/k norms, a sliding window or RoPE scaling"),
+    )
+
+
 def spec_to_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
-    if spec.head_dim * spec.num_attention_heads != spec.hidden_size:
-        raise Unsupported("GPT-2 needs head_dim x heads == hidden size")
-    if spec.num_query_groups != spec.num_attention_heads:
-        raise Unsupported("GPT-2 has no grouped-query attention")
-    if not spec.tied_embeddings:
-        raise Unsupported("GPT2LMHeadModel always ties the output layer to the embeddings")
+    GPT2.check(spec)
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "n_layer": spec.num_layers, "n_embd": spec.hidden_size, "n_head": spec.num_attention_heads,
@@ -108,5 +117,9 @@ def mappings(spec: ModelSpec) -> list[HfMapping]:
     ]
 
 
-GPT2 = HfFamily("gpt2", "GPT2LMHeadModel", "gpt2", config_to_spec, spec_to_config, mappings,
-                ignorable=("lm_head.weight", ".attn.bias", ".attn.masked_bias"))
+def _claims(spec: ModelSpec) -> bool:
+    return mismatch(spec) is None
+
+
+GPT2 = Bridge("gpt2", "GPT2LMHeadModel", "gpt2", config_to_spec, spec_to_config, mappings, mismatch, _claims,
+              ignorable=("lm_head.weight", ".attn.bias", ".attn.masked_bias"))

@@ -1,4 +1,19 @@
-"""The shape of a family entry and the tensor transforms families share."""
+"""What a bridge is, and the tensor transforms bridges share.
+
+A bridge is one architecture's whole story between Megatron-LM and Hugging Face:
+
+* which models it is (``mismatch``: why a :class:`~ckptkit.spec.ModelSpec` cannot be
+  this architecture, or None), and which Megatron models it claims when a checkpoint
+  does not record its Hugging Face architecture (``claims``);
+* its ``config.json`` <-> :class:`~ckptkit.spec.ModelSpec`, both ways (Megatron args <->
+  spec is one vocabulary for every family: :mod:`ckptkit.megatron_args`);
+* its canonical <-> Hugging Face tensor table (:class:`HfMapping` rows, each with a pure
+  transform and its inverse).
+
+The canonical tensors themselves come from the spec (:func:`ckptkit.spec.canonical_tensors`):
+optional pieces such as biases and q/k norms are spec fields, so a bridge chooses them by
+the spec it builds.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import Unsupported
 from ..spec import ModelSpec
 
 # A transform takes the canonical tensor and the spec and returns the HF tensors in the
@@ -25,15 +41,25 @@ class HfMapping:
 
 
 @dataclass(frozen=True)
-class HfFamily:
+class Bridge:
+    """One architecture. ``name`` is the registry key and :attr:`ModelSpec.family`."""
+
     name: str
-    architecture: str
+    architecture: str  # the transformers class written to config.json
     model_type: str
     config_to_spec: Callable[[dict], ModelSpec]
     spec_to_config: Callable[[ModelSpec, torch.dtype], dict]
     mappings: Callable[[ModelSpec], list]
+    mismatch: Callable[[ModelSpec], "str | None"]
+    claims: Callable[[ModelSpec], bool] = lambda spec: False
     # HF tensors transformers keeps in a checkpoint that carry no weights of ours
     ignorable: tuple[str, ...] = ()
+
+    def check(self, spec: ModelSpec) -> None:
+        """Refuse a model this architecture cannot hold, in one line."""
+        reason = self.mismatch(spec)
+        if reason:
+            raise Unsupported(f"{self.architecture} cannot hold this model: {reason}")
 
 
 def same(tensor, spec):
@@ -93,3 +119,11 @@ def halves(tensor, spec):
 
 def halves_back(tensors, spec):
     return torch.cat(tensors, dim=0)
+
+
+def first_problem(*checks: tuple[bool, str]) -> str | None:
+    """The message of the first failed check: ``first_problem((ok, "why not"), ...)``."""
+    for ok, why in checks:
+        if not ok:
+            return why
+    return None

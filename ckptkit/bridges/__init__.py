@@ -1,0 +1,71 @@
+"""The bridge registry: one entry per architecture (see :mod:`ckptkit.bridges.base`).
+
+Adding a family is one file beside these and one line in ``BRIDGES``. The order is the
+order in which a Megatron checkpoint that records no Hugging Face architecture is
+claimed: the most specific families first (Qwen3 has q/k norms, Qwen2 q/k/v-only biases,
+Mistral a sliding window), plain Llama and GPT-2 last. Phi-3 claims nothing: its
+Megatron model is a Llama's, so only a recorded architecture (or ``--architecture``)
+picks it.
+
+>>> bridge_for_config({"architectures": ["Qwen3ForCausalLM"]}).name
+'qwen3'
+"""
+from __future__ import annotations
+
+from ..errors import BadInput, Unsupported
+from ..spec import ModelSpec
+from .base import Bridge, HfMapping
+from .gpt2 import GPT2
+from .llama import LLAMA
+from .mistral import MISTRAL
+from .phi3 import PHI3
+from .qwen2 import QWEN2
+from .qwen3 import QWEN3
+
+BRIDGES: dict[str, Bridge] = {bridge.name: bridge for bridge in (QWEN3, QWEN2, MISTRAL, PHI3, LLAMA, GPT2)}
+BY_ARCHITECTURE = {bridge.architecture: bridge for bridge in BRIDGES.values()}
+BY_MODEL_TYPE = {bridge.model_type: bridge for bridge in BRIDGES.values()}
+
+
+def bridge_for_config(config: dict, source: str = "config.json") -> Bridge:
+    """The bridge of a Hugging Face config, by its architecture, else its model_type."""
+    for architecture in config.get("architectures") or []:
+        if architecture in BY_ARCHITECTURE:
+            return BY_ARCHITECTURE[architecture]
+    model_type = config.get("model_type")
+    if model_type in BY_MODEL_TYPE:
+        return BY_MODEL_TYPE[model_type]
+    raise Unsupported(f"{source}: unsupported architecture {config.get('architectures') or model_type!r} "
+                      f"(supported: {', '.join(BY_ARCHITECTURE)})")
+
+
+def bridge_for_architecture(architecture: str) -> Bridge:
+    """``"MistralForCausalLM"`` (or the registry name ``"mistral"``) -> its bridge."""
+    bridge = BY_ARCHITECTURE.get(architecture) or BRIDGES.get(architecture)
+    if bridge is None:
+        raise BadInput(f"unknown architecture {architecture!r} (supported: {', '.join(BY_ARCHITECTURE)})")
+    return bridge
+
+
+def family_of(spec: ModelSpec, recorded: str | None = None, source: str = "checkpoint") -> str:
+    """The family of a model read from Megatron args.
+
+    ``recorded`` is the architecture the checkpoint names (written by ckptkit from a
+    Hugging Face model, or asked for with ``--architecture``): it wins when the model
+    fits it. Otherwise the first bridge that claims the model.
+    """
+    if recorded:
+        bridge = bridge_for_architecture(recorded)
+        reason = bridge.mismatch(spec)
+        if reason:
+            raise Unsupported(f"{source}: recorded architecture {bridge.architecture} cannot hold this "
+                              f"model: {reason}")
+        return bridge.name
+    for bridge in BRIDGES.values():
+        if bridge.claims(spec):
+            return bridge.name
+    reasons = "; ".join(f"{bridge.architecture}: {bridge.mismatch(spec)}" for bridge in (LLAMA, GPT2))
+    raise Unsupported(f"{source}: the model matches no supported architecture ({reasons})")
+
+
+__all__ = ["BRIDGES", "Bridge", "HfMapping", "bridge_for_architecture", "bridge_for_config", "family_of"]
