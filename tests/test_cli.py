@@ -1,10 +1,15 @@
 """The command line: every command works on the real fixture, prints JSON on request,
 exits 0 only on success, and explains itself in --help with an example."""
+import importlib
 import json
+import pkgutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 
+import ckptkit.commands
 from ckptkit.cli import main
 
 from conftest import fixture_path, make_hf_model
@@ -78,3 +83,28 @@ def test_demo_runs_the_whole_flow_on_the_bundled_checkpoint():
     summary = json.loads(result.output)
     assert summary["ok"] and [step["name"] for step in summary["steps"]][:3] == [
         "inspect", "megatron-to-hf", "logits vs Megatron-LM"]
+
+
+def command_modules() -> list[str]:
+    return [f"ckptkit.commands.{module.name}" for module in pkgutil.iter_modules(ckptkit.commands.__path__)]
+
+
+def test_command_modules_never_import_the_cli_that_registers_them():
+    """ckptkit.cli imports every command module; a command module importing ckptkit.cli back is a cycle."""
+    assert "ckptkit.commands.push" in command_modules()
+    imports = "; ".join(f"import {module}" for module in command_modules())
+    check = f"import sys; {imports}; assert 'ckptkit.cli' not in sys.modules, 'ckptkit.cli was imported'"
+
+    completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_every_command_module_registers_its_commands_on_main():
+    from ckptkit.train.command import train
+
+    registered = {command.name: command for module in command_modules() if not module.endswith(".shell")
+                  for command in importlib.import_module(module).COMMANDS}
+    registered["train"] = train
+    assert main.commands == registered
+    assert set(COMMANDS) | {"push", "train"} == set(main.commands)

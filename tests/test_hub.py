@@ -18,10 +18,14 @@ from click.testing import CliRunner
 from hub_server import MiB, FakeHub
 from safetensors.torch import save_file
 
+from ckptkit import atomic
+from ckptkit.cli import main
 from ckptkit.commands.push import push
 from ckptkit.errors import BadInput
 from ckptkit.hub import PushResult, check_model_folder, push_folder
 from ckptkit.model_card import TAGS, build_model_card, write_model_card
+
+from conftest import fixture_path
 
 TOKEN = "hf_ckptkitTestToken0123456789abcdef"
 USER = "ckptkit-tester"
@@ -406,9 +410,67 @@ def test_push_help_shows_an_example():
 
 
 def test_push_is_a_subcommand_of_the_main_cli():
-    from ckptkit.cli import main
-
     assert main.commands["push"] is push
+
+
+# ---- converting and publishing in one command -------------------------------------------------------
+
+def convert_and_push(destination: Path, repo_id: str, *extra: str):
+    """``ckptkit megatron-to-hf`` of the real GPT-2 checkpoint (3 MB) in 1 MB shards, pushed to ``repo_id``."""
+    source = fixture_path("gpt2_tp2pp2", "conv", "torch")
+    arguments = ["megatron-to-hf", source, destination, "--max-shard-size", "1MB", "--push-to-hub", repo_id, *extra]
+    return CliRunner().invoke(main, [str(argument) for argument in arguments])
+
+
+def test_megatron_to_hf_push_to_hub_uploads_config_shards_and_model_card(hub, tmp_path):
+    destination = tmp_path / "gpt2-hf"
+
+    result = convert_and_push(destination, f"{USER}/gpt2", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # --json: neither ckptkit's progress nor huggingface_hub's
+    remote = hub.files(f"{USER}/gpt2")
+    assert remote.pop(".gitattributes")
+    assert remote == local_files(destination)
+    shards = set(json.loads(remote["model.safetensors.index.json"])["weight_map"].values())
+    assert len(shards) > 1 and shards <= set(remote)
+    assert {"config.json", "generation_config.json", "README.md"} <= set(remote)
+    readme = remote["README.md"].decode()
+    assert readme.startswith("---\nlibrary_name: transformers\n") and "- megatron-lm" in readme
+    for row in ("| format | megatron-legacy |", "| tensor parallel (TP) | 2 |", "| iteration | 10 |",
+                "| architecture | GPT2LMHeadModel |", "| parameters | 773,376 (773.4K) |"):
+        assert row in readme
+    payload = json.loads(result.stdout)
+    assert sorted(payload["files"]) == sorted(remote)
+    assert payload["bytes_written"] == sum(map(len, remote.values()))
+    assert f"pushed to {USER}/gpt2 (main)" in payload["notes"]
+
+
+def test_megatron_to_hf_writes_the_model_card_before_the_output_is_published(hub, monkeypatch, tmp_path):
+    published = {}
+    rename_into_place = atomic._replace
+
+    def record_then_rename(partial: Path, destination: Path) -> None:
+        published[destination] = sorted(path.name for path in partial.iterdir())
+        rename_into_place(partial, destination)
+
+    monkeypatch.setattr(atomic, "_replace", record_then_rename)
+
+    result = convert_and_push(tmp_path / "gpt2-hf", f"{USER}/gpt2", "--revision", "iter-10")
+
+    assert result.exit_code == 0, result.output
+    assert published[tmp_path / "gpt2-hf"] == sorted(local_files(tmp_path / "gpt2-hf"))
+    assert "README.md" in published[tmp_path / "gpt2-hf"]
+    assert "README.md" in hub.files(f"{USER}/gpt2", "iter-10")
+
+
+def test_megatron_to_hf_without_push_to_hub_writes_no_model_card(tmp_path):
+    source = fixture_path("gpt2_tp2pp2", "conv", "torch")
+
+    result = CliRunner().invoke(main, ["megatron-to-hf", str(source), str(tmp_path / "gpt2-hf")])
+
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "gpt2-hf" / "README.md").exists()
 
 
 # ---- the model card -----------------------------------------------------------------------------------

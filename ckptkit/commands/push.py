@@ -1,13 +1,12 @@
-"""``ckptkit push``: upload a Hugging Face model folder to the Hub.
-
-A thin shell over ``ckptkit.hub.push_folder``; ``ckptkit.cli`` registers it on the main group.
-"""
+"""``ckptkit push``: upload a Hugging Face model folder to the Hub (over ``ckptkit.hub.push_folder``)."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import click
+from rich.table import Table
+
+from .shell import emit_json, handle_errors, hub_progress_bars, json_option, stdout
 
 
 @click.command("push")
@@ -18,7 +17,8 @@ import click
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to; created from main if it does not exist.")
 @click.option("--commit-message", help="Commit message (default: 'Upload DIR with ckptkit VERSION').")
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@json_option()
+@handle_errors
 def push(folder, repo_id, private, revision, commit_message, create_pr, as_json):
     """Upload a Hugging Face model folder (config.json and weights) to the Hub.
 
@@ -30,19 +30,9 @@ def push(folder, repo_id, private, revision, commit_message, create_pr, as_json)
       ckptkit push gpt2-hf/ my-org/gpt2-converted --private
       ckptkit push gpt2-hf/ my-org/gpt2-converted --revision iter-10 --json
     """
-    from ..cli import handle_errors  # imported here: ckptkit.cli imports this module to register it
-
-    handle_errors(_push)(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
-                         create_pr=create_pr, as_json=as_json)
-
-
-def _push(folder: Path, repo_id: str, *, private, revision, commit_message, create_pr, as_json) -> None:
-    from rich.table import Table
-
-    from ..cli import emit_json, stdout
     from ..hub import push_folder
 
-    with _hub_progress_bars(enabled=not as_json):
+    with hub_progress_bars(enabled=not as_json):
         result = push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
                              create_pr=create_pr)
     if as_json:
@@ -60,16 +50,4 @@ def _push(folder: Path, repo_id: str, *, private, revision, commit_message, crea
     stdout.print(table)
 
 
-@contextlib.contextmanager
-def _hub_progress_bars(enabled: bool):
-    """huggingface_hub's upload progress bars, silenced for --json like ckptkit's own."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    silence = not enabled and not are_progress_bars_disabled()
-    if silence:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if silence:
-            enable_progress_bars()
+COMMANDS = (push,)

@@ -1,0 +1,188 @@
+"""``ckptkit megatron-to-hf``, ``hf-to-megatron`` and ``reshard``: the conversions (over ``ckptkit.convert``).
+
+Each command streams one conversion into a hidden partial folder that appears at the destination
+only when complete (:mod:`ckptkit.atomic`), and prints the :class:`~ckptkit.convert.ConvertResult`.
+``megatron-to-hf --push-to-hub`` adds a model card to that folder before it is published, then
+uploads the folder (:mod:`ckptkit.hub`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from .shell import (DTYPE_CHOICES, TensorProgress, emit_json, handle_errors, hub_progress_bars, show_notes,
+                    source_options, stdout)
+
+
+def render_conversion(result, as_json: bool) -> None:
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    show_notes(result.notes)
+    table = Table(title=f"{result.source} -> {result.destination}", show_header=False)
+    table.add_row("family", result.family)
+    table.add_row("parameters", f"{result.num_parameters:,}")
+    table.add_row("source", ", ".join(f"{k}={v}" for k, v in result.source_layout.items()
+                                      if k in ("layout", "tp", "pp", "vpp", "iteration", "dtype", "naming")))
+    table.add_row("target", ", ".join(f"{k}={v}" for k, v in result.target_layout.items()))
+    table.add_row("files", str(len(result.files)))
+    table.add_row("written", f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.2f} s")
+    stdout.print(table)
+
+
+def _conversion_process() -> None:
+    from ..streaming_io import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()  # a conversion process: reuse freed pages (see streaming_io)
+
+
+# ---------------------------------------------------------------------------- megatron-to-hf
+
+@click.command("megatron-to-hf")
+@click.argument("source", type=click.Path(exists=False))
+@click.argument("destination", type=click.Path())
+@click.option("--dtype", type=DTYPE_CHOICES, help="Output dtype (default: the checkpoint's).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--tokenizer", type=click.Path(), help="Folder whose tokenizer files are copied into the output.")
+@click.option("--vocab-size", type=int, help="True vocabulary size, when the checkpoint's args lack it.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty destination (only once the new one is complete).")
+@click.option("--push-to-hub", "push_to_hub", metavar="OWNER/NAME", help="Upload the result to the Hugging Face Hub.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
+@click.option("--revision", help="With --push-to-hub: branch to upload to.")
+@click.option("--commit-message", help="With --push-to-hub: commit message.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes writing disjoint output files (under torchrun: per rank).")
+@source_options
+@handle_errors
+def megatron_to_hf_command(source, destination, dtype, max_shard_size, tokenizer, vocab_size, overwrite,
+                           push_to_hub, private, revision, commit_message, workers, strict, trust_remote_pickle,
+                           as_json):
+    """Convert a Megatron checkpoint (per-rank files, torch_dist or .zip) to a Hugging Face folder.
+
+    \b
+    Example:
+      ckptkit megatron-to-hf checkpoints/gpt2/ gpt2-hf/ --dtype bf16 --max-shard-size 2GB
+      torchrun --nnodes 2 --nproc-per-node 4 ... -m ckptkit.cli megatron-to-hf ckpt/ hf/  (shared file system)
+    """
+    from ..convert import megatron_to_hf
+
+    _conversion_process()
+    with TensorProgress("megatron -> hf", enabled=not as_json) as progress:
+        result = megatron_to_hf(source, destination, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
+                                overwrite=overwrite, vocab_size=vocab_size, strict=strict,
+                                trust_remote_pickle=trust_remote_pickle, progress=progress.advance,
+                                on_start=progress.start, workers=workers,
+                                extra_files=add_model_card if push_to_hub else None)
+    if push_to_hub and _is_leader():
+        from ..hub import push_folder
+
+        with hub_progress_bars(enabled=not as_json):
+            pushed = push_folder(destination, push_to_hub, private=private, revision=revision,
+                                 commit_message=commit_message)
+        result.notes.append(f"pushed to {push_to_hub} ({pushed.revision or 'main'})")
+    render_conversion(result, as_json)
+
+
+def add_model_card(folder: Path, result) -> list[str]:
+    """Write README.md describing the conversion into ``folder``, the output before it is published."""
+    from .. import __version__
+    from ..model_card import write_model_card
+
+    written = write_model_card(folder, {
+        "source_format": result.source_layout.get("layout"), "source_layout": result.source_layout,
+        "architecture": result.target_layout.get("architecture"), "family": result.family,
+        "num_parameters": result.num_parameters, "dtype": result.target_layout.get("dtype"),
+        "ckptkit_version": __version__,
+    })
+    return [written.name] if written else []
+
+
+def _is_leader() -> bool:
+    """Under torchrun every rank runs the command; rank 0 alone publishes the shared output."""
+    from ..parallel import distributed_world
+
+    return distributed_world()[0] == 0
+
+
+# ---------------------------------------------------------------------------- to Megatron
+
+def megatron_target_options(command):
+    """The target layout of ``hf-to-megatron`` and ``reshard``."""
+    for option in reversed([
+        click.option("--tp", type=int, required=True, help="Target tensor-parallel size."),
+        click.option("--pp", type=int, required=True, help="Target pipeline-parallel size."),
+        click.option("--vpp", type=int, default=1, show_default=True, help="Virtual pipeline stages per rank."),
+        click.option("--dtype", type=DTYPE_CHOICES, help="Output dtype."),
+        click.option("--naming", type=click.Choice(["mcore-local", "mcore-te", "legacy"]),
+                     help="Parameter names to write (default: Megatron-Core local, or the source's for reshard)."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty destination."),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Processes writing disjoint rank files (under torchrun: per rank)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@click.command("hf-to-megatron")
+@click.argument("source", type=click.Path(exists=False))
+@click.argument("destination", type=click.Path())
+@megatron_target_options
+@click.option("--make-vocab-size-divisible-by", type=int, default=128, show_default=True,
+              help="Pad the vocabulary to a multiple of this times TP (Megatron's rule).")
+@click.option("--format", "target_format", type=click.Choice(["torch", "torch_dist"]), default="torch",
+              show_default=True, help="Per-rank files (torch) or Megatron-Core distributed (torch_dist).")
+@source_options
+@handle_errors
+def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, workers,
+                           make_vocab_size_divisible_by, target_format, strict, trust_remote_pickle, as_json):
+    """Convert a Hugging Face folder to a Megatron checkpoint at any TP/PP.
+
+    \b
+    Example:
+      ckptkit hf-to-megatron llama-hf/ megatron-llama/ --tp 2 --pp 2 --dtype bf16
+    """
+    from ..convert import hf_to_megatron
+
+    _conversion_process()
+    with TensorProgress("hf -> megatron", enabled=not as_json) as progress:
+        result = hf_to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
+                                make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=target_format,
+                                naming=naming or "mcore-local", overwrite=overwrite, strict=strict,
+                                trust_remote_pickle=trust_remote_pickle, progress=progress.advance,
+                                on_start=progress.start, workers=workers)
+    render_conversion(result, as_json)
+
+
+@click.command("reshard")
+@click.argument("source", type=click.Path(exists=False))
+@click.argument("destination", type=click.Path())
+@megatron_target_options
+@click.option("--format", "target_format", type=click.Choice(["torch", "torch_dist"]),
+              help="Output format (default: the source's).")
+@click.option("--make-vocab-size-divisible-by", type=int, help="Default: the source's.")
+@source_options
+@handle_errors
+def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, workers, target_format,
+                    make_vocab_size_divisible_by, strict, trust_remote_pickle, as_json):
+    """Rewrite a Megatron checkpoint at other TP/PP sizes, keeping iteration and args.
+
+    Optimizer and RNG state belong to the old layout and are dropped with a notice.
+
+    \b
+    Example:
+      ckptkit reshard checkpoints/gpt2/ checkpoints/gpt2-tp1pp4/ --tp 1 --pp 4
+    """
+    from ..convert import reshard
+
+    _conversion_process()
+    with TensorProgress("reshard", enabled=not as_json) as progress:
+        result = reshard(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype, format=target_format,
+                         naming=naming, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                         overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
+                         progress=progress.advance, on_start=progress.start, workers=workers)
+    render_conversion(result, as_json)
+
+
+COMMANDS = (megatron_to_hf_command, hf_to_megatron_command, reshard_command)

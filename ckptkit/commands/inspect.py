@@ -1,0 +1,56 @@
+"""``ckptkit inspect``: a checkpoint's layout, family, parallel sizes and tensors (over ``ckptkit.inspection``)."""
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from .shell import emit_json, handle_errors, source_options, stdout
+
+
+@click.command("inspect")
+@click.argument("checkpoint", type=click.Path(exists=False))
+@click.option("--tensors/--no-tensors", default=True, help="List every tensor and its partitioning.")
+@source_options
+@handle_errors
+def inspect_command(checkpoint, tensors, strict, trust_remote_pickle, as_json):
+    """Show a checkpoint's layout, family, parallel sizes, iteration, dtype and tensors.
+
+    \b
+    Example:
+      ckptkit inspect checkpoints/gpt2/ --json
+    """
+    from ..inspection import inspect_checkpoint
+
+    info = inspect_checkpoint(checkpoint, strict=strict, trust_remote_pickle=trust_remote_pickle)
+    if as_json:
+        emit_json(info.to_dict())
+        return
+    layout = info.layout
+    summary = Table(title=str(checkpoint), show_header=False)
+    for key, value in [("layout", layout["layout"]), ("naming", layout.get("naming")),
+                       ("family", f"{info.family} ({info.architecture})"),
+                       ("parallel", f"TP={layout['tp']} PP={layout['pp']} VPP={layout['vpp']}"),
+                       ("iteration", "release" if layout.get("release") else layout.get("iteration")),
+                       ("checkpoint_version", layout.get("checkpoint_version")), ("dtype", layout["dtype"]),
+                       ("parameters", f"{info.num_parameters:,}"),
+                       ("padded vocab", layout.get("padded_vocab_size"))]:
+        if value is not None:
+            summary.add_row(key, str(value))
+    spec = info.spec
+    summary.add_row("architecture", f"{spec['num_layers']} layers, hidden {spec['hidden_size']}, "
+                    f"{spec['num_attention_heads']} heads / {spec['num_query_groups']} groups, ffn "
+                    f"{spec['ffn_hidden_size']}, vocab {spec['vocab_size']}, {spec['normalization']}, "
+                    f"{spec['activation']}, {spec['position_embedding']}, "
+                    f"{'tied' if spec['tied_embeddings'] else 'untied'} embeddings")
+    stdout.print(summary)
+    if tensors:
+        table = Table(title="tensors")
+        table.add_column("name", overflow="fold", min_width=24)
+        for column in ("shape", "partition", "per TP rank"):
+            table.add_column(column)
+        for tensor in info.tensors:
+            table.add_row(tensor.name, str(list(tensor.shape)), tensor.rule, str(list(tensor.shard_shape)))
+        stdout.print(table)
+
+
+COMMANDS = (inspect_command,)
