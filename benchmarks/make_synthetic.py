@@ -7,6 +7,10 @@ bytes every time). Memory stays at about one tensor.
 
     python benchmarks/make_synthetic.py /work/bench/gpt-1.3b-tp2pp2 --size 1.3b --tp 2 --pp 2 --naming legacy
     python benchmarks/make_synthetic.py /work/bench/gpt-1.3b-hf --size 1.3b --format hf
+
+``--diverge-copies`` then makes the copies Megatron keeps of some tensors differ (as a
+bug in training would): replicated tensors across TP ranks, and the tied output head
+from the word embeddings.
 """
 from __future__ import annotations
 
@@ -106,6 +110,35 @@ def make(out: Path, *, size: str, format: str = "megatron", tp: int = 1, pp: int
     return out
 
 
+def diverge_copies(checkpoint: Path, amount: float = 0.5) -> int:
+    """Change, in place, the last value of every replicated tensor on TP ranks 1 and up and of
+    the last stage's tied output head on every TP rank; return how many tensors differ now.
+
+    Only those bytes change (torch does not check the zip records' CRC-32 on load, and
+    ckptkit reads tensors by offset), so this takes no time at any size.
+    """
+    edits, diverged = [], 0
+    with megatron_legacy.MegatronLegacyReader(checkpoint) as reader:
+        tp, head = reader.files.tp, reader.tied_head_location
+        copies = [(reader.index[canonical.name], canonical.name, range(1, tp))
+                  for canonical in reader.canonical() if canonical.rule == "replicated" and tp > 1]
+        if head is not None:
+            copies.append((head, "output_layer.weight", range(tp)))
+        for location, name, tp_ranks in copies:
+            edits += [(reader.files.path(tp_rank, location.pp_stage), reader._shard_at(location, tp_rank, name))
+                      for tp_rank in tp_ranks]
+            diverged += 1
+    for path, stored in edits:
+        element = stored.element_size()
+        last = stored.untyped_storage()._checkpoint_offset + (stored.storage_offset() + stored.numel() - 1) * element
+        with open(path, "r+b") as opened:
+            opened.seek(last)
+            value = torch.frombuffer(bytearray(opened.read(element)), dtype=stored.dtype) + amount
+            opened.seek(last)
+            opened.write(value.view(torch.uint8).numpy().tobytes())
+    return diverged
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -117,10 +150,15 @@ def main(argv=None) -> None:
     parser.add_argument("--naming", choices=["legacy", "mcore-local", "mcore-te"], default="legacy")
     parser.add_argument("--dtype", choices=DTYPES, default="fp16")
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--diverge-copies", action="store_true",
+                        help="Megatron output: make replicated tensors differ across TP ranks and the tied head "
+                        "differ from the embeddings")
     options = parser.parse_args(argv)
     started = time.perf_counter()
     make(options.out, size=options.size, format=options.format, tp=options.tp, pp=options.pp, vpp=options.vpp,
          naming=options.naming, dtype=options.dtype, max_shard_size=options.max_shard_size)
+    if options.diverge_copies:
+        print(f"{options.out}: copies of {diverge_copies(options.out)} tensors made to differ")
     total = sum(path.stat().st_size for path in options.out.rglob("*") if path.is_file())
     print(f"{options.out}: {parameter_count(gpt_spec(options.size)) / 1e9:.3f}B parameters, "
           f"{total / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s")

@@ -27,7 +27,7 @@ class Replicated:
     """Every rank holds the whole tensor (norms, biases of row-parallel layers).
 
     ``split([a b c], 2) == [[a b c], [a b c]]``; ``merge`` returns the first copy
-    (callers compare the copies: see :func:`replica_mismatch`).
+    (callers compare the copies: see :func:`max_abs_difference`).
     """
 
     name = "replicated"
@@ -39,16 +39,24 @@ class Replicated:
         return shards[0]
 
 
-def replica_mismatch(shards) -> float:
-    """Largest absolute difference between rank 0's copy and any other's (0.0 if equal)."""
-    reference = shards[0]
-    worst = 0.0
-    for other in shards[1:]:
-        if other.shape != reference.shape:
-            return float("inf")
-        if not torch.equal(other, reference):
-            worst = max(worst, (other.double() - reference.double()).abs().max().item())
-    return worst
+def max_abs_difference(reference: torch.Tensor, copy: torch.Tensor) -> float:
+    """Largest ``|copy - reference|`` of two tensors that should be equal: 0.0 when they
+    are, ``inf`` when their shapes differ.
+
+    Computed in the wider of the tensors' own dtype and float32, never float64: a float16
+    difference can overflow (``60000 - (-60000)``), and a float32 copy of a chunk is the
+    most it adds. Callers compare large tensors a chunk of rows at a time.
+
+    >>> max_abs_difference(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+    0.5
+    """
+    if copy.shape != reference.shape:
+        return float("inf")
+    if copy.numel() == 0 or (copy.dtype == reference.dtype and torch.equal(copy, reference)):
+        return 0.0
+    dtype = torch.promote_types(torch.promote_types(reference.dtype, copy.dtype), torch.float32)
+    difference = copy.to(dtype, copy=True).sub_(reference).abs_()
+    return difference.max().item()
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,20 @@ def test_non_dividing_split_names_the_shape():
         rules.ColumnParallel().split(torch.zeros(3, 2), 2)
 
 
-def test_replica_mismatch_reports_the_largest_difference():
+def test_max_abs_difference_of_copies_is_zero_when_equal_and_the_largest_difference_otherwise():
     a = torch.zeros(4)
     b = torch.tensor([0, 0, 0.5, 0])
-    assert rules.replica_mismatch([a, a.clone()]) == 0.0
-    assert rules.replica_mismatch([a, b]) == 0.5
+    assert rules.max_abs_difference(a, a.clone()) == 0.0
+    assert rules.max_abs_difference(a, b) == 0.5
+    assert rules.max_abs_difference(a, torch.zeros(5)) == float("inf")
+
+
+def test_max_abs_difference_of_float16_copies_does_not_overflow():
+    a = torch.tensor([60000.0], dtype=torch.float16)
+    assert rules.max_abs_difference(a, -a) == 120000.0
+
+
+def test_max_abs_difference_leaves_its_inputs_unchanged():
+    a, b = torch.zeros(3), torch.ones(3)
+    rules.max_abs_difference(a, b)
+    assert b.tolist() == [1.0, 1.0, 1.0] and a.tolist() == [0.0, 0.0, 0.0]

@@ -296,10 +296,9 @@ def test_weights_never_come_from_optimizer_entries(tmp_path):
 def test_unknown_model_tensor_is_unsupported_rather_than_dropped(tmp_path):
     hf_dir = make_hf_model(tmp_path / "hf", "llama")
     hf_to_megatron(hf_dir, tmp_path / "dist", tp=1, pp=1, format="torch_dist")
-    target = tmp_path / "with_qk_norm" / "release"
-    _rewrite_with(tmp_path / "dist" / "release", target,
-                  {"decoder.layers.self_attention.q_layernorm.weight": torch.ones(2, 8)})
-    with pytest.raises(Unsupported, match="unknown tensor decoder.layers.self_attention.q_layernorm.weight"):
+    target = tmp_path / "with_router" / "release"
+    _rewrite_with(tmp_path / "dist" / "release", target, {"decoder.layers.mlp.router.weight": torch.ones(2, 4, 32)})
+    with pytest.raises(Unsupported, match="unknown tensor decoder.layers.mlp.router.weight"):
         open_checkpoint(target)
 
 

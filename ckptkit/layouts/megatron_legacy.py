@@ -17,6 +17,7 @@ holds ``decoder.layers.0..2`` for global layers 3..5.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -28,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from .. import rules
 from ..errors import BadInput, Unsupported
 from ..megatron_args import megatron_args, spec_from_args
 from ..spec import CanonicalTensor, ModelSpec, canonical_tensors, check_parallel_sizes, padded_vocab_size, rule_for
 from ..safe_load import safe_torch_load, without_stand_ins
 from ..streaming_io import read_into, read_tensor
 from ..torch_stream import StreamingTorchWriter
+from . import copies
 from .base import CheckpointMeta, CheckpointReader
 from .tracker import TRACKER, iteration_dir_name, locate_iteration_folder
 from .megatron_names import NAMINGS, Naming, detect_naming
@@ -236,6 +237,10 @@ class _RankFiles:
         flat = read_tensor(self.descriptors[key], offset, (span,), stored.dtype)
         return flat.as_strided(stored.shape, stored.stride()).contiguous()
 
+    def read_rows(self, tp_rank: int, pp_stage: int, stored: torch.Tensor, rows: range) -> torch.Tensor:
+        """Rows ``rows`` (along dim 0) of ``stored``, read from the file into a tensor of their own."""
+        return self.read(tp_rank, pp_stage, stored[rows.start: rows.stop] if stored.dim() else stored)
+
     def close(self) -> None:
         for descriptor in self.descriptors.values():
             os.close(descriptor)
@@ -263,6 +268,12 @@ def _offsets_known(chunks: list[dict]) -> bool:
 
 def _has_meta_tensors(state: dict) -> bool:
     return any(tensor.device.type == "meta" for tensor in _tensors_in(state))
+
+
+def _worst(differences: list[float], first_rank: int) -> tuple[float, int]:
+    """The largest of per-rank differences (NaN counts as largest) and its TP rank."""
+    index = max(range(len(differences)), key=lambda i: (math.isnan(differences[i]), differences[i]))
+    return differences[index], first_rank + index
 
 
 class MegatronLegacyReader(CheckpointReader):
@@ -457,14 +468,17 @@ class MegatronLegacyReader(CheckpointReader):
         stacked = self._read_stacked(canonical)
         if stacked is not None:
             return stacked
+        if canonical.rule == "replicated":
+            # Every rank holds a copy: TP rank 0's is used, validate() compares the others.
+            stored = self._stored_shards(name)
+            self._check_shard_shapes(canonical, stored)
+            return self.files.read(0, self.index[name].pp_stage, stored[0])
         shards = self.shards(name)
         self._check_shard_shapes(canonical, shards)
         if canonical.rule == "qkv" and self.meta.checkpoint_version < 2.0:
             heads_per_rank = self.spec.num_attention_heads // self.files.tp
             shards = [qkv_to_current(shard, self.meta.checkpoint_version, heads_per_rank, self.spec.head_dim)
                       for shard in shards]
-        if canonical.rule == "replicated":
-            self._check_replicas(name, shards)
         return self._rule(canonical).merge(shards)
 
     def _read_stacked(self, canonical: CanonicalTensor) -> torch.Tensor | None:
@@ -511,20 +525,47 @@ class MegatronLegacyReader(CheckpointReader):
                 raise BadInput(f"{path}: {location.file_key} has dtype {shard.dtype}; TP rank 0 has "
                                f"{shards[0].dtype}")
 
-    def _check_replicas(self, name: str, shards) -> None:
-        difference = rules.replica_mismatch(shards)
-        if difference:
-            location = self.index[name]
-            message = (f"{self.files.path(0, location.pp_stage).parent.parent}: replicated tensor "
-                       f"{location.file_key} differs across TP ranks (max abs diff {difference:.3g}); "
-                       "taking TP rank 0's copy")
-            if self.strict:
-                raise BadInput(message)
-            self.warn(message)
+    def _row_reader(self, tp_rank: int, pp_stage: int, stored: torch.Tensor) -> copies.ReadRows:
+        return lambda rows: self.files.read_rows(tp_rank, pp_stage, stored, rows)
+
+    def _compare_replicas(self, name: str, report: copies.CopyReport) -> None:
+        """Every TP rank's copy of replicated tensor ``name`` against TP rank 0's, a chunk at a time."""
+        location = self.index[name]
+        stored = self._stored_shards(name)
+        if len(stored) < 2:
+            return
+        readers = [self._row_reader(tp_rank, location.pp_stage, shard) for tp_rank, shard in enumerate(stored)]
+        differences = copies.largest_differences(readers[0], readers[1:], tuple(stored[0].shape),
+                                                 stored[0].element_size())
+        difference, tp_rank = _worst(differences, first_rank=1)
+        report.record(difference, f"{self.files.path(tp_rank, location.pp_stage)}: replicated tensor "
+                                  f"{location.file_key} differs across TP ranks (max abs diff {difference:.3g} "
+                                  "against TP rank 0's copy)")
+
+    def _compare_tied_head(self, report: copies.CopyReport) -> None:
+        """The last stage's output-head copy against the first stage's word embeddings, rank by rank."""
+        head_location = self.tied_head_location
+        embedding_location = self.index["embedding.word_embeddings.weight"]
+        differences = []
+        for tp_rank in range(self.files.tp):
+            head = self._shard_at(head_location, tp_rank, "output_layer.weight")
+            embedding = self._shard("embedding.word_embeddings.weight", tp_rank)
+            if head.shape != embedding.shape:
+                differences.append(float("inf"))
+                continue
+            differences += copies.largest_differences(
+                self._row_reader(tp_rank, embedding_location.pp_stage, embedding),
+                [self._row_reader(tp_rank, head_location.pp_stage, head)], tuple(head.shape), head.element_size())
+        difference, tp_rank = _worst(differences, first_rank=0)
+        report.record(difference, f"{self.files.path(tp_rank, head_location.pp_stage)}: {head_location.file_key} "
+                                  f"(tied output head) differs from the first stage's word embeddings (max abs "
+                                  f"diff {difference:.3g})")
 
     def validate(self) -> list[str]:
-        """Load every rank file, compare key sets, shapes, replicas and the tied head copy."""
-        notes = []
+        """Load every rank file and compare key sets and shapes; compare the copies that should
+        be identical (replicated tensors across TP ranks, the tied head with the embeddings) a
+        chunk of rows at a time. Returns one note for all copies that differ (an error naming
+        the first one in strict mode)."""
         for pp_stage in range(self.files.pp):
             reference = self.files.chunks(0, pp_stage)
             for tp_rank in range(1, self.files.tp):
@@ -537,27 +578,16 @@ class MegatronLegacyReader(CheckpointReader):
                     extra = sorted(set(theirs) - set(mine))
                     if extra:
                         raise BadInput(f"{self.files.path(tp_rank, pp_stage)}: unexpected tensor {extra[0]}")
+        report = copies.CopyReport(self.strict)
         for canonical in self.canonical():
             self._check_shard_shapes(canonical, self._stored_shards(canonical.name))
             if canonical.rule == "replicated":
-                self._check_replicas(canonical.name, self.shards(canonical.name))
+                self._compare_replicas(canonical.name, report)
         if self.tied_head_location is not None:
-            stage = self.tied_head_location.pp_stage
-            head = [self.files.read(t, stage, self._shard_at(self.tied_head_location, t, "output_layer.weight"))
-                    for t in range(self.files.tp)]
-            embedding = self.shards("embedding.word_embeddings.weight")
-            for tp_rank, (mine, theirs) in enumerate(zip(head, embedding)):
-                if mine.shape != theirs.shape or not torch.equal(mine, theirs):
-                    path = self.files.path(tp_rank, self.tied_head_location.pp_stage)
-                    difference = (mine.double() - theirs.double()).abs().max().item() \
-                        if mine.shape == theirs.shape else float("inf")
-                    message = (f"{path}: {self.tied_head_location.file_key} (tied output head) differs from "
-                               f"the first stage's word embeddings (max abs diff {difference:.3g})")
-                    if self.strict:
-                        raise BadInput(message)
-                    self.warn(message)
-                    notes.append(message)
-        return notes
+            self._compare_tied_head(report)
+        summary = report.summary(self.files.folder, used="TP rank 0's copies of replicated tensors and the "
+                                                         "first stage's word embeddings are used")
+        return [summary] if summary else []
 
     def rank_state(self, tp_rank: int, pp_stage: int) -> dict:
         """The whole loaded dict of one rank file (args, optimizer, rng_state, ...)."""
