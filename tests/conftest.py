@@ -37,6 +37,14 @@ def make_hf_model(folder: Path, family: str = "gpt2", seed: int = 0, dtype=torch
         "mistral": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
                         head_dim=8, intermediate_size=48, max_position_embeddings=32, vocab_size=101,
                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, sliding_window=None),
+        # Qwen3: head_dim 16 is not hidden / heads (8), as in the real Qwen3 models
+        "qwen3": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, intermediate_size=48, max_position_embeddings=32, vocab_size=101,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None),
+        "phi3": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=48, max_position_embeddings=32, original_max_position_embeddings=32,
+                     vocab_size=101, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                     pad_token_id=None),
     }[family]
     defaults.update(config)
     torch.manual_seed(seed)

@@ -1,4 +1,6 @@
 """Checkpoints written by real Megatron-LM convert to Hugging Face and reproduce its logits."""
+import json
+
 import pytest
 import torch
 
@@ -100,3 +102,35 @@ def test_resharded_files_refer_to_no_ckptkit_code_so_megatron_can_unpickle_them(
     reshard(fixture_path("gpt2_tp2pp2", "conv", "torch"), tmp_path / "out", tp=1, pp=1)
     names = pickled_globals(tmp_path / "out" / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt")
     assert names and not [name for name in names if "ckptkit" in name]
+
+
+# Real Megatron-LM, float32, TP2: Qwen3-style (--qk-layernorm, --kv-channels 32 with hidden
+# 128 / 8 heads, GQA 2 groups, RoPE base 1e6) and Llama-3.1-style (--use-rope-scaling, base
+# 5e5). Dropping the rope scaling moves the Llama-3.1 logits by 3.2e-3 (positions < 32 only),
+# so the tolerance stays well under that.
+NEWER_FAMILIES = [
+    ("qwen3_tp2", "Qwen3ForCausalLM"),
+    ("llama31_tp2", "LlamaForCausalLM"),
+]
+
+
+@pytest.mark.parametrize("fixture, architecture", NEWER_FAMILIES)
+@pytest.mark.parametrize("layout", [("dist",), ("conv", "torch")], ids=["torch_dist", "per-rank"])
+def test_real_megatron_newer_families_reproduce_megatron_logits(fixture, architecture, layout, tmp_path):
+    error = converted_logits_error(fixture_path(fixture, *layout), fixture, tmp_path)
+    assert error.max().item() < FLOAT32_LOGITS_ATOL
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+
+
+def test_real_qwen3_carries_qk_norms_and_its_own_head_dim(tmp_path):
+    with open_checkpoint(fixture_path("qwen3_tp2", "dist")) as reader:
+        spec = reader.spec
+        assert (spec.family, spec.qk_layernorm, spec.head_dim, spec.hidden_size) == ("qwen3", True, 32, 128)
+        assert tuple(reader.tensor("decoder.layers.3.self_attention.k_layernorm.weight").shape) == (32,)
+
+
+def test_real_llama31_rope_scaling_becomes_hugging_face_llama3_scaling():
+    with open_checkpoint(fixture_path("llama31_tp2", "conv", "torch")) as reader:
+        assert reader.spec.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
