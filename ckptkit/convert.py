@@ -21,7 +21,7 @@ from .atomic import check_destination
 from .errors import BadInput, InternalError
 from .bridges import BRIDGES, family_of
 from .layouts import CheckpointReader, open_checkpoint
-from .megatron_args import check_expressible
+from .megatron_args import check_expressible, megatron_caveats
 from .layouts import hf as hf_layout
 from .layouts import megatron_legacy
 from .safe_load import safe_torch_load
@@ -369,6 +369,7 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
             raise BadInput(f"{source}: reshard takes a Megatron checkpoint; use hf-to-megatron for {meta.layout}")
         check_parallel_sizes(reader.spec, tp, pp, vpp)
         check_expressible(reader.spec)
+        notes.extend(megatron_caveats(reader.spec))
         source_format = "torch_dist" if meta.layout == "torch_dist" else "torch"
         target_format = format or (source_format if keep_training_state else "torch")
         if target_format not in MEGATRON_WRITERS:

@@ -83,6 +83,17 @@ def check_expressible(spec: ModelSpec) -> None:
                           + " (only the factor is an argument)")
 
 
+def megatron_caveats(spec: ModelSpec) -> list[str]:
+    """What Megatron-LM may compute differently from the args ckptkit writes for ``spec``."""
+    caveats = []
+    if spec.rope_scaling and spec.rope_scaling["factor"] != 8.0:
+        # gpt_builders.py passes use_rope_scaling but not the factor to GPTModel (default 8),
+        # at least up to Megatron-LM d98e8a6 (2026-08).
+        caveats.append(f"rope_scaling_factor {spec.rope_scaling['factor']} is in the args, but Megatron-LM's "
+                       "pretrain_gpt.py builds the model with its default factor 8: check your Megatron version")
+    return caveats
+
+
 def sliding_window_from_args(args) -> int | None:
     """Megatron's ``window_size`` ``(left, right)`` lets query i see keys i-left..i+right
     (megatron/core/transformer/utils.py, ``get_sliding_window_causal_mask``); Hugging Face's

@@ -121,3 +121,28 @@ def test_configs_without_a_megatron_equivalent_are_refused(config, message):
     base = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48, vocab_size=101)
     with pytest.raises(Unsupported, match=message):
         bridge_for_config(config).config_to_spec({**base, **config})
+
+
+def test_cli_architecture_option_names_the_class_written(tmp_path):
+    from click.testing import CliRunner
+
+    from ckptkit.cli import main
+
+    hf_dir = make_hf_model(tmp_path / "hf", "llama")
+    hf_to_megatron(hf_dir, tmp_path / "megatron", tp=1, pp=1)
+    result = CliRunner().invoke(main, ["megatron-to-hf", str(tmp_path / "megatron"), str(tmp_path / "out"),
+                                       "--architecture", "MistralForCausalLM", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["target_layout"]["architecture"] == "MistralForCausalLM"
+    refused = CliRunner().invoke(main, ["megatron-to-hf", str(tmp_path / "megatron"), str(tmp_path / "gpt2"),
+                                        "--architecture", "GPT2LMHeadModel"])
+    assert refused.exit_code == 2 and "GPT2LMHeadModel cannot hold this model" in refused.output
+
+
+def test_llama_3_2_scaling_factor_is_written_with_a_note_about_megatrons_builder(tmp_path):
+    hf_dir = make_hf_model(tmp_path / "hf", "llama", rope_scaling={**LLAMA3_SCALING, "factor": 32.0},
+                           max_position_embeddings=131072)
+    result = hf_to_megatron(hf_dir, tmp_path / "megatron", tp=1, pp=1)
+    assert any("builds the model with its default factor 8" in note for note in result.notes)
+    with open_checkpoint(tmp_path / "megatron") as reader:
+        assert reader.meta.args.rope_scaling_factor == 32.0 and reader.meta.args.use_rope_scaling

@@ -47,6 +47,9 @@ def _conversion_process() -> None:
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--tokenizer", type=click.Path(), help="Folder whose tokenizer files are copied into the output.")
 @click.option("--vocab-size", type=int, help="True vocabulary size, when the checkpoint's args lack it.")
+@click.option("--architecture", metavar="CLASS",
+              help="Hugging Face class to write (e.g. Phi3ForCausalLM), when the checkpoint does not record it; "
+                   "refused if the model does not fit it.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty destination (only once the new one is complete).")
 @click.option("--push-to-hub", "push_to_hub", metavar="OWNER/NAME", help="Upload the result to the Hugging Face Hub.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
@@ -56,14 +59,15 @@ def _conversion_process() -> None:
               help="Processes writing disjoint output files (under torchrun: per rank).")
 @source_options
 @handle_errors
-def megatron_to_hf_command(source, destination, dtype, max_shard_size, tokenizer, vocab_size, overwrite,
-                           push_to_hub, private, revision, commit_message, workers, strict, trust_remote_pickle,
+def megatron_to_hf_command(source, destination, dtype, max_shard_size, tokenizer, vocab_size, architecture,
+                           overwrite, push_to_hub, private, revision, commit_message, workers, strict, trust_remote_pickle,
                            as_json):
     """Convert a Megatron checkpoint (per-rank files, torch_dist or .zip) to a Hugging Face folder.
 
     \b
     Example:
       ckptkit megatron-to-hf checkpoints/gpt2/ gpt2-hf/ --dtype bf16 --max-shard-size 2GB
+      ckptkit megatron-to-hf checkpoints/phi3-sft/ phi3-hf/ --architecture Phi3ForCausalLM
       torchrun --nnodes 2 --nproc-per-node 4 ... -m ckptkit.cli megatron-to-hf ckpt/ hf/  (shared file system)
     """
     from ..convert import megatron_to_hf
@@ -73,7 +77,7 @@ def megatron_to_hf_command(source, destination, dtype, max_shard_size, tokenizer
         result = megatron_to_hf(source, destination, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
                                 overwrite=overwrite, vocab_size=vocab_size, strict=strict,
                                 trust_remote_pickle=trust_remote_pickle, progress=progress.advance,
-                                on_start=progress.start, workers=workers,
+                                on_start=progress.start, workers=workers, architecture=architecture,
                                 extra_files=add_model_card if push_to_hub else None)
     if push_to_hub and _is_leader():
         from ..hub import push_folder
