@@ -29,6 +29,15 @@ TINY = {
                        ffn_hidden_size=48, vocab_size=200, max_position_embeddings=32, head_dim=8,
                        position_embedding="rope", normalization="RMSNorm", activation="swiglu",
                        add_bias_linear=False, add_qkv_bias=False, tied_embeddings=False),
+    # Qwen3's per-head query/key norms (replicated, each TP rank normalising its own heads), a head_dim
+    # twice hidden/heads, plus Llama 3.1's RoPE scaling and a sliding window shorter than the sequence.
+    "qwen3": ModelSpec(family="qwen3", num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                       ffn_hidden_size=48, vocab_size=200, max_position_embeddings=32, head_dim=16,
+                       position_embedding="rope", normalization="RMSNorm", activation="swiglu",
+                       add_bias_linear=False, add_qkv_bias=False, tied_embeddings=False, qk_layernorm=True,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                       sliding_window=6),
 }
 STEPS = 3
 LOSS_ATOL = 1e-6
@@ -88,7 +97,9 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[name] - b[name]).abs().max().item() for name in a)
 
 
-CASES = [(family, layout) for family in TINY for layout in LAYOUTS]
+# The features of "qwen3" live inside the attention, which only tensor parallelism cuts.
+LAYOUTS_OF = {"qwen3": ("TP2", "TP2-sequence-parallel")}
+CASES = [(family, layout) for family in TINY for layout in LAYOUTS_OF.get(family, LAYOUTS)]
 IDS = [f"{family}-{layout}" for family, layout in CASES]
 
 
@@ -127,6 +138,16 @@ def test_data_parallel_replicas_hold_identical_weights_after_training():
     config, outputs = parallel("llama", "DP2-distributed-optimizer")
     first, second = (out["weights"] for out in outputs)
     assert all(torch.equal(first[name], second[name]) for name in first if first[name] is not None)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_OF["qwen3"])
+def test_query_and_key_norms_stay_equal_on_every_tensor_parallel_rank(layout):
+    config, outputs = parallel("qwen3", layout)
+    first, second = (out["weights"] for out in sorted(outputs, key=lambda out: out["coordinates"]))
+    norms = [name for name in first if "q_layernorm" in name or "k_layernorm" in name]
+    assert len(norms) == 2 * TINY["qwen3"].num_layers
+    assert all(torch.equal(first[name], second[name]) for name in norms)
+    assert not torch.equal(first[norms[0]], torch.ones(16))  # trained, not left at their initial ones
 
 
 def test_tied_output_copy_on_last_stage_stays_equal_to_the_embeddings():

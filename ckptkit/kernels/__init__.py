@@ -15,10 +15,10 @@ import functools
 import torch
 
 from . import reference
-from .reference import rope_tables
+from .reference import rope_inverse_frequencies, rope_scaling_parameters, rope_tables
 
 __all__ = ["fused_available", "bias_gelu", "layer_norm", "rms_norm", "apply_rope", "rope_tables",
-           "cross_entropy"]
+           "rope_inverse_frequencies", "rope_scaling_parameters", "cross_entropy"]
 
 
 @functools.cache

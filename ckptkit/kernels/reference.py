@@ -6,9 +6,13 @@ input dtype and cast the result back, as Megatron's fused kernels do.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from ..errors import BadInput, Unsupported
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
@@ -30,15 +34,76 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (normed * weight.float()).to(x.dtype)
 
 
-def rope_tables(seq_length: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of shape ``[seq, head_dim]`` for non-interleaved rotary embeddings.
+# Megatron-LM's defaults for ``--use-rope-scaling`` (``RotaryEmbedding._apply_scaling``), which are
+# Llama 3.1's: a checkpoint's args record only ``rope_scaling_factor``.
+LLAMA3_SCALING_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192}
 
-    Frequencies ``theta^(-2i/head_dim)`` for ``i < head_dim/2``, repeated for both
-    halves of the head (Megatron's ``RotaryEmbedding`` and HF Llama compute the same,
-    in float32).
+
+def rope_scaling_parameters(scaling: dict | None) -> dict | None:
+    """The Llama 3.1 parameters of a Hugging Face ``rope_scaling`` dict, or None for plain RoPE.
+
+    >>> rope_scaling_parameters({"rope_type": "llama3", "factor": 32.0})
+    {'factor': 32.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
+
+    Missing values take Megatron's defaults. ``rope_type`` ``"default"`` (what transformers
+    writes for no scaling) gives None; any other type raises :class:`~ckptkit.errors.Unsupported`.
+    """
+    if not scaling:
+        return None
+    rope_type = scaling.get("rope_type", scaling.get("type"))  # "type": transformers before 4.45
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise Unsupported(f"RoPE scaling of type {rope_type!r} is not implemented by the trainer's model "
+                          f"(it computes 'llama3' only); rope_scaling is {scaling}")
+    parameters = {key: scaling.get(key, default) for key, default in LLAMA3_SCALING_DEFAULTS.items()}
+    if parameters["high_freq_factor"] <= parameters["low_freq_factor"]:
+        raise BadInput(f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor (got {scaling})")
+    return parameters
+
+
+def llama3_scaled_frequencies(inverse_frequency: torch.Tensor, factor: float, low_freq_factor: float,
+                              high_freq_factor: float, original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1's rescaling of RoPE's inverse frequencies (Megatron's ``_apply_scaling``, HF's
+    ``_compute_llama3_parameters``).
+
+    By wavelength ``2 pi / f``: shorter than ``original / high_freq_factor``, unchanged;
+    longer than ``original / low_freq_factor``, divided by ``factor``; in between,
+    ``(1 - smooth) f / factor + smooth f`` with
+    ``smooth = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    """
+    original = original_max_position_embeddings
+    wavelength = 2 * math.pi / inverse_frequency
+    smooth = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inverse_frequency / factor + smooth * inverse_frequency
+    scaled = torch.where(wavelength > original / low_freq_factor, inverse_frequency / factor, smoothed)
+    return torch.where(wavelength < original / high_freq_factor, inverse_frequency, scaled)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                             device=None) -> torch.Tensor:
+    """``theta^(-2i/head_dim)`` for ``i < head_dim/2`` (float32), rescaled when ``scaling`` says so.
+
+    ``scaling`` is a Hugging Face ``rope_scaling`` dict (see :func:`rope_scaling_parameters`).
     """
     inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
                                          / head_dim))
+    parameters = rope_scaling_parameters(scaling)
+    if parameters is None:
+        return inverse_frequency
+    return llama3_scaled_frequencies(inverse_frequency, **parameters)
+
+
+def rope_tables(seq_length: int, head_dim: int, theta: float, device=None,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[seq, head_dim]`` for non-interleaved rotary embeddings.
+
+    Frequencies from :func:`rope_inverse_frequencies`, repeated for both halves of the
+    head (Megatron's ``RotaryEmbedding`` and HF Llama compute the same, in float32).
+    The Triton and eager ``apply_rope`` both take these tables, so RoPE scaling lives here only.
+    """
+    inverse_frequency = rope_inverse_frequencies(head_dim, theta, scaling, device=device)
     angles = torch.outer(torch.arange(seq_length, dtype=torch.float32, device=device), inverse_frequency)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadInput, Unsupported
+from ..errors import BadInput
+from ..kernels import rope_scaling_parameters
 from ..spec import ModelSpec
 from .optim import AdamConfig
 
@@ -105,7 +106,9 @@ class TrainConfig:
         if spec.position_embedding == "learned_absolute" and self.seq_length > spec.max_position_embeddings:
             raise BadInput(f"sequence {self.seq_length} is longer than the {spec.max_position_embeddings} "
                            "learned positions")
-        if spec.rope_scaling or spec.sliding_window:
-            raise Unsupported("the trainer does not implement RoPE scaling or sliding-window attention")
+        if spec.position_embedding == "rope":
+            rope_scaling_parameters(spec.rope_scaling)  # Unsupported for a rope_type other than llama3
+        if spec.sliding_window is not None and spec.sliding_window < 1:
+            raise BadInput(f"sliding window must be at least 1 token (got {spec.sliding_window})")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise BadInput(f"dtype {self.dtype!r}: choose auto, float32 or bfloat16")

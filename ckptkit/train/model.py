@@ -16,6 +16,12 @@ Two styles come from one :class:`~ckptkit.spec.ModelSpec`:
 * Llama: rotary positions (rotate-half), RMSNorm, SwiGLU, no biases, grouped-query
   attention, optionally an untied output layer.
 
+and, on top of either, what Llama 3.1, Mistral and Qwen3 add: RoPE's "llama3"
+frequency rescaling (``spec.rope_scaling``), a sliding attention window
+(``spec.sliding_window``), per-head norms of queries and keys before RoPE
+(``spec.qk_layernorm``, Megatron's ``q_layernorm``/``k_layernorm``) and a head size
+other than ``hidden / heads`` (``spec.head_dim``, Megatron's ``--kv-channels``).
+
 Blocks are pre-norm: ``x + attention(norm(x))`` then ``x + mlp(norm(x))``. Logits
 cover the padded vocabulary (Megatron pads the embedding rows to a multiple of
 ``make_vocab_size_divisible_by x TP``). No dropout: Megatron's defaults would add it
@@ -34,15 +40,19 @@ from ..spec import ModelSpec
 
 
 class Norm(nn.Module):
-    """LayerNorm (weight and bias) or RMSNorm (weight only), computed in float32."""
+    """LayerNorm (weight and bias) or RMSNorm (weight only) over the last ``size`` values, in float32.
 
-    def __init__(self, spec: ModelSpec, fused: bool = False):
+    ``size`` is the hidden size, or the head size for the query and key norms.
+    """
+
+    def __init__(self, spec: ModelSpec, fused: bool = False, size: int | None = None):
         super().__init__()
+        size = size or spec.hidden_size
         self.rms = spec.normalization == "RMSNorm"
         self.eps = spec.norm_epsilon
         self.fused = fused
-        self.weight = nn.Parameter(torch.ones(spec.hidden_size))
-        self.bias = None if self.rms else nn.Parameter(torch.zeros(spec.hidden_size))
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(size))
 
     def forward(self, x):
         if self.rms:
@@ -75,12 +85,29 @@ class Embedding(nn.Module):
         return x
 
 
+def attention_mask(seq_length: int, sliding_window: int | None, device=None) -> torch.Tensor | None:
+    """Boolean ``[seq, seq]`` mask (True: attend) for a sliding window, or None for plain causal.
+
+    Query ``i`` sees keys ``i - W < j <= i``: ``W`` tokens, itself included, as Hugging
+    Face's ``sliding_window`` (``masking_utils.sliding_window_overlay``). A window at
+    least as long as the sequence is the causal mask, left to SDPA's ``is_causal``.
+    """
+    if sliding_window is None or sliding_window >= seq_length:
+        return None
+    positions = torch.arange(seq_length, device=device)
+    distance = positions[:, None] - positions[None, :]  # query - key
+    return (distance >= 0) & (distance < sliding_window)
+
+
 class SelfAttention(nn.Module):
     """Causal attention over a fused QKV projection, grouped per query group.
 
     ``linear_qkv`` rows are ``[q heads of group 0, k_0, v_0, q heads of group 1, ...]``
     (each ``head_dim`` rows), so a rank holding whole groups is just a shorter weight.
     Query head ``g x heads_per_group + j`` attends with key/value head ``g``.
+    With ``qk_layernorm``, ``q_layernorm`` and ``k_layernorm`` (weights ``[head_dim]``,
+    the same on every tensor-parallel rank) normalise each query and key head before
+    RoPE, as Megatron's ``SelfAttention.get_query_key_value_tensors`` does.
     """
 
     def __init__(self, spec: ModelSpec, fused: bool = False):
@@ -88,12 +115,18 @@ class SelfAttention(nn.Module):
         self.heads_per_group = spec.heads_per_group
         self.head_dim = spec.head_dim
         self.rope_theta = spec.rope_theta if spec.position_embedding == "rope" else None
+        # Checked here so that an unknown rope_type fails when the model is built, not at its first step.
+        self.rope_scaling = spec.rope_scaling if kernels.rope_scaling_parameters(spec.rope_scaling) else None
+        self.sliding_window = spec.sliding_window
         self.fused = fused
         query_width = spec.num_attention_heads * spec.head_dim
         qkv_rows = (spec.num_attention_heads + 2 * spec.num_query_groups) * spec.head_dim
-        # Registered in Megatron's order (linear_proj first), so state dicts list keys as its files do.
+        # Registered in Megatron's order (linear_proj, linear_qkv, q_layernorm, k_layernorm),
+        # so state dicts list keys as its files do.
         self.linear_proj = Linear(query_width, spec.hidden_size, bias=spec.add_bias_linear)
         self.linear_qkv = Linear(spec.hidden_size, qkv_rows, bias=spec.add_qkv_bias)
+        self.q_layernorm = Norm(spec, fused, size=spec.head_dim) if spec.qk_layernorm else None
+        self.k_layernorm = Norm(spec, fused, size=spec.head_dim) if spec.qk_layernorm else None
 
     def forward(self, x):
         qkv = self.linear_qkv(x)
@@ -104,12 +137,17 @@ class SelfAttention(nn.Module):
         query = qkv[:, :, :, : self.heads_per_group].reshape(batch, seq, groups * self.heads_per_group,
                                                               self.head_dim)
         key, value = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if self.q_layernorm is not None:
+            query, key = self.q_layernorm(query), self.k_layernorm(key)
         if self.rope_theta is not None:
-            cos, sin = kernels.rope_tables(seq, self.head_dim, self.rope_theta, device=x.device)
+            cos, sin = kernels.rope_tables(seq, self.head_dim, self.rope_theta, device=x.device,
+                                           scaling=self.rope_scaling)
             query = kernels.apply_rope(query, cos, sin, fused=self.fused)
             key = kernels.apply_rope(key, cos, sin, fused=self.fused)
+        mask = attention_mask(seq, self.sliding_window, device=x.device)
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                             is_causal=True, scale=1.0 / math.sqrt(self.head_dim),
+                                             attn_mask=mask, is_causal=mask is None,
+                                             scale=1.0 / math.sqrt(self.head_dim),
                                              enable_gqa=self.heads_per_group > 1)
         return self.linear_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 

@@ -6,8 +6,9 @@ Like Megatron's ``DistributedDataParallel`` + ``DistributedOptimizer``:
   gradient is accumulated in float32 into a view of one flat gradient buffer
   (``param.main_grad``), whatever the parameter dtype;
 * after the last micro-batch the gradients are summed where a parameter lives on
-  several ranks: over TP for the norms under sequence parallelism, between the first
-  and last stage for tied embeddings, and over DP for everything;
+  several ranks: over TP for the norms under sequence parallelism and for the query
+  and key norms (each TP rank normalises only its own heads), between the first and
+  last stage for tied embeddings, and over DP for everything;
 * the Adam state and the float32 master weights are kept for a contiguous slice of
   the flat buffer: slice ``d`` of ``DP`` with the distributed optimizer (gradients are
   reduce-scattered, updated weights all-gathered), the whole buffer without it.
@@ -95,7 +96,7 @@ class DistributedAdam:
         decays = torch.zeros(self.slices.padded, dtype=torch.bool, device=first.device)
         table = canonical_table(spec)
         self.counted_ranges = []  # (offset, numel) counted once in the gradient norm
-        self.sequence_parallel_params, self.embedding_params = [], []
+        self.tp_summed_params, self.embedding_params = [], []
         tp_rank, pp_stage, pp = groups.tp_rank, groups.pp_stage, groups.layout.pp
         for name, parameter, offset, numel in self.slices.entries:
             self.param_flat[offset: offset + numel].copy_(parameter.detach().reshape(-1))
@@ -111,8 +112,13 @@ class DistributedAdam:
                     self.counted_ranges[-1] = (self.counted_ranges[-1][0], self.counted_ranges[-1][1] + numel)
                 else:
                     self.counted_ranges.append((offset, numel))
-            if sequence_parallel and rule == "replicated" and name.startswith("decoder."):
-                self.sequence_parallel_params.append(parameter)
+            # Replicated weights whose TP ranks see different data: under sequence parallelism every
+            # norm and bias inside the layers (a slice of the sequence each); the query and key norms
+            # always (a slice of the heads each). Megatron's _allreduce_layernorm_grads sums the same
+            # ones, when config.sequence_parallel or config.qk_layernorm.
+            per_head_norm = name.split(".")[-2] in ("q_layernorm", "k_layernorm")
+            if rule == "replicated" and name.startswith("decoder.") and (sequence_parallel or per_head_norm):
+                self.tp_summed_params.append(parameter)
             if spec.tied_embeddings and pp > 1 and name in ("embedding.word_embeddings.weight",
                                                           "output_layer.weight"):
                 self.embedding_params.append(parameter)
@@ -133,8 +139,8 @@ class DistributedAdam:
     def reduce_gradients(self):
         """Sum gradients over every rank holding the same weights (after the last micro-batch)."""
         groups = self.groups
-        if self.sequence_parallel_params and groups.tp_group is not None:
-            for parameter in self.sequence_parallel_params:
+        if self.tp_summed_params and groups.tp_group is not None:
+            for parameter in self.tp_summed_params:
                 dist.all_reduce(parameter.main_grad, group=groups.tp_group)
         if groups.embedding_group is not None:
             for parameter in self.embedding_params:

@@ -10,6 +10,11 @@
 * :class:`VocabParallelEmbedding` holds a slice of the embedding rows; tokens outside
   it embed to zero and the slices are summed across ranks.
 
+Norms stay plain modules with the whole (replicated) weight on every rank: the
+layer norms, and with ``qk_layernorm`` the per-head ``q_layernorm``/``k_layernorm``,
+which each rank applies to its own heads (their gradients are summed over the group
+by :class:`ckptkit.train.optim.DistributedAdam`).
+
 Which rows each rank holds is decided by the partition rules when the weights are
 loaded (:mod:`ckptkit.train.weights`); these modules only know their local shapes.
 """
