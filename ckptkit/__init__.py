@@ -8,9 +8,9 @@ is a thin layer over them.
 2
 >>> ckptkit.convert("checkpoints/gpt2", "gpt2-hf", to="hf", dtype="bf16").files[:1]
 ['model.safetensors']
->>> ckptkit.reshard("checkpoints/gpt2", "gpt2-tp1pp4", tp=1, pp=4).target_layout["pp"]
-4
->>> ckptkit.verify("checkpoints/gpt2", "gpt2-tp1pp4").equivalent
+>>> ckptkit.reshard("checkpoints/gpt2", "gpt2-tp1pp3", tp=1, pp=3).target_layout["pp"]
+3
+>>> ckptkit.verify("checkpoints/gpt2", "gpt2-tp1pp3").equivalent
 True
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def inspect(path, **options):
     (hyper-parameters), ``num_parameters`` and ``tensors`` (each canonical tensor's
     shape, partition rule and per-rank shape).
 
-    >>> info = ckptkit.inspect("tests/fixtures/gpt2_tp2pp2/conv/torch")
+    >>> info = ckptkit.inspect("checkpoints/gpt2")
     >>> info.family, info.layout["tp"], info.layout["pp"], info.num_parameters
     ('gpt2', 2, 2, 773376)
     """
@@ -56,7 +56,7 @@ def convert(source, destination, *, to: str, tp: int = 1, pp: int = 1, vpp: int 
     Returns a :class:`ckptkit.convert.ConvertResult` (files written, bytes, seconds,
     source and target layouts, notes such as dropped optimizer state).
 
-    >>> result = ckptkit.convert("hf/llama", "megatron/llama", to="megatron", tp=2, pp=2, dtype="bf16")
+    >>> result = ckptkit.convert("hf/llama", "llama-tp2pp2", to="megatron", tp=2, pp=2, dtype="bf16")
     >>> result.target_layout["tp"], len(result.files)
     (2, 4)
     """
@@ -78,8 +78,8 @@ def reshard(source, destination, *, tp: int, pp: int, vpp: int = 1, progress=Non
     dropped (``result.notes`` says so). Options: ``format`` (default: the source's),
     ``naming``, ``dtype``, ``make_vocab_size_divisible_by``, ``overwrite``, ``strict``.
 
-    >>> ckptkit.reshard("ckpt_tp2pp2", "ckpt_tp1pp3", tp=1, pp=3).target_layout["pp"]
-    3
+    >>> ckptkit.reshard("checkpoints/gpt2", "gpt2-tp2pp1", tp=2, pp=1).target_layout["pp"]
+    1
     """
     from .convert import reshard as reshard_checkpoint
 
@@ -93,7 +93,8 @@ def verify(a, b=None, *, atol: float = 0.0, ignore_dtype: bool = False, **option
     only for the same architecture, tensor set, shapes, dtypes (unless ``ignore_dtype``)
     and values within ``atol`` (0: bit-identical); ``tensors`` has one row per tensor.
 
-    >>> ckptkit.verify("ckpt_tp2pp2", "hf_out").equivalent
+    >>> _ = ckptkit.convert("checkpoints/gpt2", "gpt2-fp32-hf", to="hf")
+    >>> ckptkit.verify("checkpoints/gpt2", "gpt2-fp32-hf").equivalent
     True
     """
     from .verification import verify as verify_checkpoints

@@ -38,7 +38,7 @@ class InspectResult:
 def inspect_checkpoint(path, **options) -> InspectResult:
     """Describe a checkpoint from its metadata (no tensor data is read).
 
-    >>> info = inspect_checkpoint("tests/fixtures/gpt2_tp2pp2/dist")
+    >>> info = inspect_checkpoint("checkpoints/gpt2")
     >>> info.layout["tp"], info.family, info.num_parameters
     (2, 'gpt2', 773376)
     """

@@ -61,7 +61,9 @@ def verify(a, b=None, *, atol: float = 0.0, ignore_dtype: bool = False, **option
     Equivalent means: same architecture, same tensor set, same shapes, same dtypes
     (unless ``ignore_dtype``) and every element within ``atol`` (0: bit-identical).
 
-    >>> verify("megatron_tp2pp2/", "hf_out/").equivalent
+    >>> from ckptkit.convert import megatron_to_hf
+    >>> _ = megatron_to_hf("checkpoints/gpt2", "gpt2-hf")
+    >>> verify("checkpoints/gpt2", "gpt2-hf").equivalent
     True
     """
     if b is None:

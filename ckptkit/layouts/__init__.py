@@ -61,7 +61,7 @@ def detect_layout(path) -> LayoutEntry:
 def open_checkpoint(path, **options) -> CheckpointReader:
     """Open any supported checkpoint and return a reader of canonical tensors.
 
-    >>> with open_checkpoint("tests/fixtures/gpt2_tp2pp2/conv/torch") as reader:
+    >>> with open_checkpoint("checkpoints/gpt2") as reader:
     ...     reader.spec.num_layers, reader.meta.tp, reader.meta.pp
     (6, 2, 2)
     """
