@@ -111,6 +111,8 @@ REAL_MEGATRON = [
     ("legacy_gpt2_tp2pp2", ("c22",), 1e-5, 1e-6),
     ("vpp_tp2pp2v2", ("conv", "torch"), 1e-5, 1e-6),
     ("llama_tp2pp2", ("conv", "torch"), 0.06, 0.008),
+    ("qwen3_tp2", ("dist",), 1e-5, 1e-6),  # --qk-layernorm, --kv-channels 32 with hidden 128 / 8 heads
+    ("llama31_tp2", ("dist",), 1e-5, 1e-6),  # --use-rope-scaling
 ]
 
 
