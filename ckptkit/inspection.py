@@ -58,5 +58,5 @@ def inspect_checkpoint(path, **options) -> InspectResult:
             for dimension in canonical.shape:
                 size *= dimension
             count += size
-        return InspectResult(str(path), meta.summary(), spec.family, BRIDGES[spec.family].architecture,
+        return InspectResult(str(path), meta.summary(), spec.family, BRIDGES[spec.family].architecture if spec.family in BRIDGES else None,
                              spec.to_dict(), count, tensors)

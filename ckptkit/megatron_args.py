@@ -210,7 +210,8 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         transformer_impl=transformer_impl, iteration=iteration,
         ckpt_format="torch",
     )
-    fields[ARCHITECTURE_FIELD] = BRIDGES[spec.family].architecture
+    bridge = BRIDGES.get(spec.family)
+    fields[ARCHITECTURE_FIELD] = bridge.architecture if bridge and bridge.mismatch(spec) is None else None
     check_expressible(spec)
     if spec.rope_scaling:
         fields["rope_scaling_factor"] = spec.rope_scaling["factor"]

@@ -146,3 +146,15 @@ def test_llama_3_2_scaling_factor_is_written_with_a_note_about_megatrons_builder
     assert any("builds the model with its default factor 8" in note for note in result.notes)
     with open_checkpoint(tmp_path / "megatron") as reader:
         assert reader.meta.args.rope_scaling_factor == 32.0 and reader.meta.args.use_rope_scaling
+
+
+def test_a_model_no_architecture_holds_is_read_but_refused_for_hugging_face_export():
+    from dataclasses import replace
+
+    from ckptkit.bridges import bridge_of, family_of
+    from ckptkit.train.config import MODEL_PRESETS
+
+    gpt2_with_gqa = replace(MODEL_PRESETS["gpt2"], family="", num_query_groups=2)
+    assert family_of(gpt2_with_gqa) == ""
+    with pytest.raises(Unsupported, match="GPT2LMHeadModel: grouped-query attention"):
+        bridge_of(gpt2_with_gqa)

@@ -293,7 +293,7 @@ def args_missing_num_layers(ws):
 def args_naming_an_unknown_architecture(ws):
     checkpoint = ws.megatron()
     edit_rank_file(rank_file(checkpoint, 0, 0), lambda state: setattr(state["args"], "swiglu", True))
-    return to_hf(checkpoint, ws, "activation swiglu", "no supported architecture")
+    return to_hf(checkpoint, ws, "linear_fc1.weight has shape (192, 96)", "expected (384, 96)")
 
 
 def args_disagreeing_with_the_layers_in_the_files(ws):

@@ -48,11 +48,13 @@ def bridge_for_architecture(architecture: str) -> Bridge:
 
 
 def family_of(spec: ModelSpec, recorded: str | None = None, source: str = "checkpoint") -> str:
-    """The family of a model read from Megatron args.
+    """The family of a model read from Megatron args ("" when no bridge claims it).
 
     ``recorded`` is the architecture the checkpoint names (written by ckptkit from a
     Hugging Face model, or asked for with ``--architecture``): it wins when the model
-    fits it. Otherwise the first bridge that claims the model.
+    fits it. Otherwise the first bridge that claims the model. A model no bridge claims
+    can still be inspected, resharded and trained; only Hugging Face export needs one
+    (:func:`bridge_of` refuses it there).
     """
     if recorded:
         bridge = bridge_for_architecture(recorded)
@@ -64,8 +66,16 @@ def family_of(spec: ModelSpec, recorded: str | None = None, source: str = "check
     for bridge in BRIDGES.values():
         if bridge.claims(spec):
             return bridge.name
+    return ""
+
+
+def bridge_of(spec: ModelSpec, source: str = "checkpoint") -> Bridge:
+    """The bridge of ``spec``'s family; refuses a model that no architecture holds."""
+    if spec.family in BRIDGES:
+        return BRIDGES[spec.family]
     reasons = "; ".join(f"{bridge.architecture}: {bridge.mismatch(spec)}" for bridge in (LLAMA, GPT2))
-    raise Unsupported(f"{source}: the model matches no supported architecture ({reasons})")
+    raise Unsupported(f"{source}: the model matches no supported Hugging Face architecture ({reasons})")
 
 
-__all__ = ["BRIDGES", "Bridge", "HfMapping", "bridge_for_architecture", "bridge_for_config", "family_of"]
+__all__ = ["BRIDGES", "Bridge", "HfMapping", "bridge_for_architecture", "bridge_for_config", "bridge_of",
+           "family_of"]
