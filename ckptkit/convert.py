@@ -480,10 +480,8 @@ def check_megatron_output(out: Path, spec, target: megatron_legacy.TargetLayout,
             planned = dict.fromkeys(extra_keys)
             for entry in entries:
                 shape = canonical[entry.copy_of or entry.canonical].shape
-                if entry.rule == "vocab":
-                    shape = (padded, *shape[1:])
-                pieces = rule_for(spec, entry.rule, padded).split(torch.empty(shape, device="meta"), target.tp)
-                planned[entry.file_key] = (target.dtype, tuple(pieces[planned_file.tp_rank].shape))
+                shard_shape = rule_for(spec, entry.rule, padded).shard_shape(shape, target.tp)
+                planned[entry.file_key] = (target.dtype, shard_shape)
             _compare_with_plan(where, found, planned)
 
 

@@ -1,7 +1,7 @@
 """Partition rules: merge(split(x, n)) == x for every rule and n, and the documented layouts."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ckptkit import rules
@@ -84,3 +84,77 @@ def test_max_abs_difference_leaves_its_inputs_unchanged():
     a, b = torch.zeros(3), torch.ones(3)
     rules.max_abs_difference(a, b)
     assert b.tolist() == [1.0, 1.0, 1.0] and a.tolist() == [0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------- geometry
+
+def _rule_and_full_tensor(kind, n, rows, cols, vocab_extra):
+    """A rule of ``kind`` and a full tensor (in the rule's coordinates) it can split over ``n`` ranks."""
+    if kind == "qkv":
+        rule = rules.FusedQKV(num_query_groups=n * rows, heads_per_group=cols, head_dim=2)
+        return rule, torch.randn(n * rows * (cols + 2) * 2, 3)
+    if kind == "vocab":
+        padded = n * rows
+        rule = rules.VocabParallel(vocab_size=padded - vocab_extra, padded_rows=padded)
+        return rule, torch.randn(padded, cols)
+    rule = {"replicated": rules.Replicated(), "column": rules.ColumnParallel(), "row": rules.RowParallel(),
+            "gated": rules.GatedMLP()}[kind]
+    return rule, torch.randn(rows * n * 2, cols * n)
+
+
+KINDS = ["replicated", "column", "row", "vocab", "qkv", "gated"]
+
+
+@given(kind=st.sampled_from(KINDS), n=st.sampled_from([1, 2, 3, 4, 8]), rows=st.integers(1, 5),
+       cols=st.integers(1, 4), vocab_extra=st.integers(0, 3))
+@settings(max_examples=150, deadline=None)
+def test_the_ranks_boxes_tile_the_full_tensor_exactly(kind, n, rows, cols, vocab_extra):
+    assume(kind != "vocab" or vocab_extra < n * rows)
+    rule, full = _rule_and_full_tensor(kind, n, rows, cols, vocab_extra)
+    assert rule.full_shape(full.shape) == tuple(full.shape)
+    distinct = {box for rank in range(n) for box in rule.boxes(full.shape, n, rank)}
+    covered = torch.zeros(full.shape, dtype=torch.int32)
+    for box in distinct:
+        covered[rules.box_slices(box)] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+
+
+@given(kind=st.sampled_from(KINDS), n=st.sampled_from([1, 2, 3, 4, 8]), rows=st.integers(1, 5),
+       cols=st.integers(1, 4), vocab_extra=st.integers(0, 3))
+@settings(max_examples=150, deadline=None)
+def test_each_split_piece_is_its_ranks_boxes_of_the_full_tensor(kind, n, rows, cols, vocab_extra):
+    assume(kind != "vocab" or vocab_extra < n * rows)
+    rule, full = _rule_and_full_tensor(kind, n, rows, cols, vocab_extra)
+    pieces = rule.split(full, n)
+    for rank, piece in enumerate(pieces):
+        regions = [full[rules.box_slices(box)] for box in rule.boxes(full.shape, n, rank)]
+        assert torch.equal(piece, torch.cat(regions, dim=0))
+        assert tuple(piece.shape) == rule.shard_shape(full.shape, n)
+        assert torch.equal(rule.shard(full, n, rank), piece)
+
+
+def test_gated_mlp_ranks_hold_two_boxes_their_gate_and_their_up_block():
+    assert rules.GatedMLP().boxes((8, 3), 2, 1) == [((2, 0), (2, 3)), ((6, 0), (2, 3))]
+
+
+def test_vocab_boxes_and_shard_shape_are_in_padded_rows():
+    rule = rules.VocabParallel(vocab_size=5, padded_rows=8)
+    assert rule.full_shape((5, 4)) == (8, 4)
+    assert rule.boxes((5, 4), 2, 1) == [((4, 0), (4, 4))]
+    assert rule.shard_shape((5, 4), 2) == (4, 4)
+    assert rule.shard(torch.ones(5, 4), 2, 1).sum().item() == 4  # one real row, three zero rows
+
+
+def test_a_replicated_shard_is_the_full_tensor_itself_not_a_copy():
+    full = torch.randn(4, 3)
+    piece = rules.Replicated().shard(full, 4, 3)
+    assert piece.data_ptr() == full.data_ptr() and piece.shape == full.shape
+
+
+def test_old_checkpoint_versions_reorder_only_fused_qkv_rows():
+    qkv = rules.FusedQKV(num_query_groups=2, heads_per_group=1, head_dim=3)
+    current = torch.arange(2 * 3 * 3).float()  # one rank's rows, 2 heads
+    version0 = current.reshape(2, 3, 3).transpose(0, 1).reshape(-1)
+    assert torch.equal(qkv.from_checkpoint_version(version0, 0), current)
+    assert qkv.from_checkpoint_version(current, 3.0) is current
+    assert rules.ColumnParallel().from_checkpoint_version(version0, 0) is version0

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput, Unsupported
+from ..rules import box_slices, qkv_to_current  # noqa: F401 (qkv_to_current: still importable from here)
 from ..megatron_args import megatron_args, spec_from_args
 from ..spec import CanonicalTensor, ModelSpec, canonical_tensors, check_parallel_sizes, padded_vocab_size, rule_for
 from ..safe_load import safe_torch_load, without_stand_ins
@@ -126,25 +127,6 @@ def _model_chunks(state: dict, path: Path) -> list[dict]:
     return [_flatten(state[key]) for key in chunk_keys]
 
 
-# ---------------------------------------------------------------------------- QKV versions
-
-def qkv_to_current(shard: torch.Tensor, version: float, heads: int, head_dim: int) -> torch.Tensor:
-    """Reorder one rank's QKV shard from an old checkpoint_version to the per-head layout.
-
-    Version 0 stores ``[3, heads, head_dim]`` (all q, all k, all v), version 1.0
-    ``[heads, head_dim, 3]``; 2.0 and later ``[heads, 3, head_dim]`` (per head
-    ``q_h k_h v_h``), which is canonical. (Multi-head attention only: GQA postdates 2.0.)
-    """
-    if version >= 2.0:
-        return shard
-    tail = shard.shape[1:]
-    if version == 0:
-        reordered = shard.view(3, heads, head_dim, *tail).transpose(0, 1)
-    else:
-        reordered = shard.view(heads, head_dim, 3, *tail).transpose(1, 2)
-    return reordered.reshape(shard.shape).contiguous()
-
-
 # ---------------------------------------------------------------------------- reading
 
 @dataclass
@@ -210,11 +192,17 @@ class _RankFiles:
             self.descriptors[key] = os.open(self.path(tp_rank, pp_stage), os.O_RDONLY)
         return self.descriptors[key]
 
+    @staticmethod
+    def can_read_rows(stored: torch.Tensor) -> bool:
+        """Whether :meth:`read_rows_into` can read ``stored``'s rows: a contiguous tensor of
+        at least one dimension whose bytes were not loaded (read by offset)."""
+        return stored.device.type == "meta" and stored.is_contiguous() and stored.dim() > 0
+
     def read_rows_into(self, tp_rank: int, pp_stage: int, stored: torch.Tensor, rows: range,
                        out: torch.Tensor) -> bool:
         """Read rows ``rows`` of ``stored`` straight into contiguous ``out``; False when the
         tensor is not one that can be read that way (memory-mapped, or a strided view)."""
-        if stored.device.type != "meta" or not stored.is_contiguous():
+        if not self.can_read_rows(stored):
             return False
         row_bytes = stored[0].numel() * stored.element_size() if stored.dim() else stored.element_size()
         offset = stored.untyped_storage()._checkpoint_offset + stored.storage_offset() * stored.element_size()
@@ -458,59 +446,56 @@ class MegatronLegacyReader(CheckpointReader):
         """Every TP rank's piece of ``name`` as loaded: shapes and dtypes, values not read yet."""
         return [self._shard(name, tp_rank) for tp_rank in range(self.files.tp)]
 
-    def shards(self, name: str) -> list[torch.Tensor]:
-        """Every TP rank's piece of canonical tensor ``name``, read from the files."""
-        pp_stage = self.index[name].pp_stage
-        return [self.files.read(tp_rank, pp_stage, stored) for tp_rank, stored in enumerate(self._stored_shards(name))]
-
     def tensor(self, name: str) -> torch.Tensor:
-        canonical = self._canonical_entry(name)
-        stacked = self._read_stacked(canonical)
-        if stacked is not None:
-            return stacked
-        if canonical.rule == "replicated":
-            # Every rank holds a copy: TP rank 0's is used, validate() compares the others.
-            stored = self._stored_shards(name)
-            self._check_shard_shapes(canonical, stored)
-            return self.files.read(0, self.index[name].pp_stage, stored[0])
-        shards = self.shards(name)
-        self._check_shard_shapes(canonical, shards)
-        if canonical.rule == "qkv" and self.meta.checkpoint_version < 2.0:
-            heads_per_rank = self.spec.num_attention_heads // self.files.tp
-            shards = [qkv_to_current(shard, self.meta.checkpoint_version, heads_per_rank, self.spec.head_dim)
-                      for shard in shards]
-        return self._rule(canonical).merge(shards)
+        """The full tensor ``name``, each rank's piece read into the boxes its rule gives it.
 
-    def _read_stacked(self, canonical: CanonicalTensor) -> torch.Tensor | None:
-        """For rules whose merge stacks row blocks (column, vocab, QKV, gated), read every
-        shard's rows straight to their place in the merged tensor: one pass, no ``cat``.
-        Gated shards are ``[gate_t; up_t]`` and the merged tensor ``[gate_0..; up_0..]``.
-        None when the rule or the stored tensors do not allow it."""
-        stacked = canonical.rule in ("column", "vocab", "gated") or \
-            (canonical.rule == "qkv" and self.meta.checkpoint_version >= 2.0)
-        if not stacked:
-            return None
-        stored = self._stored_shards(canonical.name)
+        A rank whose boxes an earlier rank already filled holds a copy (a replicated
+        tensor): it is not read here; :meth:`validate` compares the copies.
+        """
+        canonical = self._canonical_entry(name)
+        rule = self._rule(canonical)
+        stored = self._stored_shards(name)
         self._check_shard_shapes(canonical, stored)
-        if any(shard.device.type != "meta" or not shard.is_contiguous() or shard.dim() == 0 for shard in stored):
-            return None
-        rows = stored[0].shape[0]
-        merged = torch.empty((rows * len(stored), *stored[0].shape[1:]), dtype=stored[0].dtype)
-        halves = 2 if canonical.rule == "gated" else 1
-        block = rows // halves
-        pp_stage = self.index[canonical.name].pp_stage
+        pp_stage = self.index[name].pp_stage
+        shape = rule.full_shape(canonical.shape)
+        merged = torch.empty(shape, dtype=stored[0].dtype)
+        filled = set()
         for tp_rank, shard in enumerate(stored):
-            for half in range(halves):
-                start = half * block * len(stored) + tp_rank * block
-                self.files.read_rows_into(tp_rank, pp_stage, shard, range(half * block, (half + 1) * block),
-                                          merged[start: start + block])
+            boxes = rule.boxes(shape, self.files.tp, tp_rank)
+            if filled.issuperset(boxes):
+                continue
+            filled.update(boxes)
+            self._place(tp_rank, pp_stage, shard, rule, boxes, merged)
         return merged
 
+    def _place(self, tp_rank: int, pp_stage: int, stored: torch.Tensor, rule, boxes, merged: torch.Tensor) -> None:
+        """Put one rank's stored piece (its boxes, concatenated along dim 0) into ``merged``.
+
+        Where every box is a block of whole rows, its rows are read from the file straight
+        into place: one pass, no ``cat``. Otherwise (row-parallel column blocks, memory-mapped
+        or strided stored tensors, an old ``checkpoint_version`` whose rows the rule reorders)
+        the piece is read, then copied into its boxes.
+        """
+        targets = [merged[box_slices(box)] for box in boxes]
+        straight = self.meta.checkpoint_version >= 2.0 and self.files.can_read_rows(stored) and \
+            all(target.is_contiguous() for target in targets)
+        if straight:
+            row = 0
+            for target in targets:
+                self.files.read_rows_into(tp_rank, pp_stage, stored, range(row, row + target.shape[0]), target)
+                row += target.shape[0]
+            return
+        piece = rule.from_checkpoint_version(self.files.read(tp_rank, pp_stage, stored), self.meta.checkpoint_version)
+        row = 0
+        for target in targets:
+            if target.dim() == 0:
+                target.copy_(piece)
+                continue
+            target.copy_(piece[row: row + target.shape[0]])
+            row += target.shape[0]
+
     def _expected_shard_shape(self, canonical: CanonicalTensor) -> tuple:
-        full = torch.empty(canonical.shape, device="meta")
-        if canonical.rule == "vocab":
-            full = torch.empty((self.meta.padded_vocab_size, *canonical.shape[1:]), device="meta")
-        return tuple(self._rule(canonical).split(full, self.files.tp)[0].shape)
+        return self._rule(canonical).shard_shape(canonical.shape, self.files.tp)
 
     def _check_shard_shapes(self, canonical: CanonicalTensor, shards) -> None:
         expected = self._expected_shard_shape(canonical)
@@ -528,19 +513,31 @@ class MegatronLegacyReader(CheckpointReader):
     def _row_reader(self, tp_rank: int, pp_stage: int, stored: torch.Tensor) -> copies.ReadRows:
         return lambda rows: self.files.read_rows(tp_rank, pp_stage, stored, rows)
 
-    def _compare_replicas(self, name: str, report: copies.CopyReport) -> None:
-        """Every TP rank's copy of replicated tensor ``name`` against TP rank 0's, a chunk at a time."""
-        location = self.index[name]
-        stored = self._stored_shards(name)
-        if len(stored) < 2:
+    def _compare_copies(self, canonical: CanonicalTensor, stored: list[torch.Tensor],
+                        report: copies.CopyReport) -> None:
+        """Ranks whose rule gives them the same boxes hold copies (every rank, for a replicated
+        tensor): compare each with the first rank's, a chunk at a time."""
+        rule = self._rule(canonical)
+        shape = rule.full_shape(canonical.shape)
+        holders: dict[tuple, list[int]] = {}
+        for tp_rank in range(self.files.tp):
+            holders.setdefault(tuple(rule.boxes(shape, self.files.tp, tp_rank)), []).append(tp_rank)
+        groups = [ranks for ranks in holders.values() if len(ranks) > 1]
+        if not groups:
             return
-        readers = [self._row_reader(tp_rank, location.pp_stage, shard) for tp_rank, shard in enumerate(stored)]
-        differences = copies.largest_differences(readers[0], readers[1:], tuple(stored[0].shape),
-                                                 stored[0].element_size())
-        difference, tp_rank = _worst(differences, first_rank=1)
+        location = self.index[canonical.name]
+        worst = (0.0, groups[0][1], groups[0][0])
+        for first, *others in groups:
+            readers = [self._row_reader(tp_rank, location.pp_stage, stored[tp_rank]) for tp_rank in (first, *others)]
+            differences = copies.largest_differences(readers[0], readers[1:], tuple(stored[first].shape),
+                                                     stored[first].element_size())
+            difference, index = _worst(differences, first_rank=0)
+            if not difference <= worst[0]:  # NaN counts as the worst
+                worst = (difference, others[index], first)
+        difference, tp_rank, reference = worst
         report.record(difference, f"{self.files.path(tp_rank, location.pp_stage)}: replicated tensor "
                                   f"{location.file_key} differs across TP ranks (max abs diff {difference:.3g} "
-                                  "against TP rank 0's copy)")
+                                  f"against TP rank {reference}'s copy)")
 
     def _compare_tied_head(self, report: copies.CopyReport) -> None:
         """The last stage's output-head copy against the first stage's word embeddings, rank by rank."""
@@ -580,9 +577,9 @@ class MegatronLegacyReader(CheckpointReader):
                         raise BadInput(f"{self.files.path(tp_rank, pp_stage)}: unexpected tensor {extra[0]}")
         report = copies.CopyReport(self.strict)
         for canonical in self.canonical():
-            self._check_shard_shapes(canonical, self._stored_shards(canonical.name))
-            if canonical.rule == "replicated":
-                self._compare_replicas(canonical.name, report)
+            stored = self._stored_shards(canonical.name)
+            self._check_shard_shapes(canonical, stored)
+            self._compare_copies(canonical, stored, report)
         if self.tied_head_location is not None:
             self._compare_tied_head(report)
         summary = report.summary(self.files.folder, used="TP rank 0's copies of replicated tensors and the "
@@ -657,6 +654,7 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
     naming = NAMINGS[target.naming]
     layers_of = stage_layers(spec, target.pp, target.vpp)
     canonical = canonical_tensors(spec)
+    embedding = next(tensor for tensor in canonical if tensor.name == "embedding.word_embeddings.weight")
     last = (target.pp - 1, target.vpp - 1)
     plan = []
     for pp_stage in range(target.pp):
@@ -682,8 +680,8 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
                     entries.append(PlannedTensor(naming.file_name(tensor.name, None), tensor.name, tensor.rule))
                 if spec.tied_embeddings and place == last and target.pp * target.vpp > 1:
                     # Megatron keeps its own copy of the embeddings for the output head on the last stage.
-                    entries.append(PlannedTensor(naming.tied_head[0], "output_layer.weight", "vocab",
-                                                 copy_of="embedding.word_embeddings.weight"))
+                    entries.append(PlannedTensor(naming.tied_head[0], "output_layer.weight", embedding.rule,
+                                                 copy_of=embedding.name))
                 for layer in layers:
                     extra += naming.extra_state_names(layer - layers.start)
                 head_present = place == last and (not spec.tied_embeddings or target.pp * target.vpp > 1)
@@ -724,14 +722,15 @@ def output_files(spec: ModelSpec, target: TargetLayout, dtype: torch.dtype) -> l
     shapes = {tensor.name: tensor.shape for tensor in canonical_tensors(spec)}
     shapes["output_layer.weight"] = shapes["embedding.word_embeddings.weight"]
     element = torch.empty((), dtype=dtype).element_size()
+    padded = padded_vocab_size(spec.vocab_size, target.make_vocab_size_divisible_by, target.tp)
     folder = iteration_dir_name(target.iteration if not target.release else None, target.release)
     files = []
     for entry in plan_files(spec, target):
         size = 0
         for chunk in entry.chunks:
             for planned in chunk:
-                numel = torch.Size(shapes[planned.canonical]).numel()
-                size += numel * element // (1 if planned.rule == "replicated" else target.tp)
+                shard_shape = rule_for(spec, planned.rule, padded).shard_shape(shapes[planned.canonical], target.tp)
+                size += math.prod(shard_shape) * element
         files.append((f"{folder}/{entry.relative_path}", size))
     return files
 
@@ -779,11 +778,10 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
             for chunk_index, chunk in enumerate(template.chunks):
                 for position, planned in enumerate(chunk):
                     source_name = planned.copy_of or planned.canonical
-                    full = reader.tensor(source_name).to(dtype)  # no copy when the dtype is already right
-                    if planned.rule == "replicated":
-                        pieces = [full] * target.tp  # every rank writes the same bytes; no copies needed
-                    else:
-                        pieces = rule_for(spec, planned.rule, padded).split(full, target.tp)
+                    rule = rule_for(spec, planned.rule, padded)
+                    full = rule.fit(reader.tensor(source_name).to(dtype))  # no copy when the dtype is already right
+                    # Views of ``full`` where a rank holds one box: a replicated tensor is written from one copy.
+                    pieces = {entry.tp_rank: rule.shard(full, target.tp, entry.tp_rank) for entry in stage_files}
                     del full
                     for entry in stage_files:
                         key = entry.chunks[chunk_index][position].file_key

@@ -537,26 +537,6 @@ def open_reader(path, **options) -> TorchDistReader:
 
 # ---------------------------------------------------------------------------- writing
 
-def _chunk_boxes(rule: str, shape: tuple[int, ...], tp: int) -> list[tuple[tuple, tuple]]:
-    """``(offsets, sizes)`` of the pieces Megatron stores for one full tensor at TP=``tp``:
-    each rank's shard, in the full tensor's coordinates.
-
-    Column-parallel, QKV and vocabulary rows split in ``tp`` blocks; row-parallel columns
-    likewise; SwiGLU ``linear_fc1`` in ``2 x tp`` row blocks (each rank's gate and up
-    shards are separate chunks); replicated tensors are one chunk.
-    """
-    dim, pieces = {"column": (0, tp), "qkv": (0, tp), "vocab": (0, tp), "gated": (0, 2 * tp),
-                   "row": (1, tp)}.get(rule, (0, 1))
-    step = shape[dim] // pieces
-    boxes = []
-    for piece in range(pieces):
-        offsets = [0] * len(shape)
-        sizes = list(shape)
-        offsets[dim], sizes[dim] = piece * step, step
-        boxes.append((tuple(offsets), tuple(sizes)))
-    return boxes
-
-
 @dataclasses.dataclass
 class _PlannedChunk:
     canonical: str
@@ -582,11 +562,13 @@ def plan_items(spec, tp: int, padded_vocab: int, dtype) -> tuple[list[WriteItem]
     :func:`write`."""
     items, sources = [], {}
     for canonical in canonical_tensors(spec):
-        shape = canonical.shape
-        if canonical.rule == "vocab":
-            shape = (padded_vocab, *shape[1:])
+        rule = rule_for(spec, canonical.rule, padded_vocab)
+        shape = rule.full_shape(canonical.shape)
         key = stored_key(canonical)
-        for offsets, sizes in _chunk_boxes(canonical.rule, shape, tp):
+        # One chunk per distinct box of a TP rank (a replicated tensor is one chunk, a SwiGLU
+        # linear_fc1 two per rank), in the order of the rows (columns) they hold.
+        boxes = sorted({box for tp_rank in range(tp) for box in rule.boxes(shape, tp, tp_rank)})
+        for offsets, sizes in boxes:
             if canonical.layer is None:
                 item = _tensor_item(key, shape, offsets, sizes, dtype)
             else:
@@ -764,10 +746,9 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
 
     def read_tensor(name: str) -> torch.Tensor:
         canonical = by_name[name]
-        full = reader.tensor(name).to(dtype)
-        if canonical.rule == "vocab":
-            full = rule_for(spec, "vocab", padded).split(full, 1)[0]  # re-pad to the target's rows
-        expected = (padded, *canonical.shape[1:]) if canonical.rule == "vocab" else canonical.shape
+        rule = rule_for(spec, canonical.rule, padded)
+        full = rule.fit(reader.tensor(name).to(dtype))  # the vocabulary re-padded to the target's rows
+        expected = rule.full_shape(canonical.shape)
         if tuple(full.shape) != tuple(expected):
             raise BadInput(f"{reader.meta.path}: {name} has shape {tuple(full.shape)}; expected {tuple(expected)}")
         return full
