@@ -111,6 +111,67 @@ def sliding_window_from_args(args) -> int | None:
     return left + 1
 
 
+def moe_layers_from_args(args, num_layers: int) -> tuple[int, ...] | None:
+    """``--moe-layer-freq``: an int N makes every N-th layer (0, N, 2N, ...) MoE, a list
+    names each layer (megatron/training/arguments.py, ``moe_freq_type``)."""
+    frequency = _get(args, "moe_layer_freq", default=1)
+    if isinstance(frequency, str):  # some versions keep the command-line text: "[0,1,1]" or "1"
+        frequency = [int(part) for part in frequency.strip("[]").split(",")] if "[" in frequency \
+            else int(frequency)
+    pattern = tuple(int(value) for value in frequency) if isinstance(frequency, (list, tuple)) else \
+        tuple(int(layer % int(frequency) == 0) for layer in range(num_layers))
+    if len(pattern) != num_layers:
+        raise BadInput(f"moe_layer_freq {list(pattern)} names {len(pattern)} layers; the model has {num_layers}")
+    return None if all(pattern) else pattern
+
+
+# Router features that change what the model computes and that no bridge carries yet.
+_UNSUPPORTED_MOE = {
+    "moe_router_enable_expert_bias": (False, "expert bias (DeepSeek-V3 routing)"),
+    "moe_router_num_groups": (None, "group-limited routing"),
+    "moe_router_group_topk": (None, "group-limited routing"),
+}
+
+
+def moe_fields_from_args(args, num_layers: int) -> dict:
+    """The spec's mixture-of-experts fields (empty for a dense model)."""
+    experts = _get(args, "num_experts")
+    if not experts:
+        return {}
+    score = _get(args, "moe_router_score_function", default="softmax")
+    if score != "softmax":
+        raise Unsupported(f"MoE router score function {score!r} (only softmax is supported)")
+    scaling = _get(args, "moe_router_topk_scaling_factor")
+    if scaling not in (None, 1, 1.0):
+        raise Unsupported(f"moe_router_topk_scaling_factor {scaling} is not supported")
+    for name, (default, what) in _UNSUPPORTED_MOE.items():
+        if _get(args, name, default=default) not in (default, False, None):
+            raise Unsupported(f"{what} ({name}={_get(args, name)}) is not supported")
+    return dict(
+        num_experts=int(experts),
+        moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size", "ffn_hidden_size")),
+        moe_router_topk=int(_get(args, "moe_router_topk", default=2)),
+        moe_layers=moe_layers_from_args(args, args.num_layers),
+        moe_shared_expert_size=int(_get(args, "moe_shared_expert_intermediate_size", default=0)),
+        moe_shared_expert_gate=bool(_get(args, "moe_shared_expert_gate", default=False)),
+        moe_router_pre_softmax=bool(_get(args, "moe_router_pre_softmax", default=False)),
+    )
+
+
+def moe_args(spec: ModelSpec) -> dict:
+    """The Megatron args of the spec's mixture of experts (all None/off for a dense model)."""
+    if not spec.num_experts:
+        return dict(num_experts=None, moe_layer_freq=1, moe_shared_expert_intermediate_size=None)
+    return dict(
+        num_experts=spec.num_experts, moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+        moe_router_topk=spec.moe_router_topk,
+        moe_layer_freq=list(spec.moe_layers) if spec.moe_layers is not None else 1,
+        moe_shared_expert_intermediate_size=spec.moe_shared_expert_size or None,
+        moe_shared_expert_gate=spec.moe_shared_expert_gate, moe_router_pre_softmax=spec.moe_router_pre_softmax,
+        moe_router_score_function="softmax", moe_grouped_gemm=False,
+    )
+
+
 def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkpoint",
                    architecture: str | None = None) -> ModelSpec:
     """Read the architecture from Megatron's args.
@@ -156,6 +217,7 @@ def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkp
             rope_scaling=rope_scaling_from_args(args) if position_embedding == "rope" else None,
             sliding_window=sliding_window_from_args(args),
             qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
+            **moe_fields_from_args(args, args.num_layers),
         )
     except Unsupported as error:
         raise Unsupported(f"{source}: {error}") from None
@@ -210,6 +272,7 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         transformer_impl=transformer_impl, iteration=iteration,
         ckpt_format="torch",
     )
+    fields.update(moe_args(spec))
     bridge = BRIDGES.get(spec.family)
     fields[ARCHITECTURE_FIELD] = bridge.architecture if bridge and bridge.mismatch(spec) is None else None
     check_expressible(spec)

@@ -16,6 +16,11 @@ decoder.layers.{L}.self_attention.linear_proj.w    row      .bias replicated
 decoder.layers.{L}.pre_mlp_layernorm.weight/bias   replic.
 decoder.layers.{L}.mlp.linear_fc1.weight/bias      column   gated: [all gate; all up]
 decoder.layers.{L}.mlp.linear_fc2.weight           row      .bias replicated
+decoder.layers.{L}.mlp.router.weight               replic.  MoE layers: [experts, hidden]
+decoder.layers.{L}.mlp.experts.local_experts.{E}.  gated/   MoE layers instead of linear_fc1/2;
+    linear_fc1.weight / linear_fc2.weight          row      E global, cut over ETP
+decoder.layers.{L}.mlp.shared_experts.linear_fc1/2 gated/   shared expert, cut over TP;
+    .weight, .gate_weight                          row/rep. gate_weight [1, hidden]
 decoder.final_layernorm.weight/bias                replic.
 output_layer.weight                                vocab    untied embeddings only
 =================================================  =======  ==========================
@@ -60,6 +65,16 @@ class ModelSpec:
     rope_scaling: dict | None = field(default=None, hash=False)
     sliding_window: int | None = None  # tokens a query sees, itself included (HF's sliding_window)
     qk_layernorm: bool = False  # per-head norm of queries and keys before RoPE (Qwen3)
+    # Mixture of experts (num_experts 0: dense). Router: top-k of the logits, then a softmax
+    # over the chosen k; with moe_router_pre_softmax, a softmax over all experts first and
+    # no renormalisation of the chosen k.
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_router_topk: int = 0
+    moe_layers: tuple[int, ...] | None = None  # 1 = MoE layer, 0 = dense; None: every layer
+    moe_shared_expert_size: int = 0  # ffn of the shared expert (0: none)
+    moe_shared_expert_gate: bool = False  # sigmoid(gate_weight . x) scales the shared expert
+    moe_router_pre_softmax: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -78,6 +93,11 @@ class ModelSpec:
     def has_norm_bias(self) -> bool:
         return self.normalization == "LayerNorm"
 
+    def is_moe_layer(self, layer: int) -> bool:
+        if not self.num_experts:
+            return False
+        return self.moe_layers is None or bool(self.moe_layers[layer])
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -90,6 +110,9 @@ class CanonicalTensor:
     shape: tuple[int, ...]
     rule: str  # "replicated", "column", "row", "vocab", "qkv", "gated"
     layer: int | None = None  # global layer index, None for embeddings/final norm/head
+    # global expert index of an expert's tensor: held whole by one expert-parallel rank
+    # (expert // (num_experts / EP)) and cut over the expert tensor-parallel ranks
+    expert: int | None = None
 
 
 def _layer_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
@@ -109,14 +132,46 @@ def _layer_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
         ("self_attention.linear_proj.bias", (hidden,), "replicated", spec.add_bias_linear),
         ("pre_mlp_layernorm.weight", (hidden,), "replicated", True),
         ("pre_mlp_layernorm.bias", (hidden,), "replicated", spec.has_norm_bias),
-        ("mlp.linear_fc1.weight", (fc1_rows, hidden), "gated" if spec.gated else "column", True),
-        ("mlp.linear_fc1.bias", (fc1_rows,), "gated" if spec.gated else "column", spec.add_bias_linear),
-        ("mlp.linear_fc2.weight", (hidden, ffn), "row", True),
-        ("mlp.linear_fc2.bias", (hidden,), "replicated", spec.add_bias_linear),
     ]
     prefix = LAYER.format(layer=layer)
-    return [CanonicalTensor(prefix + suffix, shape, rule, layer)
+    tensors = [CanonicalTensor(prefix + suffix, shape, rule, layer)
+               for suffix, shape, rule, present in entries if present]
+    mlp = _moe_tensors(spec, layer) if spec.is_moe_layer(layer) else _mlp_tensors(spec, "mlp.", ffn, layer)
+    return tensors + mlp
+
+
+def _mlp_tensors(spec: ModelSpec, module: str, ffn: int, layer: int, expert: int | None = None,
+                 biases: bool | None = None) -> list[CanonicalTensor]:
+    """``linear_fc1``/``linear_fc2`` of one MLP (dense, shared expert or one expert)."""
+    hidden = spec.hidden_size
+    biases = spec.add_bias_linear if biases is None else biases
+    fc1_rows = 2 * ffn if spec.gated else ffn
+    fc1_rule = "gated" if spec.gated else "column"
+    entries = [
+        ("linear_fc1.weight", (fc1_rows, hidden), fc1_rule, True),
+        ("linear_fc1.bias", (fc1_rows,), fc1_rule, biases),
+        ("linear_fc2.weight", (hidden, ffn), "row", True),
+        ("linear_fc2.bias", (hidden,), "replicated", biases),
+    ]
+    prefix = LAYER.format(layer=layer) + module
+    return [CanonicalTensor(prefix + suffix, shape, rule, layer, expert)
             for suffix, shape, rule, present in entries if present]
+
+
+def _moe_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
+    """Router, then every expert (global index), then the shared expert and its gate."""
+    prefix = LAYER.format(layer=layer)
+    tensors = [CanonicalTensor(prefix + "mlp.router.weight", (spec.num_experts, spec.hidden_size), "replicated",
+                               layer)]
+    for expert in range(spec.num_experts):
+        tensors += _mlp_tensors(spec, f"mlp.experts.local_experts.{expert}.", spec.moe_ffn_hidden_size, layer,
+                                expert, biases=False)
+    if spec.moe_shared_expert_size:
+        tensors += _mlp_tensors(spec, "mlp.shared_experts.", spec.moe_shared_expert_size, layer, biases=False)
+        if spec.moe_shared_expert_gate:
+            tensors.append(CanonicalTensor(prefix + "mlp.shared_experts.gate_weight", (1, spec.hidden_size),
+                                           "replicated", layer))
+    return tensors
 
 
 def canonical_tensors(spec: ModelSpec) -> list[CanonicalTensor]:

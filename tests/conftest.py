@@ -45,6 +45,7 @@ def make_hf_model(folder: Path, family: str = "gpt2", seed: int = 0, dtype=torch
                      intermediate_size=48, max_position_embeddings=32, original_max_position_embeddings=32,
                      vocab_size=101, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
                      pad_token_id=None),
+        **MOE_FACTORY_DEFAULTS,
     }[family]
     defaults.update(config)
     torch.manual_seed(seed)
@@ -106,3 +107,21 @@ def copy_fixture(tmp_path):
         return target
 
     return copy
+
+
+MOE_FACTORY_DEFAULTS = {
+    "mixtral": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                    intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+                    vocab_size=101, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                    sliding_window=None),
+    "qwen2_moe": dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0], decoder_sparse_step=1,
+                      max_position_embeddings=32, vocab_size=101, tie_word_embeddings=False, bos_token_id=None,
+                      eos_token_id=None),
+    "qwen3_moe": dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                      num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0], decoder_sparse_step=1,
+                      max_position_embeddings=32, vocab_size=101, tie_word_embeddings=False, bos_token_id=None,
+                      eos_token_id=None),
+}

@@ -70,8 +70,35 @@ def test_family_round_trip_keeps_class_config_tensors_and_logits(case, tmp_path)
     assert torch.equal(hf_logits(hf_dir, tokens), hf_logits(back, tokens))
 
 
+MOE_CASES = {
+    "mixtral": ("mixtral", {}),
+    "mixtral-sliding-window": ("mixtral", {"sliding_window": 3}),
+    "qwen2-moe": ("qwen2_moe", {}),
+    "qwen2-moe-every-second-layer": ("qwen2_moe", {"mlp_only_layers": [], "decoder_sparse_step": 2}),
+    "qwen3-moe": ("qwen3_moe", {}),
+    "qwen3-moe-without-renormalisation": ("qwen3_moe", {"norm_topk_prob": False}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_moe_family_hugging_face_round_trip_keeps_class_config_tensors_and_logits(case, tmp_path):
+    from ckptkit.convert import write_hf_folder
+
+    model_type, fields = MOE_CASES[case]
+    hf_dir = make_hf_model(tmp_path / "hf", model_type, **fields)
+    (tmp_path / "back").mkdir()
+    with open_checkpoint(hf_dir) as reader:
+        write_hf_folder(reader, tmp_path / "back", dtype=torch.float32, max_shard_size="5GB")
+    back = tmp_path / "back"
+    assert architecture_fields(back) == architecture_fields(hf_dir)
+    assert_same_state(hf_state(hf_dir), hf_state(back))
+    tokens = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hf_logits(hf_dir, tokens), hf_logits(back, tokens))
+
+
 def test_every_registered_bridge_has_a_round_trip_case():
-    assert {model_type for model_type, _ in CASES.values()} == {b.model_type for b in BRIDGES.values()}
+    covered = {model_type for model_type, _ in [*CASES.values(), *MOE_CASES.values()]}
+    assert covered == {bridge.model_type for bridge in BRIDGES.values()}
 
 
 def test_megatron_checkpoint_records_the_architecture_megatron_args_cannot_tell(tmp_path):

@@ -2,8 +2,8 @@
 
 Adding a family is one file beside these and one line in ``BRIDGES``. The order is the
 order in which a Megatron checkpoint that records no Hugging Face architecture is
-claimed: the most specific families first (Qwen3 has q/k norms, Qwen2 q/k/v-only biases,
-Mistral a sliding window), plain Llama and GPT-2 last. Phi-3 claims nothing: its
+claimed: the most specific families first (mixtures of experts; Qwen3 has q/k norms, Qwen2
+q/k/v-only biases, Mistral a sliding window), plain Llama and GPT-2 last. Phi-3 claims nothing: its
 Megatron model is a Llama's, so only a recorded architecture (or ``--architecture``)
 picks it.
 
@@ -18,11 +18,15 @@ from .base import Bridge, HfMapping
 from .gpt2 import GPT2
 from .llama import LLAMA
 from .mistral import MISTRAL
+from .mixtral import MIXTRAL
 from .phi3 import PHI3
 from .qwen2 import QWEN2
+from .qwen2_moe import QWEN2_MOE
 from .qwen3 import QWEN3
+from .qwen3_moe import QWEN3_MOE
 
-BRIDGES: dict[str, Bridge] = {bridge.name: bridge for bridge in (QWEN3, QWEN2, MISTRAL, PHI3, LLAMA, GPT2)}
+BRIDGES: dict[str, Bridge] = {bridge.name: bridge for bridge in (
+    QWEN3_MOE, QWEN2_MOE, MIXTRAL, QWEN3, QWEN2, MISTRAL, PHI3, LLAMA, GPT2)}
 BY_ARCHITECTURE = {bridge.architecture: bridge for bridge in BRIDGES.values()}
 BY_MODEL_TYPE = {bridge.model_type: bridge for bridge in BRIDGES.values()}
 
@@ -73,7 +77,9 @@ def bridge_of(spec: ModelSpec, source: str = "checkpoint") -> Bridge:
     """The bridge of ``spec``'s family; refuses a model that no architecture holds."""
     if spec.family in BRIDGES:
         return BRIDGES[spec.family]
-    reasons = "; ".join(f"{bridge.architecture}: {bridge.mismatch(spec)}" for bridge in (LLAMA, GPT2))
+    closest = [bridge for bridge in BRIDGES.values()
+               if bridge.mismatch(spec) not in ("a mixture of experts", "no mixture of experts")]
+    reasons = "; ".join(f"{bridge.architecture}: {bridge.mismatch(spec)}" for bridge in closest)
     raise Unsupported(f"{source}: the model matches no supported Hugging Face architecture ({reasons})")
 
 

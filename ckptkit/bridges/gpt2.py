@@ -35,6 +35,7 @@ def config_to_spec(config: dict) -> ModelSpec:
 
 def mismatch(spec: ModelSpec) -> str | None:
     return first_problem(
+        (not spec.num_experts, "a mixture of experts"),
         (not spec.gated and spec.activation in ("gelu", "gelu_tanh"), f"activation {spec.activation}; expected GeLU"),
         (spec.normalization == "LayerNorm", f"{spec.normalization}; expected LayerNorm"),
         (spec.position_embedding == "learned_absolute", f"{spec.position_embedding} positions; expected learned"),

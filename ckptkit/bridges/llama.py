@@ -71,8 +71,11 @@ def llama_like_spec(config: dict, family: str, **fields) -> ModelSpec:
     return ModelSpec(**base)
 
 
-def llama_like_config(spec: ModelSpec, dtype: torch.dtype, architecture: str, model_type: str) -> dict:
-    """The config fields every Llama-like family writes."""
+def llama_like_config(spec: ModelSpec, dtype: torch.dtype, architecture: str, model_type: str,
+                      head_dim_field: bool = True) -> dict:
+    """The config fields every Llama-like family writes. Families whose config has no
+    ``head_dim`` (``head_dim_field=False``) get one only when it is not hidden / heads,
+    which their attention then reads."""
     config = {
         "architectures": [architecture], "model_type": model_type,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_hidden_size,
@@ -85,12 +88,15 @@ def llama_like_config(spec: ModelSpec, dtype: torch.dtype, architecture: str, mo
     }
     if spec.rope_scaling:
         config["rope_scaling"] = dict(spec.rope_scaling)
+    if not head_dim_field and spec.head_dim * spec.num_attention_heads == spec.hidden_size:
+        del config["head_dim"]
     return config
 
 
-def llama_like_problem(spec: ModelSpec) -> str | None:
-    """Why a spec is not a Llama-like model at all (SwiGLU, RMSNorm, RoPE)."""
+def llama_like_problem(spec: ModelSpec, moe: bool = False) -> str | None:
+    """Why a spec is not a Llama-like model at all (SwiGLU, RMSNorm, RoPE; dense unless ``moe``)."""
     return first_problem(
+        (moe or not spec.num_experts, "a mixture of experts"),
         (spec.gated, f"activation {spec.activation}; expected SwiGLU"),
         (spec.normalization == "RMSNorm", f"{spec.normalization}; expected RMSNorm"),
         (spec.position_embedding == "rope", f"{spec.position_embedding} positions; expected RoPE"),

@@ -58,8 +58,7 @@ def _mismatch(spec: ModelSpec) -> str | None:
 
 def _spec_to_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
     PHI3.check(spec)
-    config = llama_like_config(spec, dtype, PHI3.architecture, PHI3.model_type)
-    config.pop("head_dim")  # Phi3Config derives it from hidden size and heads
+    config = llama_like_config(spec, dtype, PHI3.architecture, PHI3.model_type, head_dim_field=False)
     config.update(sliding_window=spec.sliding_window, resid_pdrop=0.0, embd_pdrop=0.0,
                   original_max_position_embeddings=spec.max_position_embeddings)
     return config

@@ -37,10 +37,8 @@ def qwen_window_fields() -> dict:
 
 def _spec_to_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
     QWEN2.check(spec)
-    config = llama_like_config(spec, dtype, QWEN2.architecture, QWEN2.model_type)
+    config = llama_like_config(spec, dtype, QWEN2.architecture, QWEN2.model_type, head_dim_field=False)
     config.update(qwen_window_fields())
-    if spec.head_dim * spec.num_attention_heads == spec.hidden_size:
-        del config["head_dim"]  # Qwen2Config has no such field: its attention derives the same value
     return config
 
 

@@ -114,22 +114,23 @@ def _read_index(path: Path) -> dict:
     return weight_map
 
 
-def expand(mapping: HfMapping, layer: int | None) -> tuple[str, list[str]]:
-    if layer is None:
-        return mapping.canonical, list(mapping.hf_names)
-    return mapping.canonical.format(layer=layer), [name.format(layer=layer) for name in mapping.hf_names]
+def expand(mapping: HfMapping, **indices) -> tuple[str, list[str]]:
+    """The mapping's names with ``{layer}``/``{expert}`` filled in."""
+    return mapping.canonical.format(**indices), [name.format(**indices) for name in mapping.hf_names]
 
 
 def hf_table(bridge: Bridge, spec: ModelSpec) -> dict[str, tuple[HfMapping, list[str]]]:
     """canonical name -> (mapping, concrete HF names), for the tensors this model has."""
-    wanted = {tensor.name: tensor.layer for tensor in canonical_tensors(spec)}
+    wanted = {tensor.name for tensor in canonical_tensors(spec)}
     table = {}
     for mapping in bridge.mappings(spec):
         layers = range(spec.num_layers) if "{layer}" in mapping.canonical else [None]
+        experts = range(spec.num_experts) if "{expert}" in mapping.canonical else [None]
         for layer in layers:
-            canonical, names = expand(mapping, layer)
-            if canonical in wanted:
-                table[canonical] = (mapping, names)
+            for expert in experts:
+                canonical, names = expand(mapping, layer=layer, expert=expert)
+                if canonical in wanted:
+                    table[canonical] = (mapping, names)
     missing = sorted(set(wanted) - set(table))
     if missing:
         raise BadInput(f"{bridge.architecture} has no Hugging Face name for {missing[0]}")
