@@ -1,0 +1,348 @@
+"""Reading Megatron per-rank files as canonical tensors.
+
+Every canonical tensor is found in the files of its pipeline stage (layer indices made
+global) and merged from its TP ranks' pieces into the boxes its partition rule gives
+each rank. :meth:`MegatronLegacyReader.validate` checks the files against each other and
+compares the copies Megatron keeps of some tensors (:mod:`ckptkit.layouts.copies`).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...errors import BadInput
+from ...megatron_args import spec_from_args
+from ...rules import box_slices
+from ...safe_load import safe_torch_load
+from ...spec import CanonicalTensor, rule_for
+from .. import copies
+from ..base import CheckpointMeta, CheckpointReader
+from ..megatron_common import parallel_sizes, refuse_experts, source_iteration
+from ..megatron_names import Naming, detect_naming
+from .discovery import NAME, RANK_FILE, _extract_zip, check_rank_set, locate_iteration_dir, scan_ranks
+from .files import _model_chunks, _offsets_known, _RankFiles
+
+
+@dataclass
+class _Location:
+    pp_stage: int
+    chunk: int
+    file_key: str
+
+
+def _worst(differences: list[float], first_rank: int) -> tuple[float, int]:
+    """The largest of per-rank differences (NaN counts as largest) and its TP rank."""
+    index = max(range(len(differences)), key=lambda i: (math.isnan(differences[i]), differences[i]))
+    return differences[index], first_rank + index
+
+
+class MegatronLegacyReader(CheckpointReader):
+    """Canonical tensors merged from Megatron per-rank files, each read on demand."""
+
+    def __init__(self, path, **options):
+        self._temporary = None
+        try:
+            self._open(path, **options)
+        except BaseException:
+            self.close()  # a .zip source was unpacked into a temporary folder: remove it
+            raise
+
+    def _open(self, path, *, vocab_size: int | None = None, strict: bool = False,
+              trust_remote_pickle: bool = False):
+        self.source = Path(path)
+        self.strict = strict
+        root = self.source
+        if root.suffix == ".zip" and root.is_file():
+            self._temporary = _extract_zip(root)
+            root = self._temporary
+        if not root.exists():
+            raise BadInput(f"{root}: no such file or folder")
+        folder, iteration, release = locate_iteration_dir(root)
+        ranks = scan_ranks(folder)
+        first_file = folder / sorted(ranks)[0] / RANK_FILE
+        first = safe_torch_load(first_file, trust_remote_pickle=trust_remote_pickle, map_location="meta")
+        args = first.get("args") if isinstance(first, dict) else None
+        if args is None:
+            raise BadInput(f"{first_file}: no 'args' entry; cannot tell the architecture")
+        sizes = parallel_sizes(args)
+        tp, pp = sizes.tp, sizes.pp
+        refuse_experts(args, first_file)
+        check_rank_set(folder, ranks, tp, pp)
+        self.files = _RankFiles(folder, tp, pp, trust_remote_pickle)
+        first_chunks = _model_chunks(first, first_file)
+        if _offsets_known(first_chunks):
+            self.files.loaded[(0, 0)] = (first, first_chunks)
+        self.spec = spec_from_args(args, vocab_size=vocab_size, source=str(first_file))
+        version = float(first.get("checkpoint_version", 0) or 0)
+        iteration = source_iteration(iteration, release, first)
+        chunks = self.files.chunks(0, 0)
+        naming = detect_naming(chunks[0].keys())
+        if naming is None:
+            raise BadInput(f"{first_file}: no parameter names of a known Megatron naming "
+                           f"(first keys: {', '.join(list(chunks[0])[:4])})")
+        self.naming: Naming = naming
+        self.index, self.tied_head_location, layer_counts = self._build_index(len(chunks))
+        embedding = self._shard("embedding.word_embeddings.weight", 0)
+        self.meta = CheckpointMeta(
+            layout=NAME, path=self.source, dtype=embedding.dtype, tp=tp, pp=pp, vpp=len(chunks), ep=sizes.ep,
+            iteration=iteration, release=release, checkpoint_version=version, naming=naming.name,
+            padded_vocab_size=embedding.shape[0] * tp,
+            make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", None),
+            args=args, files=[str(self.files.path(t, p)) for p in range(pp) for t in range(tp)],
+        )
+        self.layer_counts = layer_counts
+        total_layers = sum(layer_counts.values())
+        if total_layers != self.spec.num_layers:
+            raise BadInput(f"{folder}: files hold {total_layers} layers; args say num_layers="
+                           f"{self.spec.num_layers}")
+        for canonical in self.canonical():
+            if canonical.name not in self.index:
+                raise BadInput(f"{folder}: tensor {canonical.name} is missing from every rank file")
+
+    # -- the index
+
+    def _build_index(self, num_chunks: int):
+        """Map canonical names to (stage, chunk, key), making layer indices global."""
+        pp = self.files.pp
+        per_chunk = {}
+        for pp_stage in range(pp):
+            chunks = self.files.chunks(0, pp_stage)
+            if len(chunks) != num_chunks:
+                raise BadInput(f"{self.files.path(0, pp_stage)}: {len(chunks)} model chunks; "
+                               f"stage 0 has {num_chunks}")
+            for chunk, state in enumerate(chunks):
+                parsed = {}
+                for key in state:
+                    if key.endswith("._extra_state"):
+                        continue
+                    found = self.naming.parse(key)
+                    if found is None:
+                        raise BadInput(f"{self.files.path(0, pp_stage)}: unknown tensor {key!r} "
+                                       f"for naming {self.naming.name}")
+                    parsed[key] = found
+                per_chunk[(pp_stage, chunk)] = parsed
+        layer_counts = {}
+        for place, parsed in per_chunk.items():
+            layers = [layer for _, layer in parsed.values() if layer is not None]
+            layer_counts[place] = max(layers) + 1 if layers else 0
+        # virtual stage s = chunk x PP + stage holds the next contiguous block of layers
+        offsets, running = {}, 0
+        for virtual in range(num_chunks * pp):
+            place = (virtual % pp, virtual // pp)
+            offsets[place] = running
+            running += layer_counts[place]
+        index, tied_head = {}, None
+        last_place = (pp - 1, num_chunks - 1)
+        for place, parsed in per_chunk.items():
+            for key, (suffix, layer) in parsed.items():
+                location = _Location(place[0], place[1], key)
+                if layer is None:
+                    name = suffix
+                    if name == "output_layer.weight" and self.spec.tied_embeddings:
+                        tied_head = location  # the last stage's copy of the embeddings
+                        continue
+                else:
+                    name = f"decoder.layers.{offsets[place] + layer}.{suffix}"
+                if name in index:
+                    raise BadInput(f"{self.files.path(0, place[0])}: tensor {name} appears twice")
+                index[name] = location
+        if self.spec.tied_embeddings and pp * num_chunks > 1 and tied_head is None and \
+                "output_layer.weight" not in index:
+            self.warn(f"{self.files.path(0, last_place[0])}: tied embeddings but the last stage "
+                      "holds no output-layer copy")
+        return index, tied_head, {place: count for place, count in layer_counts.items()}
+
+    # -- reading
+
+    def _shard(self, name: str, tp_rank: int) -> torch.Tensor:
+        location = self.index[name]
+        return self._shard_at(location, tp_rank, name)
+
+    def _shard_at(self, location: _Location, tp_rank: int, name: str) -> torch.Tensor:
+        chunks = self.files.chunks(tp_rank, location.pp_stage)
+        path = self.files.path(tp_rank, location.pp_stage)
+        if location.chunk >= len(chunks) or location.file_key not in chunks[location.chunk]:
+            raise BadInput(f"{path}: tensor {location.file_key} missing (present on TP rank 0)")
+        value = chunks[location.chunk][location.file_key]
+        if not isinstance(value, torch.Tensor):
+            raise BadInput(f"{path}: {location.file_key} is a {type(value).__name__}, not a tensor")
+        return value
+
+    def _rule(self, canonical: CanonicalTensor):
+        padded = self.meta.padded_vocab_size if hasattr(self, "meta") else None
+        return rule_for(self.spec, canonical.rule, padded)
+
+    def _canonical_entry(self, name: str) -> CanonicalTensor:
+        for canonical in self._canonical_by_name().get(name, []):
+            return canonical
+        raise BadInput(f"{self.source}: no canonical tensor {name}")
+
+    def _canonical_by_name(self):
+        if not hasattr(self, "_by_name"):
+            self._by_name = {}
+            for canonical in self.canonical():
+                self._by_name.setdefault(canonical.name, []).append(canonical)
+        return self._by_name
+
+    def _stored_shards(self, name: str) -> list[torch.Tensor]:
+        """Every TP rank's piece of ``name`` as loaded: shapes and dtypes, values not read yet."""
+        return [self._shard(name, tp_rank) for tp_rank in range(self.files.tp)]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The full tensor ``name``, each rank's piece read into the boxes its rule gives it.
+
+        A rank whose boxes an earlier rank already filled holds a copy (a replicated
+        tensor): it is not read here; :meth:`validate` compares the copies.
+        """
+        canonical = self._canonical_entry(name)
+        rule = self._rule(canonical)
+        stored = self._stored_shards(name)
+        self._check_shard_shapes(canonical, stored)
+        pp_stage = self.index[name].pp_stage
+        shape = rule.full_shape(canonical.shape)
+        merged = torch.empty(shape, dtype=stored[0].dtype)
+        filled = set()
+        for tp_rank, shard in enumerate(stored):
+            boxes = rule.boxes(shape, self.files.tp, tp_rank)
+            if filled.issuperset(boxes):
+                continue
+            filled.update(boxes)
+            self._place(tp_rank, pp_stage, shard, rule, boxes, merged)
+        return merged
+
+    def _place(self, tp_rank: int, pp_stage: int, stored: torch.Tensor, rule, boxes, merged: torch.Tensor) -> None:
+        """Put one rank's stored piece (its boxes, concatenated along dim 0) into ``merged``.
+
+        Where every box is a block of whole rows, its rows are read from the file straight
+        into place: one pass, no ``cat``. Otherwise (row-parallel column blocks, memory-mapped
+        or strided stored tensors, an old ``checkpoint_version`` whose rows the rule reorders)
+        the piece is read, then copied into its boxes.
+        """
+        targets = [merged[box_slices(box)] for box in boxes]
+        straight = self.meta.checkpoint_version >= 2.0 and self.files.can_read_rows(stored) and \
+            all(target.is_contiguous() for target in targets)
+        if straight:
+            row = 0
+            for target in targets:
+                self.files.read_rows_into(tp_rank, pp_stage, stored, range(row, row + target.shape[0]), target)
+                row += target.shape[0]
+            return
+        piece = rule.from_checkpoint_version(self.files.read(tp_rank, pp_stage, stored), self.meta.checkpoint_version)
+        row = 0
+        for target in targets:
+            if target.dim() == 0:
+                target.copy_(piece)
+                continue
+            target.copy_(piece[row: row + target.shape[0]])
+            row += target.shape[0]
+
+    def _expected_shard_shape(self, canonical: CanonicalTensor) -> tuple:
+        return self._rule(canonical).shard_shape(canonical.shape, self.files.tp)
+
+    def _check_shard_shapes(self, canonical: CanonicalTensor, shards) -> None:
+        expected = self._expected_shard_shape(canonical)
+        location = self.index[canonical.name]
+        for tp_rank, shard in enumerate(shards):
+            if tuple(shard.shape) != expected:
+                path = self.files.path(tp_rank, location.pp_stage)
+                raise BadInput(f"{path}: {location.file_key} has shape {tuple(shard.shape)}; expected "
+                               f"{expected} for TP={self.files.tp}")
+            if shard.dtype != shards[0].dtype:
+                path = self.files.path(tp_rank, location.pp_stage)
+                raise BadInput(f"{path}: {location.file_key} has dtype {shard.dtype}; TP rank 0 has "
+                               f"{shards[0].dtype}")
+
+    def _row_reader(self, tp_rank: int, pp_stage: int, stored: torch.Tensor) -> copies.ReadRows:
+        return lambda rows: self.files.read_rows(tp_rank, pp_stage, stored, rows)
+
+    def _compare_copies(self, canonical: CanonicalTensor, stored: list[torch.Tensor],
+                        report: copies.CopyReport) -> None:
+        """Ranks whose rule gives them the same boxes hold copies (every rank, for a replicated
+        tensor): compare each with the first rank's, a chunk at a time."""
+        rule = self._rule(canonical)
+        shape = rule.full_shape(canonical.shape)
+        holders: dict[tuple, list[int]] = {}
+        for tp_rank in range(self.files.tp):
+            holders.setdefault(tuple(rule.boxes(shape, self.files.tp, tp_rank)), []).append(tp_rank)
+        groups = [ranks for ranks in holders.values() if len(ranks) > 1]
+        if not groups:
+            return
+        location = self.index[canonical.name]
+        worst = (0.0, groups[0][1], groups[0][0])
+        for first, *others in groups:
+            readers = [self._row_reader(tp_rank, location.pp_stage, stored[tp_rank]) for tp_rank in (first, *others)]
+            differences = copies.largest_differences(readers[0], readers[1:], tuple(stored[first].shape),
+                                                     stored[first].element_size())
+            difference, index = _worst(differences, first_rank=0)
+            if not difference <= worst[0]:  # NaN counts as the worst
+                worst = (difference, others[index], first)
+        difference, tp_rank, reference = worst
+        report.record(difference, f"{self.files.path(tp_rank, location.pp_stage)}: replicated tensor "
+                                  f"{location.file_key} differs across TP ranks (max abs diff {difference:.3g} "
+                                  f"against TP rank {reference}'s copy)")
+
+    def _compare_tied_head(self, report: copies.CopyReport) -> None:
+        """The last stage's output-head copy against the first stage's word embeddings, rank by rank."""
+        head_location = self.tied_head_location
+        embedding_location = self.index["embedding.word_embeddings.weight"]
+        differences = []
+        for tp_rank in range(self.files.tp):
+            head = self._shard_at(head_location, tp_rank, "output_layer.weight")
+            embedding = self._shard("embedding.word_embeddings.weight", tp_rank)
+            if head.shape != embedding.shape:
+                differences.append(float("inf"))
+                continue
+            differences += copies.largest_differences(
+                self._row_reader(tp_rank, embedding_location.pp_stage, embedding),
+                [self._row_reader(tp_rank, head_location.pp_stage, head)], tuple(head.shape), head.element_size())
+        difference, tp_rank = _worst(differences, first_rank=0)
+        report.record(difference, f"{self.files.path(tp_rank, head_location.pp_stage)}: {head_location.file_key} "
+                                  f"(tied output head) differs from the first stage's word embeddings (max abs "
+                                  f"diff {difference:.3g})")
+
+    def validate(self) -> list[str]:
+        """Load every rank file and compare key sets and shapes; compare the copies that should
+        be identical (replicated tensors across TP ranks, the tied head with the embeddings) a
+        chunk of rows at a time. Returns one note for all copies that differ (an error naming
+        the first one in strict mode)."""
+        for pp_stage in range(self.files.pp):
+            reference = self.files.chunks(0, pp_stage)
+            for tp_rank in range(1, self.files.tp):
+                chunks = self.files.chunks(tp_rank, pp_stage)
+                for chunk, (mine, theirs) in enumerate(zip(reference, chunks)):
+                    missing = sorted(set(mine) - set(theirs))
+                    if missing:
+                        raise BadInput(f"{self.files.path(tp_rank, pp_stage)}: tensor {missing[0]} missing "
+                                       "(present on TP rank 0)")
+                    extra = sorted(set(theirs) - set(mine))
+                    if extra:
+                        raise BadInput(f"{self.files.path(tp_rank, pp_stage)}: unexpected tensor {extra[0]}")
+        report = copies.CopyReport(self.strict)
+        for canonical in self.canonical():
+            stored = self._stored_shards(canonical.name)
+            self._check_shard_shapes(canonical, stored)
+            self._compare_copies(canonical, stored, report)
+        if self.tied_head_location is not None:
+            self._compare_tied_head(report)
+        summary = report.summary(self.files.folder, used="TP rank 0's copies of replicated tensors and the "
+                                                         "first stage's word embeddings are used")
+        return [summary] if summary else []
+
+    def rank_state(self, tp_rank: int, pp_stage: int) -> dict:
+        """The whole loaded dict of one rank file (args, optimizer, rng_state, ...)."""
+        return self.files.state(tp_rank, pp_stage)
+
+    def close(self) -> None:
+        if hasattr(self, "files"):
+            self.files.close()
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+            self._temporary = None
+
+
+def open_reader(path, **options) -> MegatronLegacyReader:
+    return MegatronLegacyReader(path, **options)

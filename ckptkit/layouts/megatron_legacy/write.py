@@ -1,0 +1,206 @@
+"""Writing Megatron per-rank files: the plan (which rank file holds which canonical tensor
+under which key, :func:`plan_files`), then a streaming write, one pipeline stage at a time
+(:func:`write`). What both Megatron formats share (target, args, tracker) is in
+:mod:`ckptkit.layouts.megatron_common`.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...errors import BadInput
+from ...spec import ModelSpec, canonical_tensors, check_parallel_sizes, rule_for
+from ...torch_stream import StreamingTorchWriter
+from ..base import CheckpointReader
+from ..megatron_common import WRITE_CHECKPOINT_VERSION, TargetLayout, target_args, write_tracker
+from ..megatron_names import NAMINGS
+from .discovery import RANK_FILE, rank_dir_name
+
+
+@dataclass
+class PlannedTensor:
+    file_key: str
+    canonical: str
+    rule: str
+    copy_of: str | None = None  # the tied head is a copy of the word embeddings
+
+
+@dataclass
+class PlannedRankFile:
+    relative_path: str
+    tp_rank: int
+    pp_stage: int
+    chunks: list[list[PlannedTensor]]
+    extra_state_keys: list[list[str]]
+
+
+def stage_layers(spec: ModelSpec, pp: int, vpp: int) -> dict[tuple[int, int], range]:
+    """Global layers of each (stage, chunk): virtual stage ``c x PP + p`` holds block ``c x PP + p``.
+
+    8 layers, PP=2, VPP=2: (0,0)->0-1, (1,0)->2-3, (0,1)->4-5, (1,1)->6-7.
+    """
+    per_virtual = spec.num_layers // (pp * vpp)
+    return {(virtual % pp, virtual // pp): range(virtual * per_virtual, (virtual + 1) * per_virtual)
+            for virtual in range(pp * vpp)}
+
+
+def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
+    """Every rank file to write and the canonical tensor behind each of its keys."""
+    check_parallel_sizes(spec, target.tp, target.pp, target.vpp)
+    if target.naming not in NAMINGS:
+        raise BadInput(f"unknown naming {target.naming!r} (choose from {', '.join(NAMINGS)})")
+    naming = NAMINGS[target.naming]
+    layers_of = stage_layers(spec, target.pp, target.vpp)
+    canonical = canonical_tensors(spec)
+    embedding = next(tensor for tensor in canonical if tensor.name == "embedding.word_embeddings.weight")
+    last = (target.pp - 1, target.vpp - 1)
+    plan = []
+    for pp_stage in range(target.pp):
+        for tp_rank in range(target.tp):
+            chunks, extra_states = [], []
+            for chunk in range(target.vpp):
+                place = (pp_stage, chunk)
+                layers = layers_of[place]
+                entries, extra = [], []
+                for tensor in canonical:
+                    if tensor.layer is not None:
+                        if tensor.layer not in layers:
+                            continue
+                        suffix = tensor.name.split(".", 3)[3]
+                        key = naming.file_name(suffix, tensor.layer - layers.start)
+                        entries.append(PlannedTensor(key, tensor.name, tensor.rule))
+                        continue
+                    first_stage_tensor = tensor.name.startswith("embedding.")
+                    if first_stage_tensor and place != (0, 0):
+                        continue
+                    if not first_stage_tensor and place != last:
+                        continue
+                    entries.append(PlannedTensor(naming.file_name(tensor.name, None), tensor.name, tensor.rule))
+                if spec.tied_embeddings and place == last and target.pp * target.vpp > 1:
+                    # Megatron keeps its own copy of the embeddings for the output head on the last stage.
+                    entries.append(PlannedTensor(naming.tied_head[0], "output_layer.weight", embedding.rule,
+                                                 copy_of=embedding.name))
+                for layer in layers:
+                    extra += naming.extra_state_names(layer - layers.start)
+                head_present = place == last and (not spec.tied_embeddings or target.pp * target.vpp > 1)
+                if head_present and naming.head_extra_state:
+                    extra.append(naming.head_extra_state)
+                chunks.append(entries)
+                extra_states.append(extra)
+            relative = f"{rank_dir_name(tp_rank, pp_stage, target.pp)}/{RANK_FILE}"
+            plan.append(PlannedRankFile(relative, tp_rank, pp_stage, chunks, extra_states))
+    return plan
+
+
+def _nest(flat: dict, naming: str) -> dict:
+    """Pre-Core files nest ``language_model -> embedding/encoder`` dicts (as Megatron saved them)."""
+    if naming != "legacy":
+        return OrderedDict(flat)
+    nested: dict = OrderedDict()
+    for key, value in flat.items():
+        if key.startswith("language_model.embedding."):
+            rest = key[len("language_model.embedding."):]
+            module, param = rest.rsplit(".", 1)
+            nested.setdefault("language_model", OrderedDict()).setdefault("embedding", OrderedDict()) \
+                .setdefault(module, OrderedDict())[param] = value
+        elif key.startswith("language_model.encoder."):
+            nested.setdefault("language_model", OrderedDict()).setdefault("encoder", OrderedDict())[
+                key[len("language_model.encoder."):]] = value
+        elif key.startswith("language_model."):
+            module, param = key[len("language_model."):].rsplit(".", 1)
+            nested.setdefault("language_model", OrderedDict()).setdefault(module, OrderedDict())[param] = value
+        else:
+            module, param = key.rsplit(".", 1)
+            nested.setdefault(module, OrderedDict())[param] = value
+    return nested
+
+
+def output_files(spec: ModelSpec, target: TargetLayout, dtype: torch.dtype) -> list[tuple[str, int]]:
+    """``(relative path, approximate bytes)`` of every rank file :func:`write` makes, in order."""
+    shapes = {tensor.name: tensor.shape for tensor in canonical_tensors(spec)}
+    shapes["output_layer.weight"] = shapes["embedding.word_embeddings.weight"]
+    element = torch.empty((), dtype=dtype).element_size()
+    padded = target.padded_vocab(spec)
+    folder = target.folder_name
+    files = []
+    for entry in plan_files(spec, target):
+        size = 0
+        for chunk in entry.chunks:
+            for planned in chunk:
+                shard_shape = rule_for(spec, planned.rule, padded).shard_shape(shapes[planned.canonical], target.tp)
+                size += math.prod(shard_shape) * element
+        files.append((f"{folder}/{entry.relative_path}", size))
+    return files
+
+
+def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, progress=None,
+          only=None, finish: bool = True) -> list[str]:
+    """Write ``reader``'s model as Megatron per-rank files under ``out_dir`` (a fresh folder).
+
+    Streams: for each pipeline stage, each canonical tensor is read once, split over the
+    TP ranks, and every piece goes straight to its rank file on disk. Returns the
+    relative paths written. ``only`` (relative paths, as returned) restricts the files
+    written, for one worker's share; ``finish=False`` leaves out the tracker file, which
+    the process that writes it does once every share is done.
+    """
+    spec = reader.spec
+    dtype = target.dtype or reader.meta.dtype
+    padded = target.padded_vocab(spec)
+    plan = plan_files(spec, target)
+    folder = out_dir / target.folder_name
+    args = target_args(spec, target, dtype)
+    if only is not None:
+        only = set(only)
+        plan = [entry for entry in plan if f"{folder.name}/{entry.relative_path}" in only]
+    written = []
+    for pp_stage in range(target.pp):
+        stage_files = [entry for entry in plan if entry.pp_stage == pp_stage]
+        if not stage_files:
+            continue
+        writers = {}
+        refs = {entry.tp_rank: [OrderedDict() for _ in entry.chunks] for entry in stage_files}
+        try:
+            for entry in stage_files:
+                path = folder / entry.relative_path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writers[entry.tp_rank] = StreamingTorchWriter(path)
+            template = stage_files[0]
+            for chunk_index, chunk in enumerate(template.chunks):
+                for position, planned in enumerate(chunk):
+                    source_name = planned.copy_of or planned.canonical
+                    rule = rule_for(spec, planned.rule, padded)
+                    full = rule.fit(reader.tensor(source_name).to(dtype))  # no copy when the dtype is already right
+                    # Views of ``full`` where a rank holds one box: a replicated tensor is written from one copy.
+                    pieces = {entry.tp_rank: rule.shard(full, target.tp, entry.tp_rank) for entry in stage_files}
+                    del full
+                    for entry in stage_files:
+                        key = entry.chunks[chunk_index][position].file_key
+                        refs[entry.tp_rank][chunk_index][key] = writers[entry.tp_rank].add_tensor(pieces[entry.tp_rank])
+                    del pieces
+                    if progress:
+                        progress(planned.canonical)
+            for entry in stage_files:
+                models = []
+                for chunk_index, chunk_refs in enumerate(refs[entry.tp_rank]):
+                    for key in entry.extra_state_keys[chunk_index]:
+                        chunk_refs[key] = None
+                    models.append(_nest(chunk_refs, target.naming))
+                state = {"args": args, "checkpoint_version": WRITE_CHECKPOINT_VERSION,
+                         "iteration": target.saved_iteration or 0}
+                if len(models) == 1:
+                    state["model"] = models[0]
+                else:
+                    for chunk_index, model in enumerate(models):
+                        state[f"model{chunk_index}"] = model
+                writers[entry.tp_rank].finish(state)
+                written.append(str(Path(folder.name) / entry.relative_path))
+        finally:
+            for writer in writers.values():
+                writer.close()
+    if finish:
+        write_tracker(out_dir, target)
+    return written
