@@ -19,7 +19,7 @@ import torch
 from . import parallel
 from .atomic import check_destination
 from .errors import BadInput, InternalError
-from .bridges import BRIDGES, family_of
+from .bridges import bridge_of, family_of
 from .layouts import CheckpointReader, open_checkpoint
 from .megatron_args import check_expressible, megatron_caveats
 from .layouts import hf as hf_layout
@@ -145,7 +145,7 @@ def write_hf_folder(reader: CheckpointReader, out: Path, *, dtype, max_shard_siz
     only the index, config and tokenizer files are added.
     """
     from transformers import AutoConfig, GenerationConfig  # here: a second of import other commands skip
-    family = BRIDGES[reader.spec.family]
+    family = bridge_of(reader.spec, str(reader.meta.path))
     config_fields = family.spec_to_config(reader.spec, dtype)
     config_fields.pop("architectures", None)
     model_type = config_fields.pop("model_type")
@@ -204,7 +204,7 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
     is complete in its hidden partial ``folder``, with the result so far (``bytes_written``
     and ``seconds`` still 0), and returns the names it wrote there.
 
-    >>> megatron_to_hf("ckpt/", "hf_out/", dtype="bf16").files
+    >>> megatron_to_hf("checkpoints/gpt2", "gpt2-hf", dtype="bf16").files
     ['model.safetensors', 'config.json', 'generation_config.json']
     """
     started = time.perf_counter()
@@ -222,7 +222,7 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
             out = shared.path
             share = _WriteShare(str(source), _reader_options(strict, trust_remote_pickle, vocab_size), str(out),
                                 target_dtype, max_shard_size, architecture=architecture)
-            family = BRIDGES[reader.spec.family]
+            family = bridge_of(reader.spec, str(reader.meta.path))
             importing = _import_transformers_meanwhile() if shared.leader else None
             files = _write_shares(reader, shared, share, workers, progress,
                                   hf_layout.output_files(family, reader.spec, target_dtype, max_shard_size))
@@ -233,7 +233,7 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
                 check_hf_output(out, plan, label=Path(destination))
             result = ConvertResult(str(source), str(destination), reader.meta.summary(),
                                    {"layout": "hf-safetensors", "dtype": str(target_dtype).removeprefix("torch."),
-                                    "architecture": BRIDGES[reader.spec.family].architecture},
+                                    "architecture": bridge_of(reader.spec, str(reader.meta.path)).architecture},
                                    reader.spec.family, parameter_count(reader), files, 0, 0.0, notes)
             if shared.leader and extra_files is not None:
                 result.files = files + extra_files(out, result)
@@ -279,7 +279,7 @@ class _WriteShare:
 
     def write(self, reader: CheckpointReader, names: list[str], progress: Progress | None = None) -> list[str]:
         if isinstance(self.target, torch.dtype):
-            return hf_layout.write(reader, Path(self.out), BRIDGES[reader.spec.family], dtype=self.target,
+            return hf_layout.write(reader, Path(self.out), bridge_of(reader.spec, str(reader.meta.path)), dtype=self.target,
                                    max_shard_size=self.max_shard_size, progress=progress, only=names, finish=False)
         target = replace(self.target, args_base=reader.meta.args) if self.args_from_source else self.target
         return megatron_legacy.write(reader, Path(self.out), target, progress=progress, only=names, finish=False)
@@ -300,7 +300,7 @@ def _hf_plan(reader: CheckpointReader, dtype, max_shard_size) -> hf_layout.HfPla
     if isinstance(max_shard_size, int) and max_shard_size <= 0:
         raise BadInput(f"--max-shard-size must be positive (got {max_shard_size})")
     try:
-        return hf_layout.plan_output(BRIDGES[reader.spec.family], reader.spec, dtype, max_shard_size)
+        return hf_layout.plan_output(bridge_of(reader.spec, str(reader.meta.path)), reader.spec, dtype, max_shard_size)
     except ValueError as error:  # huggingface_hub's size parser: "5GB", "500MB", ...
         raise BadInput(f"--max-shard-size {max_shard_size!r}: {str(error).splitlines()[0]}") from None
 
@@ -326,7 +326,7 @@ def hf_to_megatron(source, destination, *, tp=1, pp=1, vpp=1, dtype=None, make_v
     ``workers`` processes write disjoint rank files; under ``torchrun`` every rank takes
     its part of them (see :mod:`ckptkit.parallel`).
 
-    >>> hf_to_megatron("hf_model/", "megatron/", tp=2, pp=2).target_layout["tp"]
+    >>> hf_to_megatron("hf/llama", "llama-tp2pp2", tp=2, pp=2).target_layout["tp"]
     2
     """
     return _to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
@@ -343,7 +343,7 @@ def reshard(source, destination, *, tp, pp, vpp=1, dtype=None, format=None, nami
 
     Optimizer and RNG state belong to the old layout and are dropped (with a note).
 
-    >>> reshard("ckpt_tp2pp2/", "ckpt_tp1pp4/", tp=1, pp=4).notes[0]
+    >>> reshard("checkpoints/gpt2", "gpt2-tp1pp3", tp=1, pp=3).notes[-1]
     'dropped optimizer, opt_param_scheduler, rng_state of the source layout (...)'
     """
     return _to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
