@@ -1,0 +1,114 @@
+"""``distrib_optim.pt``: the distributed optimizer's state in Megatron's per-rank files.
+
+One file per model-parallel rank (``mp_rank_TT[_PPP]/distrib_optim.pt``), holding the
+state of every DP rank, as ``save_parameter_state`` writes it::
+
+    {"buckets_coalesced": True,
+     0: {(param_dtype, grad_dtype): {"param": fp32 [N], "exp_avg": fp32 [N],
+                                     "exp_avg_sq": fp32 [N], "numel_unpadded": N}},
+     1: {...}}                                   one entry per model chunk (VPP)
+
+``param`` holds the fp32 master copies, ``N`` is the buffer's compacted size and each
+parameter sits at :meth:`BufferLayout.stored_offset` (see :mod:`.buffers`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput, Unsupported
+from ..safe_load import safe_torch_load
+from ..streaming_io import read_tensor
+from ..spec import ModelSpec
+from .buffers import BufferLayout, BufferSettings, buffer_layout
+from .parameters import ChunkPlace, chunk_parameters
+
+FILE_NAME = "distrib_optim.pt"
+STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """The buffers of one model-parallel rank: one per model chunk, in ``distrib_optim.pt`` order."""
+
+    tp_rank: int
+    pp_stage: int
+    buffers: tuple[BufferLayout, ...]
+
+
+def rank_layout(spec: ModelSpec, *, tp: int, tp_rank: int, pp: int, pp_stage: int, vpp: int,
+                padded_vocab_size: int, settings: BufferSettings, naming: str = "mcore-local") -> RankLayout:
+    """The flat buffers of rank (``tp_rank``, ``pp_stage``), one per virtual chunk."""
+    buffers = []
+    for chunk in range(vpp):
+        place = ChunkPlace(tp, tp_rank, pp, pp_stage, vpp, chunk)
+        parameters = chunk_parameters(spec, place, padded_vocab_size, naming=naming)
+        buffers.append(buffer_layout(parameters, dp=settings.dp, bucket_size=settings.chunk_bucket_size(pp_stage, chunk),
+                                     pad_for_high_nccl_busbw=settings.pad_for_high_nccl_busbw))
+    return RankLayout(tp_rank, pp_stage, tuple(buffers))
+
+
+class DistribOptimFile:
+    """One rank's ``distrib_optim.pt``, checked against its expected layout; ranges of its
+    flat tensors are read on demand (the pickle is loaded on the meta device, values are
+    read with ``pread`` at each storage's offset), so nothing stays in memory."""
+
+    def __init__(self, path: Path, layout: RankLayout, buffer_key, *, trust_remote_pickle: bool = False):
+        self.path = Path(path)
+        self._fd = None
+        state = safe_torch_load(self.path, trust_remote_pickle=trust_remote_pickle, map_location="meta")
+        self._tensors = self._check(state, layout, buffer_key)
+        if not all(hasattr(tensor.untyped_storage(), "_checkpoint_offset") for tensor in self._tensors.values()):
+            # torch without storage offsets (< 2.5): memory-mapped tensors instead
+            state = safe_torch_load(self.path, trust_remote_pickle=trust_remote_pickle)
+            self._tensors = self._check(state, layout, buffer_key)
+
+    def _check(self, state, layout: RankLayout, buffer_key) -> dict:
+        where = self.path
+        if not isinstance(state, dict):
+            raise BadInput(f"{where}: expected a dict, found {type(state).__name__}")
+        if not state.get("buckets_coalesced", False):
+            raise Unsupported(f"{where}: distributed optimizer state in the format used before "
+                              "Megatron-LM coalesced buckets (Feb 2024; no 'buckets_coalesced')")
+        buffers = sorted(key for key in state if isinstance(key, int))
+        if buffers != list(range(len(layout.buffers))):
+            raise BadInput(f"{where}: holds buffers {buffers}; expected {list(range(len(layout.buffers)))} "
+                           f"(one per model chunk)")
+        tensors = {}
+        for index, expected in enumerate(layout.buffers):
+            by_dtype = state[index]
+            if not isinstance(by_dtype, dict) or list(by_dtype) != [buffer_key]:
+                found = list(by_dtype) if isinstance(by_dtype, dict) else type(by_dtype).__name__
+                raise BadInput(f"{where}: buffer {index} is keyed {found}; expected [{buffer_key}] "
+                               "(param dtype, grad dtype) from the args")
+            entry = by_dtype[buffer_key]
+            numel = entry.get("numel_unpadded") if isinstance(entry, dict) else None
+            if numel != expected.numel_unpadded:
+                raise BadInput(f"{where}: buffer {index} has numel_unpadded {numel}; Megatron's layout of "
+                               f"this rank's parameters gives {expected.numel_unpadded}")
+            for key in STATE_KEYS:
+                tensor = entry.get(key)
+                if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (numel,) or \
+                        tensor.dtype != torch.float32:
+                    found = (tensor.dtype, tuple(tensor.shape)) if isinstance(tensor, torch.Tensor) else tensor
+                    raise BadInput(f"{where}: buffer {index} {key} is {found}; expected float32 ({numel},)")
+                tensors[(index, key)] = tensor
+        return tensors
+
+    def read(self, buffer: int, key: str, start: int, numel: int) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of flat tensor ``key`` of ``buffer``, in a tensor of their own."""
+        tensor = self._tensors[(buffer, key)]
+        if tensor.device.type != "meta":
+            return tensor[start: start + numel].clone()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        offset = tensor.untyped_storage()._checkpoint_offset + (tensor.storage_offset() + start) * 4
+        return read_tensor(self._fd, offset, (numel,), torch.float32)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
