@@ -13,17 +13,15 @@ parameter sits at :meth:`BufferLayout.stored_offset` (see :mod:`.buffers`).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import BadInput, Unsupported
-from ..safe_load import safe_torch_load
-from ..streaming_io import read_tensor
 from ..spec import ModelSpec
 from .buffers import BufferLayout, BufferSettings, buffer_layout
+from .files import MetaFile
 from .parameters import ChunkPlace, chunk_parameters
 
 FILE_NAME = "distrib_optim.pt"
@@ -53,18 +51,12 @@ def rank_layout(spec: ModelSpec, *, tp: int, tp_rank: int, pp: int, pp_stage: in
 
 class DistribOptimFile:
     """One rank's ``distrib_optim.pt``, checked against its expected layout; ranges of its
-    flat tensors are read on demand (the pickle is loaded on the meta device, values are
-    read with ``pread`` at each storage's offset), so nothing stays in memory."""
+    flat tensors are read on demand (:class:`.files.MetaFile`), so nothing stays in memory."""
 
     def __init__(self, path: Path, layout: RankLayout, buffer_key, *, trust_remote_pickle: bool = False):
         self.path = Path(path)
-        self._fd = None
-        state = safe_torch_load(self.path, trust_remote_pickle=trust_remote_pickle, map_location="meta")
-        self._tensors = self._check(state, layout, buffer_key)
-        if not all(hasattr(tensor.untyped_storage(), "_checkpoint_offset") for tensor in self._tensors.values()):
-            # torch without storage offsets (< 2.5): memory-mapped tensors instead
-            state = safe_torch_load(self.path, trust_remote_pickle=trust_remote_pickle)
-            self._tensors = self._check(state, layout, buffer_key)
+        self._file = MetaFile(self.path, trust_remote_pickle=trust_remote_pickle)
+        self._tensors = self._check(self._file.state, layout, buffer_key)
 
     def _check(self, state, layout: RankLayout, buffer_key) -> dict:
         where = self.path
@@ -100,15 +92,7 @@ class DistribOptimFile:
 
     def read(self, buffer: int, key: str, start: int, numel: int) -> torch.Tensor:
         """Elements ``[start, start + numel)`` of flat tensor ``key`` of ``buffer``, in a tensor of their own."""
-        tensor = self._tensors[(buffer, key)]
-        if tensor.device.type != "meta":
-            return tensor[start: start + numel].clone()
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        offset = tensor.untyped_storage()._checkpoint_offset + (tensor.storage_offset() + start) * 4
-        return read_tensor(self._fd, offset, (numel,), torch.float32)
+        return self._file.read(self._tensors[(buffer, key)], start, numel)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._file.close()

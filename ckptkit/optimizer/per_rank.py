@@ -1,0 +1,224 @@
+"""Optimizer state in Megatron's per-rank files (``--ckpt-format torch``), both kinds.
+
+Distributed optimizer (``--use-distributed-optimizer``): the master copies and moments
+of every DP rank are in ``mp_rank_TT[_PPP]/distrib_optim.pt`` (:mod:`.distrib_optim`);
+``model_optim_rng.pt["optimizer"]`` holds what is not per weight::
+
+    {"optimizer": {"param_groups": [{..., "step": 10.0}, ...]}, "grad_scaler": {...}}
+
+Non-distributed optimizer: ``model_optim_rng.pt["optimizer"]`` is the PyTorch Adam state
+dict, parameters numbered across Megatron's groups (decay first, then no decay), each
+group's parameters in ``named_parameters()`` order over the rank's model chunks::
+
+    fp32:        {"state": {0: {"step", "exp_avg", "exp_avg_sq"}, ...},
+                  "param_groups": [{..., "params": [0, 1, ...]}, {..., "params": [...]}]}
+    bf16, fp16:  {"optimizer": <the same>, "grad_scaler": {...},
+                  "fp32_from_fp16_params": [[master of each param of group 0], [... group 1]]}
+
+In fp32 the model's weights are the master copies.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput, Unsupported
+from ..layouts.megatron_legacy import RANK_FILE, rank_dir_name
+from ..spec import canonical_tensors
+from .buffers import BufferSettings
+from .distrib_optim import FILE_NAME, DistribOptimFile, rank_layout
+from .files import MetaFile
+from .parameters import ChunkPlace, ModelParameter, chunk_parameters
+from .state import STATE_KEYS, OptimizerInfo, OptimizerState, assemble
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _model_chunks(state: dict, vpp: int) -> list[dict]:
+    return [state["model"]] if vpp == 1 and "model" in state else [state[f"model{chunk}"] for chunk in range(vpp)]
+
+
+def group_index(parameter: ModelParameter, param_groups: list[dict], where) -> int:
+    """The group of ``param_groups`` (Megatron's defaults: ``wd_mult`` 1.0 and 0.0) ``parameter`` is in."""
+    no_decay = not parameter.weight_decay
+    matches = [index for index, group in enumerate(param_groups) if (group.get("wd_mult", 1.0) == 0.0) == no_decay]
+    if len(matches) != 1:
+        found = [{key: group.get(key) for key in ("wd_mult", "lr_mult", "max_lr", "is_decoupled_lr")}
+                 for group in param_groups]
+        raise Unsupported(f"{where}: parameter groups {found} are not Megatron's default pair (weight decay / "
+                          "none for biases and 1-D tensors); other groupings are not supported yet")
+    return matches[0]
+
+
+class PerRankOptimizerState(OptimizerState):
+    """The canonical optimizer state of a Megatron per-rank checkpoint, read through its
+    weight reader (a :class:`ckptkit.layouts.megatron_legacy.MegatronLegacyReader`)."""
+
+    owns_weights = False  # close() closes the weight reader too
+
+    def __init__(self, weights, *, trust_remote_pickle: bool = False):
+        meta = weights.meta
+        self.weights, self.spec, self.padded_vocab_size = weights, weights.spec, meta.padded_vocab_size
+        self.tp, self.pp, self.vpp = meta.tp, meta.pp, meta.vpp
+        self.trust_remote_pickle = trust_remote_pickle
+        self.folder = Path(meta.files[0]).parent.parent
+        args = meta.args
+        self.distributed = bool(getattr(args, "use_distributed_optimizer", False))
+        self.settings = BufferSettings.from_args(args, param_dtype=meta.dtype)
+        self._rank_files: dict[tuple[int, int], MetaFile] = {}
+        self._buffer_files: dict[tuple[int, int], DistribOptimFile] = {}
+        self._canonical = {tensor.name: tensor for tensor in canonical_tensors(self.spec)}
+        self._parameters = {}
+        self._where = {}
+        for pp_stage in range(self.pp):
+            for tp_rank in range(self.tp):
+                for chunk in range(self.vpp):
+                    place = ChunkPlace(self.tp, tp_rank, self.pp, pp_stage, self.vpp, chunk)
+                    parameters = chunk_parameters(self.spec, place, self.padded_vocab_size, naming=meta.naming)
+                    self._parameters[(tp_rank, pp_stage, chunk)] = parameters
+                    for position, parameter in enumerate(parameters):
+                        if tp_rank == 0 and not parameter.tied_copy:
+                            self._where[parameter.canonical] = (pp_stage, chunk, position)
+        first = self._rank_file(0, 0)
+        entry = first.state.get("optimizer")
+        self.info = self._read_info(first, entry)
+        if self.distributed:
+            self._layouts = {(tp_rank, pp_stage): rank_layout(
+                self.spec, tp=self.tp, tp_rank=tp_rank, pp=self.pp, pp_stage=pp_stage, vpp=self.vpp,
+                padded_vocab_size=self.padded_vocab_size, settings=self.settings, naming=meta.naming)
+                for tp_rank in range(self.tp) for pp_stage in range(self.pp)}
+            self._slots = {key: [{slot.parameter.name: slot for slot in buffer.slots} for buffer in layout.buffers]
+                           for key, layout in self._layouts.items()}
+        else:
+            self._indices = {(tp_rank, pp_stage): self._state_indices(tp_rank, pp_stage)
+                             for tp_rank in range(self.tp) for pp_stage in range(self.pp)}
+
+    # -- files
+
+    def _rank_path(self, tp_rank: int, pp_stage: int, name: str) -> Path:
+        return self.folder / rank_dir_name(tp_rank, pp_stage, self.pp) / name
+
+    def _rank_file(self, tp_rank: int, pp_stage: int) -> MetaFile:
+        key = (tp_rank, pp_stage)
+        if key not in self._rank_files:
+            self._rank_files[key] = MetaFile(self._rank_path(tp_rank, pp_stage, RANK_FILE),
+                                             trust_remote_pickle=self.trust_remote_pickle)
+        return self._rank_files[key]
+
+    def _buffer_file(self, tp_rank: int, pp_stage: int) -> DistribOptimFile:
+        key = (tp_rank, pp_stage)
+        if key not in self._buffer_files:
+            path = self._rank_path(tp_rank, pp_stage, FILE_NAME)
+            if not path.is_file():
+                raise BadInput(f"{path}: missing; the args say --use-distributed-optimizer, whose state is there")
+            self._buffer_files[key] = DistribOptimFile(path, self._layouts[key], self.settings.buffer_key,
+                                                       trust_remote_pickle=self.trust_remote_pickle)
+        return self._buffer_files[key]
+
+    # -- what is not per weight
+
+    def _read_info(self, first: MetaFile, entry) -> OptimizerInfo:
+        where = first.path
+        if entry is None:
+            raise BadInput(f"{where}: no optimizer state (saved with --no-save-optim)")
+        if isinstance(entry, list):
+            raise Unsupported(f"{where}: {len(entry)} chained optimizers (expert parameters or several "
+                              "dtypes); one optimizer is supported")
+        mixed = isinstance(entry, dict) and "optimizer" in entry
+        inner = entry["optimizer"] if mixed else entry
+        if not isinstance(inner, dict) or not isinstance(inner.get("param_groups"), list):
+            raise BadInput(f"{where}: 'optimizer' entry has no param_groups (found {type(inner).__name__})")
+        groups = [dict(group) for group in inner["param_groups"]]
+        if self.distributed:
+            steps = {group.pop("step", None) for group in groups}
+        else:
+            state = inner.get("state") or {}
+            if not state:
+                raise BadInput(f"{where}: the optimizer entry holds no state (a fresh optimizer: the files were "
+                               "written without the optimizer, e.g. by --ckpt-convert-format)")
+            steps = {float(first.read(value["step"]).item()) if isinstance(value.get("step"), torch.Tensor)
+                     else value.get("step") for value in state.values()}
+            steps |= {group.pop("step") for group in groups if "step" in group}
+        for group in groups:
+            group.pop("params", None)
+        steps.discard(None)
+        if len(steps) != 1:
+            raise BadInput(f"{where}: optimizer steps {sorted(steps)}; expected one common step")
+        scheduler = first.state.get("opt_param_scheduler")
+        return OptimizerInfo(
+            kind="distributed" if self.distributed else "non-distributed", step=steps.pop(), param_groups=groups,
+            grad_scaler=first.materialize(entry.get("grad_scaler")) if mixed else None,
+            opt_param_scheduler=first.materialize(scheduler) if scheduler is not None else None,
+            source={"format": "torch", "tp": self.tp, "pp": self.pp, "vpp": self.vpp,
+                    "dp": self.settings.dp, "param_dtype": str(self.settings.param_dtype).removeprefix("torch.")})
+
+    def _state_indices(self, tp_rank: int, pp_stage: int) -> dict[tuple[int, str], tuple[int, int, int]]:
+        """(chunk, parameter name) -> (Adam state index, group, position in group), checked
+        against the ``params`` lists the file's groups hold."""
+        file = self._rank_file(tp_rank, pp_stage)
+        entry = file.state.get("optimizer")
+        inner = entry["optimizer"] if "optimizer" in entry else entry
+        groups = inner["param_groups"]
+        members = [[] for _ in groups]
+        for chunk in range(self.vpp):
+            for parameter in self._parameters[(tp_rank, pp_stage, chunk)]:
+                members[group_index(parameter, groups, file.path)].append((chunk, parameter))
+        indices, first_index = {}, 0
+        for group, (saved, listed) in enumerate(zip(groups, members)):
+            expected = list(range(first_index, first_index + len(listed)))
+            if list(saved.get("params", [])) != expected:
+                raise BadInput(f"{file.path}: optimizer group {group} lists parameters {_short(saved.get('params'))}; "
+                               f"this rank's {len(listed)} parameters of that group would be {_short(expected)}")
+            for position, (chunk, parameter) in enumerate(listed):
+                indices[(chunk, parameter.name)] = (first_index + position, group, position)
+            first_index += len(listed)
+        return indices
+
+    # -- per weight
+
+    def _pieces(self, tp_rank: int, pp_stage: int, chunk: int, position: int) -> dict[str, torch.Tensor]:
+        parameter = self._parameters[(tp_rank, pp_stage, chunk)][position]
+        if self.distributed:
+            slot = self._slots[(tp_rank, pp_stage)][chunk][parameter.name]
+            stored = self._buffer_file(tp_rank, pp_stage)
+            start = self._layouts[(tp_rank, pp_stage)].buffers[chunk].stored_offset(slot)
+            return {key: stored.read(chunk, key, start, parameter.numel).view(parameter.shape) for key in STATE_KEYS}
+        file = self._rank_file(tp_rank, pp_stage)
+        index, group, group_position = self._indices[(tp_rank, pp_stage)][(chunk, parameter.name)]
+        entry = file.state["optimizer"]
+        inner = entry["optimizer"] if "optimizer" in entry else entry
+        adam = inner["state"].get(index)
+        if adam is None:
+            raise BadInput(f"{file.path}: no optimizer state for parameter {index} ({parameter.name})")
+        if "fp32_from_fp16_params" in entry:
+            master = entry["fp32_from_fp16_params"][group][group_position]
+        else:
+            master = _model_chunks(file.state, self.vpp)[chunk][parameter.name]
+        pieces = {"param": master, **{key: adam.get(key) for key in MOMENTS}}
+        for key, stored in pieces.items():
+            if not isinstance(stored, torch.Tensor) or tuple(stored.shape) != parameter.shape:
+                found = tuple(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
+                raise BadInput(f"{file.path}: {key} of {parameter.name} (optimizer parameter {index}) is {found}; "
+                               f"expected {parameter.shape}")
+        return {key: file.read(stored).to(torch.float32) for key, stored in pieces.items()}
+
+    def tensor(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._where:
+            raise BadInput(f"{self.folder}: no canonical tensor {name}")
+        pp_stage, chunk, position = self._where[name]
+        return assemble(self.spec, self._canonical[name], self.padded_vocab_size, self.tp,
+                        lambda tp_rank: self._pieces(tp_rank, pp_stage, chunk, position))
+
+    def close(self) -> None:
+        for file in [*self._rank_files.values(), *self._buffer_files.values()]:
+            file.close()
+        self._rank_files.clear()
+        self._buffer_files.clear()
+        if self.owns_weights:
+            self.weights.close()
+
+
+def _short(values) -> str:
+    values = list(values or [])
+    return str(values) if len(values) <= 6 else f"[{values[0]}, {values[1]}, ..., {values[-1]}] ({len(values)})"
