@@ -57,8 +57,8 @@ def convert(source, destination, *, to: str, tp: int = 1, pp: int = 1, vpp: int 
     source and target layouts, notes such as dropped optimizer state).
 
     >>> result = ckptkit.convert("hf/llama", "llama-tp2pp2", to="megatron", tp=2, pp=2, dtype="bf16")
-    >>> result.target_layout["tp"], len(result.files)
-    (2, 4)
+    >>> result.target_layout["tp"], len(result.files)  # 4 rank files and the tracker
+    (2, 5)
     """
     from .errors import BadInput
 

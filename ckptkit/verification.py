@@ -160,7 +160,7 @@ def _index_problems(folder: Path) -> list[str]:
 
     index_path = folder / hf_layout.SAFETENSORS_INDEX
     try:
-        weight_map = hf_layout._read_index(index_path)
+        weight_map = hf_layout.read_index(index_path)
     except BadInput as error:
         return [str(error)]
     problems = []

@@ -16,7 +16,8 @@ def test_api_converts_reshards_and_verifies_with_typed_results(tmp_path):
     assert isinstance(converted, ConvertResult) and "model.safetensors" in converted.files
     assert sorted(seen) == sorted(tensor.name for tensor in info.tensors)  # each tensor reported once
     back = ckptkit.convert(tmp_path / "hf", tmp_path / "megatron", to="megatron", tp=2, pp=3)
-    assert back.target_layout["tp"] == 2 and len(back.files) == 6
+    assert back.target_layout["tp"] == 2
+    assert len(back.files) == 7 and back.files[-1] == "latest_checkpointed_iteration.txt"  # 6 rank files, tracker
     resharded = ckptkit.reshard(tmp_path / "megatron", tmp_path / "tp1", tp=1, pp=1)
     result = ckptkit.verify(source, tmp_path / "tp1")
     assert isinstance(result, VerifyResult) and result.equivalent and resharded.target_layout["pp"] == 1

@@ -776,20 +776,20 @@ def test_a_hugging_face_output_that_differs_from_its_plan_never_appears(workspac
 
 
 def test_a_megatron_output_that_differs_from_its_plan_never_appears(workspace, monkeypatch):
-    from ckptkit.layouts import megatron_legacy
+    from ckptkit.layouts.megatron_legacy import RankFilesWriter
 
-    original = megatron_legacy.write
+    original = RankFilesWriter.write
     key = "decoder.layers.0.mlp.linear_fc2.weight"  # global layer 1: stage 1's first
 
-    def shrinks_a_tensor(reader, out_dir, target, **options):
-        written = original(reader, out_dir, target, **options)
-        path = out_dir / written[-1]
+    def shrinks_a_tensor(self, reader, plan, out, files=None, progress=None):
+        written = original(self, reader, plan, out, files, progress)
+        path = out / written[-1]
         state = safe_torch_load(path, mmap=False)
         state["model"][key] = state["model"][key][:, :3].clone()
         torch.save(state, path)
         return written
 
-    monkeypatch.setattr(megatron_legacy, "write", shrinks_a_tensor)
+    monkeypatch.setattr(RankFilesWriter, "write", shrinks_a_tensor)
     result = run("hf-to-megatron", workspace.hf(), workspace.out, "--tp", 2, "--pp", 2)
     assert_refused_cleanly(result, workspace.out, "mp_rank_01_001/model_optim_rng.pt", key, exit_code=1)
 

@@ -16,11 +16,14 @@ from .shell import (DTYPE_CHOICES, TensorProgress, emit_json, handle_errors, hub
                     source_options, stdout)
 
 
-def render_conversion(result, as_json: bool) -> None:
+def render_conversion(result, as_json: bool, dry_run: bool = False) -> None:
     if as_json:
         emit_json(result.to_dict())
         return
     show_notes(result.notes)
+    if dry_run:
+        render_plan(result)
+        return
     table = Table(title=f"{result.source} -> {result.destination}", show_header=False)
     table.add_row("family", result.family)
     table.add_row("parameters", f"{result.num_parameters:,}")
@@ -30,6 +33,28 @@ def render_conversion(result, as_json: bool) -> None:
     table.add_row("files", str(len(result.files)))
     table.add_row("written", f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.2f} s")
     stdout.print(table)
+
+
+def render_plan(result) -> None:
+    """The files a conversion would write: path, size, canonical tensors read."""
+    plan = result.plan
+    title = (f"{result.source} -> {result.destination} (dry run: nothing written)\n"
+             + ", ".join(f"{key}={value}" for key, value in plan["target"].items()))
+    table = Table(title=title)
+    table.add_column("file")
+    table.add_column("MB", justify="right")
+    table.add_column("tensors", justify="right")
+    for planned in plan["files"]:
+        table.add_row(planned["path"], f"{planned['bytes'] / 1e6:.1f}", str(len(planned["tensors"])))
+    for name in plan["finish_files"]:
+        table.add_row(name, "", "")
+    table.add_row("total", f"{plan['total_bytes'] / 1e6:.1f}", "", style="bold")
+    stdout.print(table)
+
+
+def dry_run_option(command):
+    return click.option("--dry-run", is_flag=True,
+                        help="Print the plan (every file, its size, the tensors it reads) and write nothing.")(command)
 
 
 def _conversion_process() -> None:
@@ -57,17 +82,19 @@ def _conversion_process() -> None:
 @click.option("--commit-message", help="With --push-to-hub: commit message.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes writing disjoint output files (under torchrun: per rank).")
+@dry_run_option
 @source_options
 @handle_errors
 def megatron_to_hf_command(source, destination, dtype, max_shard_size, tokenizer, vocab_size, architecture,
-                           overwrite, push_to_hub, private, revision, commit_message, workers, strict, trust_remote_pickle,
-                           as_json):
+                           overwrite, push_to_hub, private, revision, commit_message, workers, dry_run, strict,
+                           trust_remote_pickle, as_json):
     """Convert a Megatron checkpoint (per-rank files, torch_dist or .zip) to a Hugging Face folder.
 
     \b
     Example:
       ckptkit megatron-to-hf checkpoints/gpt2/ gpt2-hf/ --dtype bf16 --max-shard-size 2GB
       ckptkit megatron-to-hf checkpoints/phi3-sft/ phi3-hf/ --architecture Phi3ForCausalLM
+      ckptkit megatron-to-hf checkpoints/gpt2/ gpt2-hf/ --max-shard-size 1GB --dry-run
       torchrun --nnodes 2 --nproc-per-node 4 ... -m ckptkit.cli megatron-to-hf ckpt/ hf/  (shared file system)
     """
     from ..convert import megatron_to_hf
@@ -78,15 +105,15 @@ def megatron_to_hf_command(source, destination, dtype, max_shard_size, tokenizer
                                 overwrite=overwrite, vocab_size=vocab_size, strict=strict,
                                 trust_remote_pickle=trust_remote_pickle, progress=progress.advance,
                                 on_start=progress.start, workers=workers, architecture=architecture,
-                                extra_files=add_model_card if push_to_hub else None)
-    if push_to_hub and _is_leader():
+                                dry_run=dry_run, extra_files=add_model_card if push_to_hub else None)
+    if push_to_hub and _is_leader() and not dry_run:
         from ..hub import push_folder
 
         with hub_progress_bars(enabled=not as_json):
             pushed = push_folder(destination, push_to_hub, private=private, revision=revision,
                                  commit_message=commit_message)
         result.notes.append(f"pushed to {push_to_hub} ({pushed.revision or 'main'})")
-    render_conversion(result, as_json)
+    render_conversion(result, as_json, dry_run)
 
 
 def add_model_card(folder: Path, result) -> list[str]:
@@ -137,10 +164,12 @@ def megatron_target_options(command):
               help="Pad the vocabulary to a multiple of this times TP (Megatron's rule).")
 @click.option("--format", "target_format", type=click.Choice(["torch", "torch_dist"]), default="torch",
               show_default=True, help="Per-rank files (torch) or Megatron-Core distributed (torch_dist).")
+@dry_run_option
 @source_options
 @handle_errors
 def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, workers,
-                           make_vocab_size_divisible_by, target_format, strict, trust_remote_pickle, as_json):
+                           make_vocab_size_divisible_by, target_format, dry_run, strict, trust_remote_pickle,
+                           as_json):
     """Convert a Hugging Face folder to a Megatron checkpoint at any TP/PP.
 
     \b
@@ -155,8 +184,8 @@ def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, over
                                 make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=target_format,
                                 naming=naming or "mcore-local", overwrite=overwrite, strict=strict,
                                 trust_remote_pickle=trust_remote_pickle, progress=progress.advance,
-                                on_start=progress.start, workers=workers)
-    render_conversion(result, as_json)
+                                on_start=progress.start, workers=workers, dry_run=dry_run)
+    render_conversion(result, as_json, dry_run)
 
 
 @click.command("reshard")
@@ -166,10 +195,11 @@ def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, over
 @click.option("--format", "target_format", type=click.Choice(["torch", "torch_dist"]),
               help="Output format (default: the source's).")
 @click.option("--make-vocab-size-divisible-by", type=int, help="Default: the source's.")
+@dry_run_option
 @source_options
 @handle_errors
 def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, workers, target_format,
-                    make_vocab_size_divisible_by, strict, trust_remote_pickle, as_json):
+                    make_vocab_size_divisible_by, dry_run, strict, trust_remote_pickle, as_json):
     """Rewrite a Megatron checkpoint at other TP/PP sizes, keeping iteration and args.
 
     Optimizer and RNG state belong to the old layout and are dropped with a notice.
@@ -177,6 +207,7 @@ def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, 
     \b
     Example:
       ckptkit reshard checkpoints/gpt2/ checkpoints/gpt2-tp1pp4/ --tp 1 --pp 4
+      ckptkit reshard checkpoints/gpt2/ checkpoints/gpt2-tp1pp4/ --tp 1 --pp 4 --dry-run --json
     """
     from ..convert import reshard
 
@@ -185,8 +216,8 @@ def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, 
         result = reshard(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype, format=target_format,
                          naming=naming, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                          overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
-                         progress=progress.advance, on_start=progress.start, workers=workers)
-    render_conversion(result, as_json)
+                         progress=progress.advance, on_start=progress.start, workers=workers, dry_run=dry_run)
+    render_conversion(result, as_json, dry_run)
 
 
 COMMANDS = (megatron_to_hf_command, hf_to_megatron_command, reshard_command)

@@ -1,8 +1,9 @@
-"""The small interface every storage layout implements.
+"""The small interfaces every storage layout implements.
 
 A layout entry knows how to ``detect`` itself on disk and ``open`` a
-:class:`CheckpointReader`; layouts that can be written also provide a
-``plan_output``/``write`` pair used by :mod:`ckptkit.convert`.
+:class:`CheckpointReader`; a layout that can be written has a :class:`CheckpointWriter`:
+``plan(reader)`` once from metadata, ``write`` of some or all of the plan's data files,
+``finish`` once they are all there, ``check`` of what was written against the plan.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InternalError
+from ..plan import Plan
 from ..spec import CanonicalTensor, ModelSpec, canonical_tensors
 
 
@@ -76,3 +79,37 @@ class CheckpointReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class CheckpointWriter:
+    """Writes a reader's model in one layout. Writers are small picklable dataclasses, so
+    worker processes get the same writer and make the same plan from the same source."""
+
+    def plan(self, reader: CheckpointReader) -> Plan:
+        """Every file to write, from metadata only; refuses what cannot be written."""
+        raise NotImplementedError
+
+    def write(self, reader: CheckpointReader, plan: Plan, out: Path, files: list[str] | None = None,
+              progress=None) -> list[str]:
+        """Write the plan's data files (``files``: only these) into ``out``; returns their paths."""
+        raise NotImplementedError
+
+    def finish(self, reader: CheckpointReader, plan: Plan, out: Path) -> list[str]:
+        """Write what comes once every data file is written (index, config, tracker)."""
+        return []
+
+    def check(self, plan: Plan, out: Path, label: Path) -> None:
+        """Re-open what was written (headers and pickles, no tensor data) and compare it with
+        the plan; any difference is ckptkit's bug (:class:`InternalError`), named at ``label``."""
+
+
+def compare_with_plan(where: Path, found: dict, planned: dict) -> None:
+    """``found`` and ``planned`` map tensor names to (dtype, shape); any difference is our bug."""
+    for name in planned:
+        if name not in found:
+            raise InternalError(f"{where}: tensor {name} is missing from the written file")
+        if found[name] != planned[name]:
+            raise InternalError(f"{where}: tensor {name} was written as {found[name]}; planned {planned[name]}")
+    for name in found:
+        if name not in planned:
+            raise InternalError(f"{where}: tensor {name} was written but not planned")

@@ -95,7 +95,7 @@ def spec_from_config(bridge: Bridge, config: dict, path: Path) -> ModelSpec:
         raise BadInput(f"{path}: invalid value ({str(error).splitlines()[0]})") from None
 
 
-def _read_index(path: Path) -> dict:
+def read_index(path: Path) -> dict:
     try:
         index = json.loads(path.read_text())
         weight_map = index["weight_map"]
@@ -191,7 +191,7 @@ class HfReader(CheckpointReader):
 
     def _locate_tensors(self) -> dict[str, str]:
         if (self.folder / SAFETENSORS_INDEX).is_file():
-            weight_map = _read_index(self.folder / SAFETENSORS_INDEX)
+            weight_map = read_index(self.folder / SAFETENSORS_INDEX)
         else:
             path = self.folder / SAFETENSORS_SINGLE
             weight_map = {name: SAFETENSORS_SINGLE for name in self._safetensors_keys(path)}
@@ -283,7 +283,7 @@ class HfBinReader(HfReader):
 
     def _locate_tensors(self) -> dict[str, str]:
         if (self.folder / BIN_INDEX).is_file():
-            weight_map = _read_index(self.folder / BIN_INDEX)
+            weight_map = read_index(self.folder / BIN_INDEX)
         else:
             weight_map = {name: BIN_SINGLE for name in self._bin(BIN_SINGLE)}
         for file_name in sorted(set(weight_map.values())):
@@ -350,15 +350,8 @@ def plan_output(bridge: Bridge, spec: ModelSpec, dtype: torch.dtype, max_shard_s
     return HfPlan(shards, source_of, sum(meta.numel() * element for meta in planned.values()))
 
 
-def output_files(bridge: Bridge, spec: ModelSpec, dtype: torch.dtype, max_shard_size) -> list[tuple[str, int]]:
-    """``(shard file name, bytes)`` of every shard :func:`write` makes, in order."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return [(shard.file_name, sum(torch.Size(shape).numel() * element for _, shape in shard.tensors.values()))
-            for shard in plan_output(bridge, spec, dtype, max_shard_size).shards]
-
-
 def write(reader: CheckpointReader, out_dir: Path, bridge: Bridge, *, dtype: torch.dtype,
-          max_shard_size="5GB", progress=None, only=None, finish: bool = True) -> list[str]:
+          max_shard_size="5GB", progress=None, only=None, finish: bool = True, plan: HfPlan | None = None) -> list[str]:
     """Write the shards and (for several shards) the index into ``out_dir``.
 
     Each canonical tensor is read once; the HF tensors it yields wait in ``pending``
@@ -367,7 +360,7 @@ def write(reader: CheckpointReader, out_dir: Path, bridge: Bridge, *, dtype: tor
     leaves out the index, which the process that writes it does once every share is done.
     """
     spec = reader.spec
-    plan = plan_output(bridge, spec, dtype, max_shard_size)
+    plan = plan or plan_output(bridge, spec, dtype, max_shard_size)
     table = hf_table(bridge, spec)
     shards = [shard for shard in plan.shards if only is None or shard.file_name in only]
     mine = {name for shard in shards for name in shard.tensors}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Unsupported
+from ..errors import InternalError, Unsupported
 from ..megatron_args import megatron_args
 from ..safe_load import without_stand_ins
 from ..spec import ModelSpec, padded_vocab_size
@@ -68,6 +68,12 @@ class TargetLayout:
         """Rows of the vocabulary tensors at this TP size (Megatron's padding)."""
         return padded_vocab_size(spec.vocab_size, self.make_vocab_size_divisible_by, self.tp)
 
+    def summary(self, layout: str) -> dict:
+        """The target as a conversion reports it."""
+        return {"layout": layout, "tp": self.tp, "pp": self.pp, "vpp": self.vpp, "naming": self.naming,
+                "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
+                "iteration": self.iteration, "release": self.release}
+
 
 def target_args(spec: ModelSpec, target: TargetLayout, dtype: torch.dtype, *,
                 extra_fields: dict | None = None) -> argparse.Namespace:
@@ -86,6 +92,13 @@ def target_args(spec: ModelSpec, target: TargetLayout, dtype: torch.dtype, *,
 def write_tracker(out_dir: Path, target: TargetLayout) -> None:
     """``latest_checkpointed_iteration.txt``: the iteration, or ``release``."""
     (out_dir / TRACKER).write_text(target.tracker_text)
+
+
+def check_tracker(out_dir: Path, target: TargetLayout, label: Path) -> None:
+    """The written tracker names the target's iteration (a difference is ckptkit's bug)."""
+    tracker = out_dir / TRACKER
+    if not tracker.is_file() or tracker.read_text().strip() != target.tracker_text:
+        raise InternalError(f"{label / TRACKER}: missing or not naming {target.tracker_text}")
 
 
 # ---------------------------------------------------------------------------- reading

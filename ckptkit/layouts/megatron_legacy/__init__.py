@@ -24,11 +24,11 @@ from ..tracker import TRACKER, iteration_dir_name
 from .discovery import NAME, RANK_FILE, detect, locate_iteration_dir, rank_dir_name
 from .files import _flatten
 from .read import MegatronLegacyReader, open_reader
-from .write import PlannedRankFile, PlannedTensor, output_files, plan_files, stage_layers, write
+from .write import PlannedRankFile, PlannedTensor, RankFilesWriter, plan_files, stage_layers, write
 
 __all__ = [
     "NAME", "RANK_FILE", "TRACKER", "WRITE_CHECKPOINT_VERSION", "MegatronLegacyReader", "PlannedRankFile",
-    "PlannedTensor", "TargetLayout", "detect", "iteration_dir_name", "locate_iteration_dir", "open_reader",
-    "output_files", "plan_files", "qkv_to_current", "rank_dir_name", "stage_layers", "write", "write_tracker",
-    "_flatten",  # reads written rank files back in convert.check_megatron_output
+    "PlannedTensor", "RankFilesWriter", "TargetLayout", "detect", "iteration_dir_name", "locate_iteration_dir",
+    "open_reader", "plan_files", "qkv_to_current", "rank_dir_name", "stage_layers", "write", "write_tracker",
+    "_flatten",
 ]

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ...errors import BadInput
+from ...errors import BadInput, InternalError
+from ...plan import Plan, PlannedFile
+from ...safe_load import safe_torch_load
 from ...spec import ModelSpec, canonical_tensors, check_parallel_sizes, rule_for
 from ...torch_stream import StreamingTorchWriter
-from ..base import CheckpointReader
-from ..megatron_common import WRITE_CHECKPOINT_VERSION, TargetLayout, target_args, write_tracker
+from ..base import CheckpointReader, CheckpointWriter, compare_with_plan
+from ..megatron_common import (WRITE_CHECKPOINT_VERSION, TargetLayout, check_tracker, target_args,
+                               write_tracker)
 from ..megatron_names import NAMINGS
-from .discovery import RANK_FILE, rank_dir_name
+from ..tracker import TRACKER
+from .discovery import NAME, RANK_FILE, rank_dir_name
+from .files import _flatten
 
 
 @dataclass
@@ -119,22 +124,75 @@ def _nest(flat: dict, naming: str) -> dict:
     return nested
 
 
-def output_files(spec: ModelSpec, target: TargetLayout, dtype: torch.dtype) -> list[tuple[str, int]]:
-    """``(relative path, approximate bytes)`` of every rank file :func:`write` makes, in order."""
+def _shard_shapes(spec: ModelSpec, target: TargetLayout, entry: PlannedRankFile) -> list[dict[str, tuple]]:
+    """Per chunk: file key -> the shape that rank stores."""
     shapes = {tensor.name: tensor.shape for tensor in canonical_tensors(spec)}
-    shapes["output_layer.weight"] = shapes["embedding.word_embeddings.weight"]
-    element = torch.empty((), dtype=dtype).element_size()
     padded = target.padded_vocab(spec)
-    folder = target.folder_name
-    files = []
-    for entry in plan_files(spec, target):
-        size = 0
-        for chunk in entry.chunks:
-            for planned in chunk:
-                shard_shape = rule_for(spec, planned.rule, padded).shard_shape(shapes[planned.canonical], target.tp)
-                size += math.prod(shard_shape) * element
-        files.append((f"{folder}/{entry.relative_path}", size))
-    return files
+    return [{planned.file_key: rule_for(spec, planned.rule, padded).shard_shape(
+                shapes[planned.copy_of or planned.canonical], target.tp) for planned in chunk}
+            for chunk in entry.chunks]
+
+
+@dataclass
+class _RankFilesPlan:
+    spec: ModelSpec
+    target: TargetLayout
+    entries: list[PlannedRankFile]
+
+
+@dataclass(frozen=True)
+class RankFilesWriter(CheckpointWriter):
+    """Megatron per-rank files at ``target``'s sizes. With ``keep_source_args`` the args are
+    the source checkpoint's (resharding keeps its training settings), updated to the target."""
+
+    target: TargetLayout
+    keep_source_args: bool = False
+
+    def _target_for(self, reader: CheckpointReader) -> TargetLayout:
+        return replace(self.target, dtype=self.target.dtype or reader.meta.dtype,
+                       args_base=reader.meta.args if self.keep_source_args else None)
+
+    def plan(self, reader: CheckpointReader) -> Plan:
+        spec, target = reader.spec, self._target_for(reader)
+        entries = plan_files(spec, target)
+        element = torch.empty((), dtype=target.dtype).element_size()
+        files = [PlannedFile(f"{target.folder_name}/{entry.relative_path}",
+                             sum(math.prod(shape) * element for chunk in _shard_shapes(spec, target, entry)
+                                 for shape in chunk.values()),
+                             tuple(planned.copy_of or planned.canonical for chunk in entry.chunks for planned in chunk))
+                 for entry in entries]
+        # The writer reads each tensor of a stage once for all its TP ranks.
+        reads = sum(len(planned.tensors) for planned, entry in zip(files, entries) if entry.tp_rank == 0)
+        return Plan(target.summary(NAME), files, [TRACKER], reads=reads, detail=_RankFilesPlan(spec, target, entries))
+
+    def write(self, reader, plan, out, files=None, progress=None) -> list[str]:
+        return write(reader, Path(out), self._target_for(reader), progress=progress, only=files, finish=False)
+
+    def finish(self, reader, plan, out) -> list[str]:
+        write_tracker(Path(out), self.target)
+        return [TRACKER]
+
+    def check(self, plan, out, label) -> None:
+        """The tracker, and every rank file's pickle (no tensor data): exactly the planned keys,
+        dtypes and shapes."""
+        out, label = Path(out), Path(label)
+        detail = plan.detail
+        check_tracker(out, detail.target, label)
+        for entry, planned_file in zip(detail.entries, plan.files):
+            where = label / planned_file.path
+            try:
+                state = safe_torch_load(out / planned_file.path)
+            except BadInput as error:
+                raise InternalError(f"{where}: written rank file does not read back ({error})") from None
+            chunk_keys = ["model"] if len(entry.chunks) == 1 else [f"model{chunk}" for chunk in range(len(entry.chunks))]
+            shapes = _shard_shapes(detail.spec, detail.target, entry)
+            for chunk_key, chunk_shapes, extra_keys in zip(chunk_keys, shapes, entry.extra_state_keys):
+                stored = _flatten(state.get(chunk_key) or {})
+                found = {key: (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else value
+                         for key, value in stored.items()}
+                planned = dict.fromkeys(extra_keys)
+                planned.update((key, (detail.target.dtype, shape)) for key, shape in chunk_shapes.items())
+                compare_with_plan(where, found, planned)
 
 
 def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, progress=None,

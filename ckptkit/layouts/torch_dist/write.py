@@ -206,7 +206,7 @@ def _source_flops(reader: CheckpointReader) -> float:
 
 
 def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, progress=None,
-          max_file_bytes: int = FILE_BUDGET_BYTES) -> list[str]:
+          max_file_bytes: int = FILE_BUDGET_BYTES, finish: bool = True) -> list[str]:
     """Write ``reader``'s model as a Megatron ``torch_dist`` checkpoint under ``out_dir``.
 
     Same keys, global shapes, dtypes and chunking (per layer and TP shard at ``target.tp``)
@@ -214,7 +214,7 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
     ``ckpt_format="torch_dist"``, ``no_save_optim``/``no_save_rng``: there is neither) and
     the iteration. Streams: each canonical tensor is read once, when the writer reaches its
     first chunk; a data file is closed every ``max_file_bytes``. Returns the relative paths
-    written.
+    written. ``finish=False`` leaves the tracker file to the caller.
     """
     spec = reader.spec
     if target.naming == "legacy":
@@ -265,6 +265,7 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
                             f"({safe_load._first_line(inner)})") from None
     # Written last, as Megatron does: its presence marks a complete checkpoint.
     (folder / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))
-    write_tracker(out_dir, target)
+    if finish:
+        write_tracker(out_dir, target)
     names = sorted(path.name for path in folder.iterdir() if path.is_file())
     return [str(Path(folder.name) / name) for name in names]
