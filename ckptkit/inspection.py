@@ -1,9 +1,8 @@
 """What a checkpoint is: layout, family, parallel sizes, iteration, dtype, and how each tensor is cut."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-
-import torch
 
 from .bridges import BRIDGES
 from .layouts import open_checkpoint
@@ -46,17 +45,10 @@ def inspect_checkpoint(path, **options) -> InspectResult:
         spec, meta = reader.spec, reader.meta
         tensors = []
         for canonical in canonical_tensors(spec):
-            shape = canonical.shape
-            if canonical.rule == "vocab" and meta.padded_vocab_size:
-                shape = (meta.padded_vocab_size, *shape[1:])
             rule = rule_for(spec, canonical.rule, meta.padded_vocab_size)
-            shard = rule.split(torch.empty(shape, device="meta"), meta.tp)[0].shape if meta.tp > 1 else shape
-            tensors.append(TensorInfo(canonical.name, tuple(shape), canonical.rule, tuple(shard)))
-        count = 0
-        for canonical in canonical_tensors(spec):
-            size = 1
-            for dimension in canonical.shape:
-                size *= dimension
-            count += size
-        return InspectResult(str(path), meta.summary(), spec.family, BRIDGES[spec.family].architecture if spec.family in BRIDGES else None,
-                             spec.to_dict(), count, tensors)
+            stored = rule.full_shape(canonical.shape)  # the vocabulary with its padding rows
+            tensors.append(TensorInfo(canonical.name, tuple(stored), canonical.rule,
+                                      tuple(rule.shard_shape(canonical.shape, meta.tp))))
+        count = sum(math.prod(canonical.shape) for canonical in canonical_tensors(spec))
+        architecture = BRIDGES[spec.family].architecture if spec.family in BRIDGES else None
+        return InspectResult(str(path), meta.summary(), spec.family, architecture, spec.to_dict(), count, tensors)
