@@ -17,6 +17,7 @@ from ckptkit.spec import rule_for
 from conftest import fixture_path, make_hf_model
 
 DISTRIBUTED = ("gpt2do_tp2dp2", "legacy")
+FP32 = (torch.float32, torch.float32)
 
 
 def test_canonical_master_params_equal_the_merged_weights_bit_for_bit():
@@ -105,8 +106,8 @@ def test_a_missing_distrib_optim_file_is_named(tmp_path):
     shutil.copytree(fixture_path(*DISTRIBUTED), copy)
     (copy / "iter_0000010" / "mp_rank_01" / "distrib_optim.pt").unlink()
     with read_optimizer_state(copy) as state:
-        with pytest.raises(BadInput, match=r"mp_rank_01/distrib_optim.pt: missing; the args say "
-                                           r"--use-distributed-optimizer"):
+        with pytest.raises(BadInput, match=r"mp_rank_01/distrib_optim.pt: missing; the optimizer entry of "
+                                           r"model_optim_rng.pt is the distributed optimizer's"):
             state.tensor("decoder.layers.0.mlp.linear_fc1.weight")
 
 
@@ -117,3 +118,11 @@ def test_docstring_examples_run(tmp_path, monkeypatch):
     for module_name in ("ckptkit.optimizer", "ckptkit.optimizer.state"):
         results = doctest.testmod(importlib.import_module(module_name), optionflags=doctest.ELLIPSIS)
         assert results.attempted > 0 and results.failed == 0, module_name
+
+
+def test_reads_take_only_the_requested_elements_from_the_files():
+    with read_optimizer_state(fixture_path(*DISTRIBUTED)) as state:
+        pieces = state._pieces(1, 0, 0, state._where["decoder.final_layernorm.weight"][2])
+        stored = state._buffer_file(1, 0)
+        assert stored._file.state[0][FP32]["param"].device.type == "meta"  # nothing but the pickle is loaded
+        assert all(piece.untyped_storage().nbytes() == 64 * 4 for piece in pieces.values())

@@ -5,12 +5,17 @@
 order and padding); :mod:`.distrib_optim` reads the per-rank ``distrib_optim.pt`` files
 through that layout; :mod:`.per_rank` turns a per-rank checkpoint's optimizer state
 (distributed or not) into canonical form (:mod:`.state`): per canonical tensor, full
-fp32 ``param``, ``exp_avg`` and ``exp_avg_sq``.
+fp32 ``param``, ``exp_avg`` and ``exp_avg_sq``; :mod:`.write` writes canonical state as
+Megatron lays it out for any TP/PP/VPP/DP, distributed or not.
+
+Entry points: :func:`read_optimizer_state`, :func:`write_optimizer_state` and
+:class:`OptimizerTarget`.
 """
 from __future__ import annotations
 
 from ..errors import BadInput, Unsupported
 from .state import STATE_KEYS, OptimizerInfo, OptimizerState
+from .write import OptimizerTarget, output_files, write_optimizer_state
 
 
 def read_optimizer_state(source, *, trust_remote_pickle: bool = False) -> OptimizerState:
@@ -46,4 +51,5 @@ def read_optimizer_state(source, *, trust_remote_pickle: bool = False) -> Optimi
     return state
 
 
-__all__ = ["STATE_KEYS", "OptimizerInfo", "OptimizerState", "read_optimizer_state"]
+__all__ = ["STATE_KEYS", "OptimizerInfo", "OptimizerState", "OptimizerTarget", "output_files", "read_optimizer_state",
+           "write_optimizer_state"]

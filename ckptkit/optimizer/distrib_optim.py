@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput, Unsupported
+from ..errors import BadInput, InternalError, Unsupported
 from ..spec import ModelSpec
 from .buffers import BufferLayout, BufferSettings, buffer_layout
 from .files import MetaFile
+from .presized_file import PresizedTorchFile
 from .parameters import ChunkPlace, chunk_parameters
 
 FILE_NAME = "distrib_optim.pt"
@@ -93,6 +94,57 @@ class DistribOptimFile:
     def read(self, buffer: int, key: str, start: int, numel: int) -> torch.Tensor:
         """Elements ``[start, start + numel)`` of flat tensor ``key`` of ``buffer``, in a tensor of their own."""
         return self._file.read(self._tensors[(buffer, key)], start, numel)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class DistribOptimWriter:
+    """Writes one rank's ``distrib_optim.pt``: each flat tensor gets every parameter's values
+    in buffer order (:meth:`add`), with the 64-element gaps filled in; the three flat tensors
+    of a buffer fill independently, so one state tensor at a time need be in memory."""
+
+    def __init__(self, path: Path, layout: RankLayout, buffer_key):
+        self.path, self.layout, self.buffer_key = Path(path), layout, buffer_key
+        sizes = {self._record(index, key): (torch.float32, buffer.numel_unpadded)
+                 for index, buffer in enumerate(layout.buffers) for key in STATE_KEYS}
+        self._file = PresizedTorchFile(self.path, "distrib_optim", sizes)
+        self._next = dict.fromkeys(sizes, 0)  # next slot of each flat tensor
+        self._filled = dict.fromkeys(sizes, 0)  # elements written so far
+
+    @staticmethod
+    def _record(buffer: int, key: str) -> str:
+        return f"{buffer * len(STATE_KEYS) + STATE_KEYS.index(key)}"
+
+    def add(self, buffer: int, values: dict[str, torch.Tensor]) -> None:
+        """The next parameter of ``buffer`` (in buffer order) in the flat tensors ``values`` names."""
+        layout = self.layout.buffers[buffer]
+        for key, piece in values.items():
+            record = self._record(buffer, key)
+            slot = layout.slots[self._next[record]]
+            if piece.numel() != slot.parameter.numel:
+                raise InternalError(f"{self.path}: {slot.parameter.name} {key} has {piece.numel()} elements; "
+                                    f"its slot holds {slot.parameter.numel}")
+            start = layout.stored_offset(slot)
+            self._file.append_zeros(record, start - self._filled[record])
+            self._file.append(record, piece.to(torch.float32).reshape(-1))
+            self._filled[record] = start + slot.parameter.numel
+            self._next[record] += 1
+
+    def finish(self) -> None:
+        state = {"buckets_coalesced": True}
+        for index, buffer in enumerate(self.layout.buffers):
+            for key in STATE_KEYS:
+                record = self._record(index, key)
+                if self._next[record] != len(buffer.slots):
+                    raise InternalError(f"{self.path}: buffer {index} {key} got {self._next[record]} of "
+                                        f"{len(buffer.slots)} parameters")
+                # a bucket closed before a shared embedding ends in padding
+                self._file.append_zeros(record, buffer.numel_unpadded - self._filled[record])
+            entry = {key: self._file.ref(self._record(index, key)) for key in STATE_KEYS}
+            entry["numel_unpadded"] = buffer.numel_unpadded
+            state[index] = {self.buffer_key: entry}
+        self._file.finish(state)
 
     def close(self) -> None:
         self._file.close()

@@ -32,8 +32,6 @@ from .files import MetaFile
 from .parameters import ChunkPlace, ModelParameter, chunk_parameters
 from .state import STATE_KEYS, OptimizerInfo, OptimizerState, assemble
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
 
 def _model_chunks(state: dict, vpp: int) -> list[dict]:
     return [state["model"]] if vpp == 1 and "model" in state else [state[f"model{chunk}"] for chunk in range(vpp)]
@@ -63,9 +61,7 @@ class PerRankOptimizerState(OptimizerState):
         self.tp, self.pp, self.vpp = meta.tp, meta.pp, meta.vpp
         self.trust_remote_pickle = trust_remote_pickle
         self.folder = Path(meta.files[0]).parent.parent
-        args = meta.args
-        self.distributed = bool(getattr(args, "use_distributed_optimizer", False))
-        self.settings = BufferSettings.from_args(args, param_dtype=meta.dtype)
+        self.settings = BufferSettings.from_args(meta.args, param_dtype=meta.dtype)
         self._rank_files: dict[tuple[int, int], MetaFile] = {}
         self._buffer_files: dict[tuple[int, int], DistribOptimFile] = {}
         self._canonical = {tensor.name: tensor for tensor in canonical_tensors(self.spec)}
@@ -82,6 +78,9 @@ class PerRankOptimizerState(OptimizerState):
                             self._where[parameter.canonical] = (pp_stage, chunk, position)
         first = self._rank_file(0, 0)
         entry = first.state.get("optimizer")
+        # The distributed optimizer's entry holds no per-parameter "state" (that is in distrib_optim.pt).
+        inner = entry.get("optimizer", entry) if isinstance(entry, dict) else None
+        self.distributed = isinstance(inner, dict) and "state" not in inner
         self.info = self._read_info(first, entry)
         if self.distributed:
             self._layouts = {(tp_rank, pp_stage): rank_layout(
@@ -111,7 +110,8 @@ class PerRankOptimizerState(OptimizerState):
         if key not in self._buffer_files:
             path = self._rank_path(tp_rank, pp_stage, FILE_NAME)
             if not path.is_file():
-                raise BadInput(f"{path}: missing; the args say --use-distributed-optimizer, whose state is there")
+                raise BadInput(f"{path}: missing; the optimizer entry of {RANK_FILE} is the distributed "
+                               "optimizer's, whose state is there")
             self._buffer_files[key] = DistribOptimFile(path, self._layouts[key], self.settings.buffer_key,
                                                        trust_remote_pickle=self.trust_remote_pickle)
         return self._buffer_files[key]
@@ -146,10 +146,11 @@ class PerRankOptimizerState(OptimizerState):
         if len(steps) != 1:
             raise BadInput(f"{where}: optimizer steps {sorted(steps)}; expected one common step")
         scheduler = first.state.get("opt_param_scheduler")
+        training = {key: first.state[key] for key in ("num_floating_point_operations_so_far",) if key in first.state}
         return OptimizerInfo(
             kind="distributed" if self.distributed else "non-distributed", step=steps.pop(), param_groups=groups,
             grad_scaler=first.materialize(entry.get("grad_scaler")) if mixed else None,
-            opt_param_scheduler=first.materialize(scheduler) if scheduler is not None else None,
+            opt_param_scheduler=first.materialize(scheduler) if scheduler is not None else None, training=training,
             source={"format": "torch", "tp": self.tp, "pp": self.pp, "vpp": self.vpp,
                     "dp": self.settings.dp, "param_dtype": str(self.settings.param_dtype).removeprefix("torch.")})
 
@@ -177,13 +178,14 @@ class PerRankOptimizerState(OptimizerState):
 
     # -- per weight
 
-    def _pieces(self, tp_rank: int, pp_stage: int, chunk: int, position: int) -> dict[str, torch.Tensor]:
+    def _pieces(self, tp_rank: int, pp_stage: int, chunk: int, position: int,
+                keys: tuple[str, ...] = STATE_KEYS) -> dict[str, torch.Tensor]:
         parameter = self._parameters[(tp_rank, pp_stage, chunk)][position]
         if self.distributed:
             slot = self._slots[(tp_rank, pp_stage)][chunk][parameter.name]
             stored = self._buffer_file(tp_rank, pp_stage)
             start = self._layouts[(tp_rank, pp_stage)].buffers[chunk].stored_offset(slot)
-            return {key: stored.read(chunk, key, start, parameter.numel).view(parameter.shape) for key in STATE_KEYS}
+            return {key: stored.read(chunk, key, start, parameter.numel).view(parameter.shape) for key in keys}
         file = self._rank_file(tp_rank, pp_stage)
         index, group, group_position = self._indices[(tp_rank, pp_stage)][(chunk, parameter.name)]
         entry = file.state["optimizer"]
@@ -195,7 +197,7 @@ class PerRankOptimizerState(OptimizerState):
             master = entry["fp32_from_fp16_params"][group][group_position]
         else:
             master = _model_chunks(file.state, self.vpp)[chunk][parameter.name]
-        pieces = {"param": master, **{key: adam.get(key) for key in MOMENTS}}
+        pieces = {key: master if key == "param" else adam.get(key) for key in keys}
         for key, stored in pieces.items():
             if not isinstance(stored, torch.Tensor) or tuple(stored.shape) != parameter.shape:
                 found = tuple(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
@@ -203,12 +205,18 @@ class PerRankOptimizerState(OptimizerState):
                                f"expected {parameter.shape}")
         return {key: file.read(stored).to(torch.float32) for key, stored in pieces.items()}
 
-    def tensor(self, name: str) -> dict[str, torch.Tensor]:
+    def rank_extras(self, tp_rank: int, pp_stage: int) -> dict:
+        """What else rank (``tp_rank``, ``pp_stage``) saved for resuming that belongs to that
+        rank: ``rng_state``; carried only to the same rank of the same layout."""
+        file = self._rank_file(tp_rank, pp_stage)
+        return {key: file.materialize(file.state[key]) for key in ("rng_state",) if key in file.state}
+
+    def tensor(self, name: str, keys: tuple[str, ...] = STATE_KEYS) -> dict[str, torch.Tensor]:
         if name not in self._where:
             raise BadInput(f"{self.folder}: no canonical tensor {name}")
         pp_stage, chunk, position = self._where[name]
         return assemble(self.spec, self._canonical[name], self.padded_vocab_size, self.tp,
-                        lambda tp_rank: self._pieces(tp_rank, pp_stage, chunk, position))
+                        lambda tp_rank: self._pieces(tp_rank, pp_stage, chunk, position, keys), keys)
 
     def close(self) -> None:
         for file in [*self._rank_files.values(), *self._buffer_files.values()]:

@@ -39,6 +39,7 @@ class OptimizerInfo:
     param_groups: list[dict]
     grad_scaler: dict | None = None
     opt_param_scheduler: dict | None = None
+    training: dict = field(default_factory=dict)  # other layout-free entries: num_floating_point_operations_so_far
     source: dict = field(default_factory=dict)  # the layout it was read from
 
     def summary(self) -> dict:
@@ -56,8 +57,9 @@ class OptimizerState:
     def canonical(self) -> list[CanonicalTensor]:
         return canonical_tensors(self.spec)
 
-    def tensor(self, name: str) -> dict[str, torch.Tensor]:
-        """``{"param", "exp_avg", "exp_avg_sq"}``: full fp32 tensors of canonical tensor ``name``."""
+    def tensor(self, name: str, keys: tuple[str, ...] = STATE_KEYS) -> dict[str, torch.Tensor]:
+        """``{"param", "exp_avg", "exp_avg_sq"}`` (or only ``keys``): full fp32 tensors of
+        canonical tensor ``name``."""
         raise NotImplementedError
 
     def validate(self) -> list[str]:
@@ -75,13 +77,14 @@ class OptimizerState:
 
 
 def assemble(spec: ModelSpec, canonical: CanonicalTensor, padded_vocab_size: int, tp: int,
-             read_piece) -> dict[str, torch.Tensor]:
-    """The full fp32 state tensors of ``canonical`` from its TP pieces: ``read_piece(tp_rank)``
-    returns that rank's pieces (``{key: tensor of the rank's stored shape}``). A rank whose
-    boxes an earlier rank filled holds a copy (replicated tensors) and is not read."""
+             read_piece, keys: tuple[str, ...] = STATE_KEYS) -> dict[str, torch.Tensor]:
+    """The full fp32 state tensors ``keys`` of ``canonical`` from its TP pieces:
+    ``read_piece(tp_rank)`` returns that rank's pieces (``{key: tensor of the rank's stored
+    shape}``). A rank whose boxes an earlier rank filled holds a copy (replicated tensors)
+    and is not read."""
     rule = rule_for(spec, canonical.rule, padded_vocab_size)
     shape = rule.full_shape(canonical.shape)
-    full = {key: torch.empty(shape, dtype=torch.float32) for key in STATE_KEYS}
+    full = {key: torch.empty(shape, dtype=torch.float32) for key in keys}
     filled = set()
     for tp_rank in range(tp):
         boxes = rule.boxes(shape, tp, tp_rank)
@@ -89,7 +92,7 @@ def assemble(spec: ModelSpec, canonical: CanonicalTensor, padded_vocab_size: int
             continue
         filled.update(boxes)
         pieces = read_piece(tp_rank)
-        for key in STATE_KEYS:
+        for key in keys:
             row = 0
             for box in boxes:  # a rank's piece is its boxes concatenated along dim 0
                 target = full[key][box_slices(box)]

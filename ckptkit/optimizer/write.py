@@ -1,0 +1,331 @@
+"""Writing canonical optimizer state as Megatron's per-rank files, at any TP/PP/VPP/DP.
+
+The weights come first (the per-rank writer makes ``model_optim_rng.pt``); then, one
+pipeline stage at a time, every canonical tensor's state is read once, cut for each TP
+rank by its rule (the vocabulary re-padded: added rows get zero state) and streamed:
+
+* distributed optimizer: into each rank's ``distrib_optim.pt`` in buffer order
+  (:class:`.distrib_optim.DistribOptimWriter`), and ``optimizer`` (param groups with the
+  step, grad scaler) and ``opt_param_scheduler`` into ``model_optim_rng.pt``;
+* non-distributed: Adam's state dict (and the fp32 masters of a bf16/fp16 model) as the
+  ``optimizer`` entry of ``model_optim_rng.pt``.
+
+``model_optim_rng.pt`` is rewritten with the new entries, its tensors copied one at a time.
+``rng_state`` is carried only where the TP/PP/VPP layout is unchanged (it is per rank).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput, InternalError
+from ..layouts.megatron_legacy import RANK_FILE, iteration_dir_name, rank_dir_name
+from ..safe_load import without_stand_ins
+from ..spec import ModelSpec, check_parallel_sizes, padded_vocab_size, rule_for
+from ..torch_stream import StreamingTorchWriter
+from .buffers import BufferSettings
+from .distrib_optim import FILE_NAME, DistribOptimWriter, rank_layout
+from .files import MetaFile
+from .parameters import ChunkPlace, chunk_parameters
+from .per_rank import group_index
+from .state import STATE_KEYS, OptimizerState
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class OptimizerTarget:
+    """The optimizer Megatron will resume with, and the layout it runs at.
+
+    ``param_dtype`` is the weights' dtype at the target (bf16/fp16 runs keep fp32 masters
+    apart from the weights). ``bucket_size`` is the first stage's DDP bucket size (None,
+    one bucket per buffer, unless the run uses ``--overlap-grad-reduce``: see
+    :meth:`BufferSettings.from_args`). ``iteration`` names the iteration folder: Megatron
+    loads no optimizer state from a ``release`` checkpoint.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    dp: int = 1
+    distributed: bool = True
+    param_dtype: torch.dtype = torch.float32
+    iteration: int = 0
+    make_vocab_size_divisible_by: int = 128
+    naming: str = "mcore-local"
+    bucket_size: int | None = None
+    pad_for_high_nccl_busbw: bool = False
+    grad_reduce_in_fp32: bool | None = None  # None: as Megatron decides (fp32 for bf16)
+
+    @property
+    def settings(self) -> BufferSettings:
+        grad_fp32 = self.grad_reduce_in_fp32
+        if grad_fp32 is None:
+            grad_fp32 = self.param_dtype in (torch.bfloat16, torch.float32)
+        return BufferSettings(dp=self.dp, bucket_size=self.bucket_size,
+                              pad_for_high_nccl_busbw=self.pad_for_high_nccl_busbw, param_dtype=self.param_dtype,
+                              grad_dtype=torch.float32 if grad_fp32 else self.param_dtype)
+
+    @property
+    def folder_name(self) -> str:
+        return iteration_dir_name(self.iteration)
+
+    def padded_vocab(self, spec: ModelSpec) -> int:
+        return padded_vocab_size(spec.vocab_size, self.make_vocab_size_divisible_by, self.tp)
+
+    def rank_path(self, tp_rank: int, pp_stage: int, name: str) -> str:
+        return f"{self.folder_name}/{rank_dir_name(tp_rank, pp_stage, self.pp)}/{name}"
+
+    @classmethod
+    def from_layout(cls, layout, *, dp: int = 1, distributed: bool = True, **fields) -> "OptimizerTarget":
+        """The target of a weight write (a ``TargetLayout``: tp, pp, vpp, naming, padding,
+        dtype, iteration), run at ``dp`` with or without the distributed optimizer."""
+        if layout.release or layout.iteration is None:
+            raise BadInput("Megatron loads no optimizer state from a release checkpoint: write it at an iteration")
+        return cls(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, dp=dp, distributed=distributed,
+                   param_dtype=layout.dtype or torch.float32, iteration=layout.iteration,
+                   make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by, naming=layout.naming, **fields)
+
+
+def output_files(state: OptimizerState, target: OptimizerTarget) -> list[str]:
+    """The files :func:`write_optimizer_state` writes or rewrites, relative to the output folder."""
+    names = [FILE_NAME, RANK_FILE] if target.distributed else [RANK_FILE]
+    return [target.rank_path(tp_rank, pp_stage, name) for pp_stage in range(target.pp)
+            for tp_rank in range(target.tp) for name in names]
+
+
+def write_optimizer_state(state: OptimizerState, out_dir, target: OptimizerTarget, *, progress=None) -> list[str]:
+    """Write ``state`` for ``target`` into ``out_dir``, where the per-rank weight files of
+    the same target are already written; returns the paths written, relative to ``out_dir``.
+
+    >>> from ckptkit.convert import reshard
+    >>> from ckptkit.optimizer import read_optimizer_state
+    >>> _ = reshard("checkpoints/gpt2do", "gpt2do-tp1", tp=1, pp=1)
+    >>> with read_optimizer_state("checkpoints/gpt2do") as state:
+    ...     write_optimizer_state(state, "gpt2do-tp1", OptimizerTarget(tp=1, dp=1, iteration=10))
+    ['iter_0000010/mp_rank_00/distrib_optim.pt', 'iter_0000010/mp_rank_00/model_optim_rng.pt']
+    """
+    out_dir = Path(out_dir)
+    spec = state.spec
+    check_parallel_sizes(spec, target.tp, target.pp, target.vpp)
+    if target.param_dtype == torch.float32 and state.info.source.get("param_dtype") not in (None, "float32"):
+        warnings.warn(f"the fp32 target's weights are its master copies; the source's fp32 masters of its "
+                      f"{state.info.source['param_dtype']} weights are written as optimizer state only "
+                      "(Megatron resumes from the weights)", stacklevel=2)
+    for relative in output_files(state, target):
+        if relative.endswith(RANK_FILE) and not (out_dir / relative).is_file():
+            raise BadInput(f"{out_dir / relative}: missing; the weights are written first, then the optimizer state")
+    same_layout = tuple(state.info.source.get(key) for key in ("tp", "pp", "vpp")) == (target.tp, target.pp, target.vpp)
+    if not same_layout and hasattr(state, "rank_extras"):
+        warnings.warn("rng_state is not carried: it belongs to each TP/PP rank of the source layout "
+                      "(resume with --no-load-rng)", stacklevel=2)
+    written = []
+    for pp_stage in range(target.pp):
+        stage = _StageWriter(state, out_dir, target, pp_stage, same_layout, progress)
+        written += stage.write()
+    return written
+
+
+class _StageWriter:
+    """The optimizer files of one pipeline stage, every TP rank at once."""
+
+    def __init__(self, state: OptimizerState, out_dir: Path, target: OptimizerTarget, pp_stage: int,
+                 carry_rng: bool, progress):
+        self.state, self.out_dir, self.target, self.pp_stage = state, out_dir, target, pp_stage
+        self.carry_rng, self.progress = carry_rng, progress
+        self.padded = target.padded_vocab(state.spec)
+        self.ranks = range(target.tp)
+
+    def _rank_file(self, tp_rank: int) -> Path:
+        path = self.out_dir / self.target.rank_path(tp_rank, self.pp_stage, RANK_FILE)
+        if not path.is_file():
+            raise BadInput(f"{path}: missing; the weights are written first, then the optimizer state")
+        return path
+
+    def _pieces(self, canonical: str, rule_name: str, keys=STATE_KEYS) -> dict[int, dict[str, torch.Tensor]]:
+        """Each TP rank's piece of ``canonical``'s state (``keys`` of it), flat."""
+        full = self.state.tensor(canonical, keys)
+        rule = rule_for(self.state.spec, rule_name, self.padded)
+        fitted = {key: rule.fit(values) for key, values in full.items()}
+        del full
+        if self.progress and keys[0] == STATE_KEYS[0]:
+            self.progress(canonical)
+        return {tp_rank: {key: rule.shard(values, self.target.tp, tp_rank).reshape(-1) for key, values in fitted.items()}
+                for tp_rank in self.ranks}
+
+    def _common_entries(self, tp_rank: int) -> dict:
+        info = self.state.info
+        entries = {}
+        if info.opt_param_scheduler is not None:
+            entries["opt_param_scheduler"] = info.opt_param_scheduler
+        entries.update(info.training)
+        if self.carry_rng and hasattr(self.state, "rank_extras"):
+            entries.update(self.state.rank_extras(tp_rank, self.pp_stage))
+        return entries
+
+    # entries of the rank files this writer replaces
+    _entry_keys = ("optimizer", "opt_param_scheduler", "rng_state", "num_floating_point_operations_so_far")
+
+    def _args_fields(self) -> dict:
+        """What the args say about the optimizer and the data-parallel size, made true of the target."""
+        target = self.target
+        return {"use_distributed_optimizer": target.distributed, "data_parallel_size": target.dp,
+                "accumulate_allreduce_grads_in_fp32": target.settings.grad_dtype == torch.float32}
+
+    def write(self) -> list[str]:
+        return self._write_distributed() if self.target.distributed else self._write_adam()
+
+    def _write_distributed(self) -> list[str]:
+        target, info = self.target, self.state.info
+        layouts = {tp_rank: rank_layout(self.state.spec, tp=target.tp, tp_rank=tp_rank, pp=target.pp,
+                                        pp_stage=self.pp_stage, vpp=target.vpp, padded_vocab_size=self.padded,
+                                        settings=target.settings, naming=target.naming) for tp_rank in self.ranks}
+        paths = {tp_rank: self.out_dir / target.rank_path(tp_rank, self.pp_stage, FILE_NAME) for tp_rank in self.ranks}
+        rank_files = {tp_rank: self._rank_file(tp_rank) for tp_rank in self.ranks}
+        writers = {}
+        try:
+            for tp_rank in self.ranks:
+                writers[tp_rank] = DistribOptimWriter(paths[tp_rank], layouts[tp_rank], target.settings.buffer_key)
+            for chunk in range(target.vpp):
+                for position, slot in enumerate(layouts[0].buffers[chunk].slots):
+                    for tp_rank in self.ranks:
+                        if layouts[tp_rank].buffers[chunk].slots[position].parameter.name != slot.parameter.name:
+                            raise InternalError(f"TP ranks of stage {self.pp_stage} order their buffers differently")
+                    for key in STATE_KEYS:  # one state tensor in memory at a time
+                        pieces = self._pieces(slot.parameter.canonical, slot.parameter.rule, (key,))
+                        for tp_rank in self.ranks:
+                            writers[tp_rank].add(chunk, pieces[tp_rank])
+            for writer in writers.values():
+                writer.finish()
+        finally:
+            for writer in writers.values():
+                writer.close()
+        groups = [{**group, "step": info.step} for group in info.param_groups]
+        entry = {"optimizer": {"param_groups": groups}}
+        if info.grad_scaler is not None:
+            entry["grad_scaler"] = info.grad_scaler
+        written = []
+        for tp_rank in self.ranks:
+            with RankFileRewrite(rank_files[tp_rank], replacing=self._entry_keys) as rewrite:
+                rewrite.finish({"optimizer": entry, **self._common_entries(tp_rank)}, self._args_fields())
+            written += [target.rank_path(tp_rank, self.pp_stage, FILE_NAME),
+                        target.rank_path(tp_rank, self.pp_stage, RANK_FILE)]
+        return written
+
+    def _write_adam(self) -> list[str]:
+        """Non-distributed: Adam's state dict, parameters numbered over the groups."""
+        target, info = self.target, self.state.info
+        parameters = [parameter for chunk in range(target.vpp) for parameter in chunk_parameters(
+            self.state.spec, ChunkPlace(target.tp, 0, target.pp, self.pp_stage, target.vpp, chunk), self.padded,
+            naming=target.naming)]
+        members = [[] for _ in info.param_groups]
+        for parameter in parameters:
+            members[group_index(parameter, info.param_groups, "optimizer state")].append(parameter)
+        numbered = [parameter for listed in members for parameter in listed]  # Adam's numbering
+        groups, first = [], 0
+        for group, listed in zip(info.param_groups, members):
+            groups.append({**group, "params": list(range(first, first + len(listed)))})
+            first += len(listed)
+        mixed = target.param_dtype != torch.float32
+        rewrites = {}
+        try:
+            for tp_rank in self.ranks:
+                rewrites[tp_rank] = RankFileRewrite(self._rank_file(tp_rank), replacing=self._entry_keys)
+            # Records go in the order the pickle will name them (RankFileRewrite): each parameter's
+            # step and moments, then (bf16/fp16) every master copy, group by group.
+            adam = {tp_rank: {} for tp_rank in self.ranks}
+            for index, parameter in enumerate(numbered):
+                for tp_rank in self.ranks:
+                    adam[tp_rank][index] = {"step": rewrites[tp_rank].add_tensor(torch.tensor(float(info.step)))}
+                for key in MOMENTS:  # one state tensor in memory at a time
+                    pieces = self._pieces(parameter.canonical, parameter.rule, (key,))
+                    for tp_rank in self.ranks:
+                        adam[tp_rank][index][key] = rewrites[tp_rank].add_tensor(pieces[tp_rank][key].view(parameter.shape))
+            masters = {tp_rank: [[] for _ in members] for tp_rank in self.ranks}
+            if mixed:
+                for group, listed in enumerate(members):
+                    for parameter in listed:
+                        pieces = self._pieces(parameter.canonical, parameter.rule, ("param",))
+                        for tp_rank in self.ranks:
+                            masters[tp_rank][group].append(
+                                rewrites[tp_rank].add_tensor(pieces[tp_rank]["param"].view(parameter.shape)))
+            written = []
+            for tp_rank in self.ranks:
+                inner = {"state": adam[tp_rank], "param_groups": [dict(group) for group in groups]}
+                if mixed:
+                    entry = {"optimizer": inner, "fp32_from_fp16_params": masters[tp_rank]}
+                    if info.grad_scaler is not None:
+                        entry["grad_scaler"] = info.grad_scaler
+                else:
+                    entry = inner
+                rewrites[tp_rank].finish({"optimizer": entry, **self._common_entries(tp_rank)}, self._args_fields())
+                written.append(target.rank_path(tp_rank, self.pp_stage, RANK_FILE))
+            return written
+        finally:
+            for rewrite in rewrites.values():
+                rewrite.close()
+
+
+class RankFileRewrite:
+    """``model_optim_rng.pt`` rewritten with more entries: its tensors are copied one at a
+    time into a new file beside it, which replaces it on :meth:`finish`.
+
+    Entries being replaced (``replacing``) are not copied, and new entries come last.
+    Tensors must be added (:meth:`add_tensor`) in the order the final object names them,
+    plain tensors in entries being added as the pickle meets them: the file says
+    ``.format_version`` 1, and torch then locates each record of a file loaded on the meta
+    device (as ckptkit reads) by assuming the records follow the pickle's order.
+    """
+
+    def __init__(self, path: Path, *, replacing=()):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self._source = MetaFile(self.path)
+        self._writer = StreamingTorchWriter(self.partial)
+        try:
+            self.state = {key: self._copy(value) for key, value in self._source.state.items() if key not in replacing}
+        except BaseException:
+            self.close()
+            raise
+
+    def _copy(self, value):
+        if isinstance(value, torch.Tensor):
+            return self._writer.add_tensor(self._source.read(value))
+        if isinstance(value, OrderedDict):
+            return OrderedDict((key, self._copy(item)) for key, item in value.items())
+        if type(value) is dict:
+            return {key: self._copy(item) for key, item in value.items()}
+        if type(value) in (list, tuple):
+            return type(value)(self._copy(item) for item in value)
+        return value
+
+    def add_tensor(self, tensor: torch.Tensor):
+        """Write one tensor now; returns the reference to place in an entry."""
+        return self._writer.add_tensor(tensor)
+
+    def finish(self, entries: dict, args_fields: dict | None = None) -> None:
+        """Add (or replace) ``entries``, set ``args_fields`` in ``args``, and put the new file in place."""
+        state = {**{key: value for key, value in self.state.items() if key not in entries}, **entries}
+        if args_fields and state.get("args") is not None:
+            state["args"] = argparse.Namespace(**{**vars(without_stand_ins(state["args"])), **args_fields})
+        self._writer.finish({key: without_stand_ins(value) for key, value in state.items()})
+        self._source.close()
+        os.replace(self.partial, self.path)
+
+    def close(self) -> None:
+        self._writer.close()
+        self._source.close()
+        if self.partial.exists():
+            self.partial.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
