@@ -8,8 +8,10 @@ through that layout; :mod:`.per_rank` turns a per-rank checkpoint's optimizer st
 fp32 ``param``, ``exp_avg`` and ``exp_avg_sq``; :mod:`.write` writes canonical state as
 Megatron lays it out for any TP/PP/VPP/DP, distributed or not.
 
+:mod:`.carry` wraps a per-rank weight writer so that a conversion carries the state.
+
 Entry points: :func:`read_optimizer_state`, :func:`write_optimizer_state` and
-:class:`OptimizerTarget`.
+:class:`OptimizerTarget`; for conversions, :class:`.carry.WithOptimizerState`.
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ class OptimizerTarget:
                    make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by, naming=layout.naming, **fields)
 
 
-def output_files(state: OptimizerState, target: OptimizerTarget) -> list[str]:
+def output_files(target: OptimizerTarget) -> list[str]:
     """The files :func:`write_optimizer_state` writes or rewrites, relative to the output folder."""
     names = [FILE_NAME, RANK_FILE] if target.distributed else [RANK_FILE]
     return [target.rank_path(tp_rank, pp_stage, name) for pp_stage in range(target.pp)
@@ -118,7 +118,7 @@ def write_optimizer_state(state: OptimizerState, out_dir, target: OptimizerTarge
         warnings.warn(f"the fp32 target's weights are its master copies; the source's fp32 masters of its "
                       f"{state.info.source['param_dtype']} weights are written as optimizer state only "
                       "(Megatron resumes from the weights)", stacklevel=2)
-    for relative in output_files(state, target):
+    for relative in output_files(target):
         if relative.endswith(RANK_FILE) and not (out_dir / relative).is_file():
             raise BadInput(f"{out_dir / relative}: missing; the weights are written first, then the optimizer state")
     same_layout = tuple(state.info.source.get(key) for key in ("tp", "pp", "vpp")) == (target.tp, target.pp, target.vpp)

@@ -1,0 +1,95 @@
+"""Carrying optimizer state through a conversion: a writer that wraps a per-rank weight writer.
+
+The conversion engine plans, writes the weight files (in worker processes if asked),
+finishes and checks through one :class:`ckptkit.layouts.base.CheckpointWriter`.
+:class:`WithOptimizerState` is such a writer: it plans and writes what the weight
+writer does, then in :meth:`~WithOptimizerState.finish` (once every rank file exists)
+reads the source's optimizer state through the open source reader and writes it for
+the target (:func:`.write_optimizer_state`); its check re-opens every ``distrib_optim.pt``
+against the layout Megatron will expect. ``reshard`` would use it as::
+
+    weights = MEGATRON_WRITERS[target_format](target, keep_source_args=True)
+    writer = WithOptimizerState(weights, OptimizerTarget.from_layout(target, dp=dp, distributed=distributed))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BadInput, InternalError, Unsupported
+from ..layouts.base import CheckpointReader, CheckpointWriter
+from ..plan import Plan
+from ..safe_load import safe_torch_load
+from .distrib_optim import FILE_NAME, DistribOptimFile, rank_layout
+from .write import OptimizerTarget, output_files, write_optimizer_state
+
+
+def optimizer_state_absence(reader: CheckpointReader) -> str | None:
+    """Why ``reader``'s checkpoint has no optimizer state to carry, or None when it has
+    one ckptkit reads (a conversion then carries it by default)."""
+    from . import read_optimizer_state
+
+    try:
+        with read_optimizer_state(reader):
+            return None
+    except (BadInput, Unsupported) as error:
+        return str(error)
+
+
+@dataclass
+class WithOptimizerState(CheckpointWriter):
+    """The weights as ``weights`` writes them, plus the source's optimizer state at ``target``."""
+
+    weights: CheckpointWriter
+    target: OptimizerTarget
+    spec: object = field(default=None, compare=False)  # the model, kept by plan() for check()
+
+    def plan(self, reader: CheckpointReader) -> Plan:
+        plan = self.weights.plan(reader)
+        if plan.target.get("layout") == "torch_dist":
+            raise Unsupported("optimizer state in torch_dist checkpoints is not written yet; write per-rank "
+                              "files (--format torch) or drop the optimizer state")
+        self.spec = reader.spec
+        added = [path for path in _optimizer_files(self.target) if path not in {f.path for f in plan.files}]
+        plan.finish_files = [*plan.finish_files, *added]
+        plan.target = {**plan.target, "optimizer": {"distributed": self.target.distributed, "dp": self.target.dp}}
+        return plan
+
+    def write(self, reader, plan, out, files=None, progress=None) -> list[str]:
+        return self.weights.write(reader, plan, out, files, progress)
+
+    def finish(self, reader, plan, out) -> list[str]:
+        from . import read_optimizer_state
+
+        finished = self.weights.finish(reader, plan, out)
+        with read_optimizer_state(reader) as state:
+            written = write_optimizer_state(state, Path(out), self.target)
+        data_files = {planned.path for planned in plan.files}
+        return finished + [path for path in written if path not in data_files and path not in finished]
+
+    def check(self, plan, out, label) -> None:
+        """The weights' check, then every rank's optimizer files: ``distrib_optim.pt`` read back
+        (pickle only) against the layout Megatron will build, and an ``optimizer`` entry in
+        each ``model_optim_rng.pt``."""
+        self.weights.check(plan, out, label)
+        out, label, target = Path(out), Path(label), self.target
+        padded = target.padded_vocab(self.spec)
+        for pp_stage in range(target.pp):
+            for tp_rank in range(target.tp):
+                if target.distributed:
+                    relative = target.rank_path(tp_rank, pp_stage, FILE_NAME)
+                    layout = rank_layout(self.spec, tp=target.tp, tp_rank=tp_rank, pp=target.pp, pp_stage=pp_stage,
+                                         vpp=target.vpp, padded_vocab_size=padded, settings=target.settings,
+                                         naming=target.naming)
+                    try:
+                        DistribOptimFile(out / relative, layout, target.settings.buffer_key).close()
+                    except BadInput as error:
+                        raise InternalError(f"{label / relative}: written optimizer state does not read back "
+                                            f"({error})") from None
+                relative = target.rank_path(tp_rank, pp_stage, "model_optim_rng.pt")
+                if "optimizer" not in safe_torch_load(out / relative, map_location="meta"):
+                    raise InternalError(f"{label / relative}: no optimizer entry was written")
+
+
+def _optimizer_files(target: OptimizerTarget) -> list[str]:
+    return [path for path in output_files(target) if path.endswith(FILE_NAME)]
