@@ -4,12 +4,17 @@ This is how ckptkit's Megatron output is checked against Megatron-LM itself: the
 checkpoint is loaded by Megatron's own ``load_checkpoint`` (strict), run by its own
 ``GPTModel``, and the logits are compared with those of the Hugging Face model the
 checkpoint came from. Needs a Megatron-LM source tree (``MEGATRON_PATH``) and a GPU;
-run under ``torchrun --nproc-per-node 1``:
+run under ``torchrun`` (one process per GPU of the layout it loads at):
 
     MEGATRON_PATH=/path/to/Megatron-LM torchrun --nproc-per-node 1 tools/megatron_logits.py \
         --load ckpt/ --tokens-file tokens.pt --logits-out logits.pt \
         --use-checkpoint-args --no-load-optim --no-load-rng --micro-batch-size 2 --seq-length 32 \
         --tokenizer-type NullTokenizer --transformer-impl local --no-gradient-accumulation-fusion
+
+Per-rank (``--ckpt-format torch``) files load only at the layout that wrote them: an
+expert-parallel checkpoint runs with ``--nproc-per-node EP --expert-model-parallel-size EP``
+(TP1). Every process then feeds the same tokens (they are data-parallel ranks exchanging tokens
+with their expert-parallel peers); the processes' logits are compared and rank 0 saves them.
 """
 import os
 import sys
@@ -49,9 +54,19 @@ def main():
     for chunk in model:
         chunk.eval()
     with torch.no_grad():
-        logits = model[0](tokens, position_ids, attention_mask)
-    torch.save({"tokens": tokens.cpu(), "logits": logits.float().cpu()}, args.logits_out)
-    print(f"saved logits {tuple(logits.shape)} to {args.logits_out}")
+        logits = model[0](tokens, position_ids, attention_mask).float().contiguous()
+    # With TP > 1 each rank would hold a vocabulary slice; the full-vocabulary file needs TP1.
+    assert args.tensor_model_parallel_size == 1, "logits are saved at TP1 only"
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        gathered = [torch.empty_like(logits) for _ in range(world)]
+        torch.distributed.all_gather(gathered, logits)
+        spread = max((g - gathered[0]).abs().max().item() for g in gathered)
+        if torch.distributed.get_rank() == 0:
+            print(f"ranks agree on the logits to {spread:.3g} max abs ({world} ranks)")
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        torch.save({"tokens": tokens.cpu(), "logits": logits.cpu()}, args.logits_out)
+        print(f"saved logits {tuple(logits.shape)} to {args.logits_out}")
 
 
 if __name__ == "__main__":
