@@ -176,6 +176,14 @@ def test_a_release_target_is_refused_since_megatron_loads_no_optimizer_from_it()
         (2, 2, 4, 30, (torch.bfloat16, torch.float32))
 
 
+def test_bucket_settings_follow_the_args_of_the_run_that_resumes():
+    from argparse import Namespace
+    layout = TargetLayout(tp=2, iteration=10, dtype=torch.bfloat16)
+    args = Namespace(bf16=True, overlap_grad_reduce=True, ddp_bucket_size=None, data_parallel_size=2)
+    assert OptimizerTarget.from_layout(layout, dp=64, args=args).bucket_size == 64_000_000  # max(4e7, 1e6 x DP)
+    assert OptimizerTarget.from_layout(layout, dp=4, args=Namespace(overlap_grad_reduce=False)).bucket_size is None
+
+
 def test_the_weights_must_be_written_first(tmp_path):
     with read_optimizer_state(fixture_path(*DISTRIBUTED)) as state:
         with pytest.raises(BadInput, match=r"mp_rank_00/model_optim_rng.pt: missing; the weights are written first"):

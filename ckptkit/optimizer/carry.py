@@ -9,7 +9,8 @@ the target (:func:`.write_optimizer_state`); its check re-opens every ``distrib_
 against the layout Megatron will expect. ``reshard`` would use it as::
 
     weights = MEGATRON_WRITERS[target_format](target, keep_source_args=True)
-    writer = WithOptimizerState(weights, OptimizerTarget.from_layout(target, dp=dp, distributed=distributed))
+    writer = WithOptimizerState(weights, OptimizerTarget.from_layout(target, dp=dp, distributed=distributed,
+                                                                     args=reader.meta.args))
 """
 from __future__ import annotations
 

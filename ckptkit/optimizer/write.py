@@ -83,13 +83,24 @@ class OptimizerTarget:
         return f"{self.folder_name}/{rank_dir_name(tp_rank, pp_stage, self.pp)}/{name}"
 
     @classmethod
-    def from_layout(cls, layout, *, dp: int = 1, distributed: bool = True, **fields) -> "OptimizerTarget":
+    def from_layout(cls, layout, *, dp: int = 1, distributed: bool = True, args=None, **fields) -> "OptimizerTarget":
         """The target of a weight write (a ``TargetLayout``: tp, pp, vpp, naming, padding,
-        dtype, iteration), run at ``dp`` with or without the distributed optimizer."""
+        dtype, iteration), run at ``dp`` with or without the distributed optimizer.
+
+        ``args`` (the Megatron args the run resumes with, such as the source's) give the
+        bucket settings: with ``--overlap-grad-reduce`` Megatron cuts buffers into buckets
+        of ``--ddp-bucket-size`` (default ``max(4e7, 1e6 x DP)``), which moves parameters in
+        ``distrib_optim.pt``; the resuming run must use the same settings.
+        """
         if layout.release or layout.iteration is None:
             raise BadInput("Megatron loads no optimizer state from a release checkpoint: write it at an iteration")
+        param_dtype = layout.dtype or torch.float32
+        if args is not None:
+            settings = BufferSettings.from_args(args, dp=dp, param_dtype=param_dtype)
+            fields = {"bucket_size": settings.bucket_size, "pad_for_high_nccl_busbw": settings.pad_for_high_nccl_busbw,
+                      "grad_reduce_in_fp32": settings.grad_dtype == torch.float32, **fields}
         return cls(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, dp=dp, distributed=distributed,
-                   param_dtype=layout.dtype or torch.float32, iteration=layout.iteration,
+                   param_dtype=param_dtype, iteration=layout.iteration,
                    make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by, naming=layout.naming, **fields)
 
 
