@@ -58,3 +58,24 @@ def test_torch_dist_output_with_optimizer_state_is_refused_before_anything_is_wr
     with open_checkpoint(fixture_path(*DISTRIBUTED)) as reader:
         with pytest.raises(Unsupported, match="optimizer state in torch_dist checkpoints is not written yet"):
             writer.plan(reader)
+
+
+def test_a_conversion_carries_the_state_where_it_can_and_says_why_not_elsewhere(tmp_path):
+    from ckptkit.optimizer.carry import with_optimizer_state
+
+    target = TargetLayout(tp=1, iteration=10, dtype=torch.float32)
+    weights = RankFilesWriter(target, keep_source_args=True)
+    with open_checkpoint(fixture_path(*DISTRIBUTED)) as reader:
+        writer, notes = with_optimizer_state(weights, target, reader)
+        assert notes == [] and (writer.target.dp, writer.target.distributed) == (2, True)  # the source's
+        writer, _ = with_optimizer_state(weights, target, reader, dp=8, distributed=False)
+        assert (writer.target.dp, writer.target.distributed) == (8, False)
+        dist = TorchDistWriter(target, keep_source_args=True)
+        assert with_optimizer_state(dist, target, reader) == (dist, [
+            "optimizer state dropped: torch_dist output does not carry it yet (write --format torch)"])
+        release = TargetLayout(tp=1, release=True)
+        assert with_optimizer_state(weights, release, reader)[1] == [
+            "optimizer state dropped: Megatron loads none from a release checkpoint"]
+    with open_checkpoint(fixture_path("llama_tp2pp2", "conv", "torch")) as reader:
+        writer, notes = with_optimizer_state(weights, target, reader)
+        assert writer is weights and notes[0].startswith("no optimizer state carried: ")

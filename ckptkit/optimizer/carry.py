@@ -6,11 +6,11 @@ finishes and checks through one :class:`ckptkit.layouts.base.CheckpointWriter`.
 writer does, then in :meth:`~WithOptimizerState.finish` (once every rank file exists)
 reads the source's optimizer state through the open source reader and writes it for
 the target (:func:`.write_optimizer_state`); its check re-opens every ``distrib_optim.pt``
-against the layout Megatron will expect. ``reshard`` would use it as::
+against the layout Megatron will expect. :func:`with_optimizer_state` decides whether a
+conversion carries the state and says why not; ``reshard`` would use it as::
 
     weights = MEGATRON_WRITERS[target_format](target, keep_source_args=True)
-    writer = WithOptimizerState(weights, OptimizerTarget.from_layout(target, dp=dp, distributed=distributed,
-                                                                     args=reader.meta.args))
+    writer, notes = with_optimizer_state(weights, target, reader, dp=dp, distributed=distributed)
 """
 from __future__ import annotations
 
@@ -94,3 +94,32 @@ class WithOptimizerState(CheckpointWriter):
 
 def _optimizer_files(target: OptimizerTarget) -> list[str]:
     return [path for path in output_files(target) if path.endswith(FILE_NAME)]
+
+
+def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointReader, *, dp: int | None = None,
+                         distributed: bool | None = None) -> tuple[CheckpointWriter, list[str]]:
+    """``weights`` (the weight writer of a conversion to ``layout``, a ``TargetLayout``) made to
+    carry ``reader``'s optimizer state, and notes on what was not carried.
+
+    ``dp`` and ``distributed`` default to the source's (its args' DP size, its optimizer
+    kind). The state is left out, with a note, where the source has none, where the target
+    is torch_dist, or at a release target (Megatron loads no optimizer from one).
+    """
+    from ..layouts.torch_dist_writer import TorchDistWriter
+    from . import read_optimizer_state
+
+    absent = optimizer_state_absence(reader)
+    if absent is not None:
+        return weights, [f"no optimizer state carried: {absent}"]
+    if isinstance(weights, TorchDistWriter):
+        return weights, ["optimizer state dropped: torch_dist output does not carry it yet (write --format torch)"]
+    if layout.release or layout.iteration is None:
+        return weights, ["optimizer state dropped: Megatron loads none from a release checkpoint"]
+    with read_optimizer_state(reader) as state:
+        source = state.info
+    dp = dp or int(getattr(reader.meta.args, "data_parallel_size", None) or source.source.get("dp") or 1)
+    if distributed is None:
+        distributed = source.kind == "distributed"
+    target = OptimizerTarget.from_layout(layout, dp=dp, distributed=distributed, args=reader.meta.args)
+    return WithOptimizerState(weights, target), []
+
