@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import Unsupported
 from ..layouts import megatron_legacy, open_checkpoint
 from ..megatron_args import megatron_args
 from ..spec import ModelSpec
@@ -95,10 +96,26 @@ def _barrier():
         dist.barrier()
 
 
+def check_can_save(spec: ModelSpec, config) -> None:
+    """Refuse, before training, a run whose checkpoint ckptkit could not write or read back.
+
+    Mixture-of-experts checkpoints need the Megatron layouts' expert parallelism: a
+    folder per expert-parallel rank (``mp_rank_TT[_PPP]_EEE``) holding that rank's
+    experts under local indices, and a reader that maps them back to global experts.
+    The layouts do not have it yet, so such a run could not be resumed, converted or
+    checked with ``verify --logits``.
+    """
+    if spec.num_experts:
+        raise Unsupported(f"saving a mixture-of-experts run ({spec.num_experts} experts, EP={config.ep}) is not "
+                          "supported yet: the Megatron checkpoint layouts do not write or read experts per "
+                          "expert-parallel rank; train it without --save for now")
+
+
 def save_checkpoint(root, iteration: int, *, trainer) -> Path:
     """Write iteration ``iteration`` of a run (collective: every rank calls it)."""
     root = Path(root)
     config, groups, spec = trainer.config, trainer.groups, trainer.spec
+    check_can_save(spec, config)
     optimizer_state = trainer.optimizer.state_dict()  # gathered over DP: every DP rank takes part
     if groups.dp_rank == 0:
         batch = config.batch_size

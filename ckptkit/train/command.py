@@ -35,6 +35,9 @@ Examples:
 @click.option("--tp", default=1, show_default=True, help="Tensor-parallel size.")
 @click.option("--pp", default=1, show_default=True, help="Pipeline-parallel size.")
 @click.option("--dp", default=1, show_default=True, help="Data-parallel size.")
+@click.option("--ep", default=1, show_default=True,
+              help="Expert-parallel size (mixture-of-experts models): experts split over groups of EP "
+                   "data-parallel ranks; must divide --dp and the number of experts.")
 @click.option("--steps", default=10, show_default=True, help="Total iterations (with --load, counting the loaded ones).")
 @click.option("--micro-batch-size", default=2, show_default=True)
 @click.option("--global-batch-size", type=int, help="Sequences per step [default: micro-batch-size x dp].")
@@ -62,7 +65,7 @@ Examples:
 @click.option("--log-json", type=click.Path(dir_okay=False), help="Write one JSON line per step.")
 @click.option("--log-interval", default=1, show_default=True, help="Print a line every N steps (0: quiet).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def train(preset, config_file, tp, pp, dp, steps, micro_batch_size, global_batch_size, seq_length, data, tokenizer,
+def train(preset, config_file, tp, pp, dp, ep, steps, micro_batch_size, global_batch_size, seq_length, data, tokenizer,
           seed, lr, min_lr, warmup_steps, clip_grad, weight_decay, sequence_parallel, distributed_optimizer,
           recompute, dtype, fused_kernels, save, save_interval, load, log_json, log_interval, as_json):
     """Train a Megatron-style GPT with tensor, pipeline and data parallelism.
@@ -75,7 +78,7 @@ def train(preset, config_file, tp, pp, dp, steps, micro_batch_size, global_batch
 
     try:
         config = TrainConfig(
-            model=None if load else model_spec(preset, config_file), tp=tp, pp=pp, dp=dp, steps=steps,
+            model=None if load else model_spec(preset, config_file), tp=tp, pp=pp, dp=dp, ep=ep, steps=steps,
             micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, seq_length=seq_length,
             seed=seed, data=data, tokenizer=tokenizer, save=save, save_interval=save_interval, load=load,
             log_json=log_json, distributed_optimizer=distributed_optimizer, sequence_parallel=sequence_parallel,

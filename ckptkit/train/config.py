@@ -55,6 +55,7 @@ class TrainConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    ep: int = 1  # expert-parallel size (MoE models): EP divides DP and the number of experts
     steps: int = 10  # total iterations; a loaded checkpoint's iteration counts towards them
     micro_batch_size: int = 2
     global_batch_size: int | None = None  # default: micro_batch_size x dp
@@ -86,19 +87,27 @@ class TrainConfig:
     def num_microbatches(self) -> int:
         return self.batch_size // (self.micro_batch_size * self.dp)
 
-    def check(self, spec: ModelSpec) -> None:
-        """Refuse sizes that do not fit together, naming the numbers."""
-        for name in ("tp", "pp", "dp", "steps", "micro_batch_size", "seq_length"):
+    def check_layout(self) -> None:
+        """Refuse parallel sizes that do not fit together whatever the model."""
+        for name in ("tp", "pp", "dp", "ep", "steps", "micro_batch_size", "seq_length"):
             if getattr(self, name) < 1:
                 raise BadInput(f"{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.dp % self.ep:
+            # Megatron's expert grid with expert tensor parallelism = TP: EP x expert-DP = DP.
+            raise BadInput(f"EP={self.ep} must divide DP={self.dp}: expert-parallel ranks are data-parallel ranks")
+
+    def check(self, spec: ModelSpec) -> None:
+        """Refuse sizes that do not fit together, naming the numbers."""
+        self.check_layout()
         if self.batch_size % (self.micro_batch_size * self.dp):
             raise BadInput(f"global batch {self.batch_size} is not a multiple of micro-batch "
                            f"{self.micro_batch_size} x DP {self.dp}")
         if spec.num_query_groups % self.tp or spec.num_attention_heads % self.tp:
             raise BadInput(f"TP={self.tp} does not divide {spec.num_query_groups} query groups / "
                            f"{spec.num_attention_heads} heads (each rank holds whole query groups)")
-        if spec.ffn_hidden_size % self.tp:
+        if any(not spec.is_moe_layer(layer) for layer in range(spec.num_layers)) and spec.ffn_hidden_size % self.tp:
             raise BadInput(f"TP={self.tp} does not divide ffn size {spec.ffn_hidden_size}")
+        self._check_experts(spec)
         if spec.num_layers % self.pp:
             raise BadInput(f"PP={self.pp} does not divide {spec.num_layers} layers")
         if self.sequence_parallel and self.seq_length % self.tp:
@@ -112,3 +121,17 @@ class TrainConfig:
             raise BadInput(f"sliding window must be at least 1 token (got {spec.sliding_window})")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise BadInput(f"dtype {self.dtype!r}: choose auto, float32 or bfloat16")
+
+    def _check_experts(self, spec: ModelSpec) -> None:
+        if not spec.num_experts:
+            if self.ep > 1:
+                raise BadInput(f"EP={self.ep} needs a mixture-of-experts model; this {spec.family} model has no experts")
+            return
+        if spec.num_experts % self.ep:
+            raise BadInput(f"EP={self.ep} does not divide {spec.num_experts} experts")
+        if not 1 <= spec.moe_router_topk <= spec.num_experts:
+            raise BadInput(f"router top-k {spec.moe_router_topk} must be between 1 and {spec.num_experts} experts")
+        for size, what in ((spec.moe_ffn_hidden_size, "expert ffn size"),
+                           (spec.moe_shared_expert_size, "shared expert ffn size")):
+            if size % self.tp:
+                raise BadInput(f"TP={self.tp} does not divide {what} {size} (experts are cut over TP)")

@@ -22,27 +22,32 @@ from .parallel.pipeline import forward_only
 from .trainer import build_model
 
 
-def megatron_logits(checkpoint_path, tokens: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+def megatron_logits(checkpoint_path, tokens: torch.Tensor, *, dtype: torch.dtype | None = None,
+                    ep: int | None = None) -> torch.Tensor:
     """Full-vocabulary logits ``[batch, seq, padded_vocab]`` (float32) for ``tokens [batch, seq]``.
 
     Computed in the checkpoint's dtype unless ``dtype`` says otherwise, at its TP and
-    PP (virtual pipeline stages run as that many real stages: the same layer blocks),
-    with causal attention over positions ``0..seq-1``. TP1 PP1 runs in this process,
-    larger layouts on ``TP x PP`` spawned CPU processes.
+    PP (virtual pipeline stages run as that many real stages: the same layer blocks)
+    and, for a mixture of experts, its expert-parallel size (``ep`` overrides it): EP
+    data-parallel replicas each run the same tokens, with the experts split between
+    them. Causal attention over positions ``0..seq-1``. A single rank runs in this
+    process, larger layouts on ``TP x PP x EP`` spawned CPU processes.
     """
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
     with open_checkpoint(checkpoint_path) as reader:
         tp, pp = reader.meta.tp, reader.meta.pp * reader.meta.vpp
-    if tp * pp == 1:
-        return _logits_on_this_rank(str(checkpoint_path), tokens, 1, 1, dtype)
-    results = launch(_logits_on_this_rank, tp * pp, str(checkpoint_path), tokens, tp, pp, dtype, backend="gloo")
+        ep = ep or reader.meta.ep
+    if tp * pp * ep == 1:
+        return _logits_on_this_rank(str(checkpoint_path), tokens, 1, 1, 1, dtype)
+    results = launch(_logits_on_this_rank, tp * pp * ep, str(checkpoint_path), tokens, tp, pp, ep, dtype,
+                     backend="gloo")
     return next(result for result in results if result is not None)
 
 
-def _logits_on_this_rank(path: str, tokens: torch.Tensor, tp: int, pp: int, dtype) -> torch.Tensor | None:
-    groups = build_groups(Layout(tp, pp, 1))
+def _logits_on_this_rank(path: str, tokens: torch.Tensor, tp: int, pp: int, ep: int, dtype) -> torch.Tensor | None:
+    groups = build_groups(Layout(tp, pp, dp=ep, ep=ep))
     device = torch.device("cpu")
     with open_checkpoint(path) as reader:
         spec = reader.spec
@@ -60,4 +65,4 @@ def _logits_on_this_rank(path: str, tokens: torch.Tensor, tp: int, pp: int, dtyp
         pieces = [torch.empty_like(logits) for _ in range(tp)]
         dist.all_gather(pieces, logits.contiguous(), group=groups.tp_group)
         logits = torch.cat(pieces, dim=-1)
-    return logits.float() if groups.tp_rank == 0 else None
+    return logits.float() if groups.tp_rank == 0 and groups.dp_rank == 0 else None

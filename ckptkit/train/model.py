@@ -22,6 +22,10 @@ frequency rescaling (``spec.rope_scaling``), a sliding attention window
 (``spec.qk_layernorm``, Megatron's ``q_layernorm``/``k_layernorm``) and a head size
 other than ``hidden / heads`` (``spec.head_dim``, Megatron's ``--kv-channels``).
 
+With ``spec.num_experts`` the MLP of the layers ``spec.is_moe_layer`` names is a
+mixture of experts (:class:`MoELayer`: Mixtral, Qwen2-MoE, Qwen3-MoE), as Megatron-Core's
+``MoELayer`` computes it with the softmax ``TopKRouter`` and no token dropping.
+
 Blocks are pre-norm: ``x + attention(norm(x))`` then ``x + mlp(norm(x))``. Logits
 cover the padded vocabulary (Megatron pads the embedding rows to a multiple of
 ``make_vocab_size_divisible_by x TP``). No dropout: Megatron's defaults would add it
@@ -153,34 +157,142 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """``fc2(act(fc1(x)))``; SwiGLU's ``fc1`` rows are ``[gate; up]`` and it computes ``silu(gate) * up``."""
+    """``fc2(act(fc1(x)))``; SwiGLU's ``fc1`` rows are ``[gate; up]`` and it computes ``silu(gate) * up``.
 
-    def __init__(self, spec: ModelSpec, fused: bool = False):
+    ``ffn_hidden_size`` and ``bias`` default to the dense MLP's; an expert passes its own
+    (``moe_ffn_hidden_size``, no bias). ``scale`` (one value per token, an expert's
+    routing probability) multiplies the activations before ``fc2``, where Megatron's
+    ``MLP.forward(per_token_scale=...)`` applies it.
+    """
+
+    def __init__(self, spec: ModelSpec, fused: bool = False, ffn_hidden_size: int | None = None,
+                 bias: bool | None = None):
         super().__init__()
+        ffn = ffn_hidden_size or spec.ffn_hidden_size
+        bias = spec.add_bias_linear if bias is None else bias
         self.gated = spec.gated
         self.approximate = "tanh" if spec.activation == "gelu_tanh" else "none"
         self.fused = fused
-        fc1_rows = 2 * spec.ffn_hidden_size if self.gated else spec.ffn_hidden_size
-        self.linear_fc1 = Linear(spec.hidden_size, fc1_rows, bias=spec.add_bias_linear)
-        self.linear_fc2 = Linear(spec.ffn_hidden_size, spec.hidden_size, bias=spec.add_bias_linear)
+        self.linear_fc1 = Linear(spec.hidden_size, 2 * ffn if self.gated else ffn, bias=bias)
+        self.linear_fc2 = Linear(ffn, spec.hidden_size, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x, scale: torch.Tensor | None = None):
         if self.gated:
             gate, up = self.linear_fc1(x).chunk(2, dim=-1)
             hidden = F.silu(gate) * up
         else:
             hidden = self.linear_fc1(x, add_bias=False)
             hidden = kernels.bias_gelu(hidden, self.linear_fc1.bias, self.approximate, fused=self.fused)
+        if scale is not None:
+            hidden = (hidden * scale.unsqueeze(-1)).to(hidden.dtype)
         return self.linear_fc2(hidden)
 
 
-class TransformerLayer(nn.Module):
+class Router(nn.Module):
+    """Megatron-Core's ``TopKRouter`` with the softmax score function: ``[..., hidden]`` ->
+    probabilities and expert indices ``[..., topk]``.
+
+    Logits ``x @ weight^T`` are computed in float32 (``--moe-router-dtype fp32``; the
+    same as Megatron's default in a float32 run). By default the top k logits are
+    chosen and a softmax is taken over those k (Mixtral; Qwen3-MoE's
+    ``norm_topk_prob``); with ``moe_router_pre_softmax`` the softmax runs over every
+    expert and the top k probabilities are kept as they are (Qwen2-MoE). Both follow
+    ``topk_routing_with_score_function`` in ``megatron/core/transformer/moe/moe_utils.py``.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.topk = spec.moe_router_topk
+        self.pre_softmax = spec.moe_router_pre_softmax
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, spec.hidden_size))
+
+    def forward(self, x):
+        logits = F.linear(x.float(), self.weight.float())
+        if self.pre_softmax:
+            probs, experts = torch.topk(torch.softmax(logits, dim=-1), self.topk, dim=-1)
+        else:
+            top_logits, experts = torch.topk(logits, self.topk, dim=-1)
+            probs = torch.softmax(top_logits, dim=-1)
+        return probs, experts
+
+
+class Experts(nn.Module):
+    """The experts this process holds: ``local_experts.{i}`` is global expert ``first_expert + i``
+    (Megatron's ``SequentialMLP``).
+
+    ``forward(x, probs, experts)`` gives, for every token, the sum over its chosen
+    experts held here of ``prob x expert(token)``, accumulated in float32 in expert
+    order. The plain model holds every expert (``first_expert`` 0); expert parallelism
+    (:mod:`ckptkit.train.parallel.experts`) gives each rank a contiguous block of them.
+    """
+
+    def __init__(self, spec: ModelSpec, fused: bool = False, num_local_experts: int | None = None,
+                 first_expert: int = 0, ffn_hidden_size: int | None = None):
+        super().__init__()
+        self.first_expert = first_expert
+        count = spec.num_experts if num_local_experts is None else num_local_experts
+        ffn = ffn_hidden_size or spec.moe_ffn_hidden_size
+        self.local_experts = nn.ModuleList(MLP(spec, fused, ffn, bias=False) for _ in range(count))
+
+    def forward(self, x, probs, experts):
+        return self.compute(x, probs, experts).to(x.dtype)
+
+    def compute(self, x, probs, experts):
+        """``[..., hidden]`` float32 contributions of the local experts (before any reduction)."""
+        tokens = x.reshape(-1, x.shape[-1])
+        probs, experts = probs.reshape(tokens.shape[0], -1), experts.reshape(tokens.shape[0], -1)
+        out = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
+        for index, expert in enumerate(self.local_experts):
+            rows, slots = torch.nonzero(experts == self.first_expert + index, as_tuple=True)
+            if rows.numel():
+                out = out.index_add(0, rows, expert(tokens[rows], probs[rows, slots]).float())
+        return out.view(*x.shape[:-1], -1)
+
+
+class SharedExpert(MLP):
+    """The shared expert (Megatron's ``SharedExpertMLP``): an MLP every token goes through,
+    scaled by ``sigmoid(x @ gate_weight^T)`` when ``moe_shared_expert_gate`` (Qwen2-MoE)."""
+
     def __init__(self, spec: ModelSpec, fused: bool = False):
+        super().__init__(spec, fused, spec.moe_shared_expert_size, bias=False)
+        self.gate_weight = nn.Parameter(torch.empty(1, spec.hidden_size)) if spec.moe_shared_expert_gate else None
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.gate_weight is not None:
+            out = out * torch.sigmoid(F.linear(x, self.gate_weight))
+        return out
+
+
+class MoELayer(nn.Module):
+    """``router`` -> the chosen experts' weighted sum (+ ``shared_experts``), Megatron's ``MoELayer``.
+
+    Every token goes to its top-k experts; none is dropped (Megatron's dropless default,
+    no capacity factor). The auxiliary load-balancing loss is not added: Megatron's
+    default ``moe_aux_loss_coeff`` is 0.
+    """
+
+    def __init__(self, spec: ModelSpec, fused: bool = False):
+        super().__init__()
+        self.router = Router(spec)
+        self.experts = Experts(spec, fused)
+        self.shared_experts = SharedExpert(spec, fused) if spec.moe_shared_expert_size else None
+
+    def forward(self, x):
+        probs, experts = self.router(x)
+        out = self.experts(x, probs, experts)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, fused: bool = False, layer: int = 0):
         super().__init__()
         self.input_layernorm = Norm(spec, fused)
         self.self_attention = SelfAttention(spec, fused)
         self.pre_mlp_layernorm = Norm(spec, fused)
-        self.mlp = MLP(spec, fused)
+        self.mlp = MoELayer(spec, fused) if spec.is_moe_layer(layer) else MLP(spec, fused)
 
     def forward(self, x):
         x = x + self.self_attention(self.input_layernorm(x))
@@ -190,7 +302,7 @@ class TransformerLayer(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, spec: ModelSpec, fused: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(spec, fused) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(spec, fused, layer) for layer in range(spec.num_layers))
         self.final_layernorm = Norm(spec, fused)
 
     def forward(self, x):

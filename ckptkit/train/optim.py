@@ -8,10 +8,13 @@ Like Megatron's ``DistributedDataParallel`` + ``DistributedOptimizer``:
 * after the last micro-batch the gradients are summed where a parameter lives on
   several ranks: over TP for the norms under sequence parallelism and for the query
   and key norms (each TP rank normalises only its own heads), between the first and
-  last stage for tied embeddings, and over DP for everything;
+  last stage for tied embeddings, and over DP for everything but the routed experts,
+  which are summed over the expert-data-parallel group (the ranks holding the same
+  experts) in a flat buffer of their own;
 * the Adam state and the float32 master weights are kept for a contiguous slice of
-  the flat buffer: slice ``d`` of ``DP`` with the distributed optimizer (gradients are
-  reduce-scattered, updated weights all-gathered), the whole buffer without it.
+  each flat buffer: slice ``d`` of ``DP`` (of expert-DP for the experts) with the
+  distributed optimizer (gradients are reduce-scattered, updated weights
+  all-gathered), the whole buffer without it.
 
 Adam is element-wise, so the update of each weight is the same whatever the slicing:
 runs of different layouts stay equal to float32 rounding.
@@ -26,8 +29,8 @@ import torch.distributed as dist
 
 from ..spec import ModelSpec
 from .model import GPT
-from .parallel.groups import ParallelGroups, group_size
-from .weights import canonical_name, canonical_table
+from .parallel.groups import ParallelGroups, group_rank, group_size
+from .weights import canonical_name, canonical_table, is_expert_parameter
 
 # torch 2.13 renamed the flat-tensor collectives; older versions only have the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -63,17 +66,79 @@ def learning_rate(step: int, config: AdamConfig, total_steps: int) -> float:
     return config.min_lr + 0.5 * (math.cos(math.pi * progress) + 1.0) * (config.lr - config.min_lr)
 
 
-class _Slices:
-    """Offsets of each parameter in the flat buffers."""
+class _FlatBuffer:
+    """The parameters one group of replicas holds alike, as views into flat buffers, and the
+    Adam state of this rank's slice of them.
 
-    def __init__(self, named_parameters, dp: int):
-        self.entries = []
+    ``group`` is the ranks holding the same values (DP for most parameters, expert-DP
+    for routed experts): gradients are summed over it, and when ``distributed`` each
+    rank keeps slice ``rank`` of ``size`` of the state.
+    """
+
+    def __init__(self, named_parameters, group, distributed: bool, device, dtype):
+        self.group = group
+        size, rank = group_size(group), group_rank(group)
+        self.distributed = distributed and size > 1
+        self.replica_rank = rank
+        self.entries = []  # (name, parameter, offset, numel)
         offset = 0
         for name, parameter in named_parameters:
             self.entries.append((name, parameter, offset, parameter.numel()))
             offset += parameter.numel()
-        self.numel = offset
-        self.padded = math.ceil(max(offset, 1) / dp) * dp  # room for DP equal slices
+        padded = math.ceil(max(offset, 1) / size) * size  # room for equal slices
+        self.param_flat = torch.zeros(padded, dtype=dtype, device=device)
+        self.grad_flat = torch.zeros(padded, dtype=torch.float32, device=device)
+        self.counted_ranges = []  # (offset, numel) counted once in the gradient norm
+        decays = torch.zeros(padded, dtype=torch.bool, device=device)
+        for name, parameter, offset, numel in self.entries:
+            self.param_flat[offset: offset + numel].copy_(parameter.detach().reshape(-1))
+            parameter.data = self.param_flat[offset: offset + numel].view_as(parameter)
+            parameter.main_grad = self.grad_flat[offset: offset + numel].view_as(parameter)
+            parameter.register_post_accumulate_grad_hook(_accumulate_main_grad)
+            # Megatron's default: no weight decay on biases and norm weights (1-D tensors).
+            decays[offset: offset + numel] = parameter.dim() > 1
+        shard_size = padded // size if self.distributed else padded
+        start = rank * shard_size if self.distributed else 0
+        self.shard = slice(start, start + shard_size)
+        self.decay = decays[self.shard]
+        self.master = self.param_flat[self.shard].to(torch.float32, copy=True)
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+
+    def count(self, offset: int, numel: int) -> None:
+        if self.counted_ranges and sum(self.counted_ranges[-1]) == offset:  # one range per contiguous run
+            self.counted_ranges[-1] = (self.counted_ranges[-1][0], self.counted_ranges[-1][1] + numel)
+        else:
+            self.counted_ranges.append((offset, numel))
+
+    def reduce(self):
+        if self.group is None:
+            return
+        if self.distributed:
+            shard = self.grad_flat[self.shard].clone()
+            _reduce_scatter_flat(shard, self.grad_flat, group=self.group)
+            self.grad_flat[self.shard] = shard
+        else:
+            dist.all_reduce(self.grad_flat, group=self.group)
+
+    def squared_norm(self) -> torch.Tensor:
+        """Sum of squares of the counted gradients this rank answers for: its slice when
+        distributed, else everything on replica 0 and nothing on the other replicas."""
+        total = torch.zeros((), dtype=torch.float32, device=self.grad_flat.device)
+        if not self.distributed and self.replica_rank != 0:
+            return total
+        for offset, numel in self.counted_ranges:
+            low, high = max(offset, self.shard.start), min(offset + numel, self.shard.stop)
+            if low < high:
+                total += self.grad_flat[low:high].pow(2).sum()
+        return total
+
+    def gathered(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return tensor
+        full = torch.empty(self.param_flat.numel(), dtype=tensor.dtype, device=tensor.device)
+        _all_gather_flat(full, tensor.contiguous(), group=self.group)
+        return full
 
 
 class DistributedAdam:
@@ -81,60 +146,48 @@ class DistributedAdam:
 
     ``distributed=False`` keeps the whole state on every DP rank (gradients all-reduced);
     ``distributed=True`` keeps ``1/DP`` of it (Megatron's ``--use-distributed-optimizer``).
+    Routed experts live in a buffer of their own, reduced (and sharded) over the
+    expert-data-parallel group instead, as Megatron's ``expert_parallel_buffers``.
     """
 
     def __init__(self, model: GPT, groups: ParallelGroups, config: AdamConfig, *, distributed: bool = False,
                  sequence_parallel: bool = False):
         self.model, self.groups, self.config = model, groups, config
-        self.distributed = distributed and group_size(groups.dp_group) > 1
         spec: ModelSpec = model.spec
-        dp = group_size(groups.dp_group)
         first = next(model.parameters())
-        self.slices = _Slices(model.named_parameters(), dp)
-        self.param_flat = torch.zeros(self.slices.padded, dtype=first.dtype, device=first.device)
-        self.grad_flat = torch.zeros(self.slices.padded, dtype=torch.float32, device=first.device)
-        decays = torch.zeros(self.slices.padded, dtype=torch.bool, device=first.device)
+        named = list(model.named_parameters())
+        dense = [(name, parameter) for name, parameter in named if not is_expert_parameter(name)]
+        experts = [(name, parameter) for name, parameter in named if is_expert_parameter(name)]
+        self.buffers = [_FlatBuffer(dense, groups.dp_group, distributed, first.device, first.dtype)]
+        if experts:
+            self.buffers.append(_FlatBuffer(experts, groups.expert_dp_group, distributed, first.device, first.dtype))
         table = canonical_table(spec)
-        self.counted_ranges = []  # (offset, numel) counted once in the gradient norm
         self.tp_summed_params, self.embedding_params = [], []
         tp_rank, pp_stage, pp = groups.tp_rank, groups.pp_stage, groups.layout.pp
-        for name, parameter, offset, numel in self.slices.entries:
-            self.param_flat[offset: offset + numel].copy_(parameter.detach().reshape(-1))
-            parameter.data = self.param_flat[offset: offset + numel].view_as(parameter)
-            parameter.main_grad = self.grad_flat[offset: offset + numel].view_as(parameter)
-            parameter.register_post_accumulate_grad_hook(_accumulate_main_grad)
-            # Megatron's default: no weight decay on biases and norm weights (1-D tensors).
-            decays[offset: offset + numel] = parameter.dim() > 1
-            rule = table[canonical_name(spec, name, pp_stage, pp)].rule
-            tied_copy = name == "output_layer.weight" and spec.tied_embeddings and pp > 1
-            if (rule != "replicated" or tp_rank == 0) and not tied_copy:
-                if self.counted_ranges and sum(self.counted_ranges[-1]) == offset:  # one range per contiguous run
-                    self.counted_ranges[-1] = (self.counted_ranges[-1][0], self.counted_ranges[-1][1] + numel)
-                else:
-                    self.counted_ranges.append((offset, numel))
-            # Replicated weights whose TP ranks see different data: under sequence parallelism every
-            # norm and bias inside the layers (a slice of the sequence each); the query and key norms
-            # always (a slice of the heads each). Megatron's _allreduce_layernorm_grads sums the same
-            # ones, when config.sequence_parallel or config.qk_layernorm.
-            per_head_norm = name.split(".")[-2] in ("q_layernorm", "k_layernorm")
-            if rule == "replicated" and name.startswith("decoder.") and (sequence_parallel or per_head_norm):
-                self.tp_summed_params.append(parameter)
-            if spec.tied_embeddings and pp > 1 and name in ("embedding.word_embeddings.weight",
-                                                          "output_layer.weight"):
-                self.embedding_params.append(parameter)
-        shard_size = self.slices.padded // dp if self.distributed else self.slices.padded
-        start = groups.dp_rank * shard_size if self.distributed else 0
-        self.shard = slice(start, start + shard_size)
-        self.decay = decays[self.shard]
-        self.master = self.param_flat[self.shard].to(torch.float32, copy=True)
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        for buffer in self.buffers:
+            for name, parameter, offset, numel in buffer.entries:
+                rule = table[canonical_name(spec, name, pp_stage, pp, groups.ep_rank, groups.layout.ep)].rule
+                tied_copy = name == "output_layer.weight" and spec.tied_embeddings and pp > 1
+                if (rule != "replicated" or tp_rank == 0) and not tied_copy:
+                    buffer.count(offset, numel)
+                # Replicated weights whose TP ranks see different data: under sequence parallelism every
+                # norm and bias inside the layers (a slice of the sequence each), and a MoE layer's router
+                # and shared-expert gate; the query and key norms always (a slice of the heads each).
+                # Megatron's _allreduce_layernorm_grads / _allreduce_non_tensor_model_parallel_grads sum
+                # the same ones, when config.sequence_parallel or config.qk_layernorm.
+                per_head_norm = name.split(".")[-2] in ("q_layernorm", "k_layernorm")
+                if rule == "replicated" and name.startswith("decoder.") and (sequence_parallel or per_head_norm):
+                    self.tp_summed_params.append(parameter)
+                if spec.tied_embeddings and pp > 1 and name in ("embedding.word_embeddings.weight",
+                                                              "output_layer.weight"):
+                    self.embedding_params.append(parameter)
         self.step_count = 0
 
     # -- gradients ------------------------------------------------------------------
 
     def zero_grad(self):
-        self.grad_flat.zero_()
+        for buffer in self.buffers:
+            buffer.grad_flat.zero_()
 
     def reduce_gradients(self):
         """Sum gradients over every rank holding the same weights (after the last micro-batch)."""
@@ -145,27 +198,16 @@ class DistributedAdam:
         if groups.embedding_group is not None:
             for parameter in self.embedding_params:
                 dist.all_reduce(parameter.main_grad, group=groups.embedding_group)
-        if groups.dp_group is None:
-            return
-        if self.distributed:
-            shard = self.grad_flat[self.shard].clone()
-            _reduce_scatter_flat(shard, self.grad_flat, group=groups.dp_group)
-            self.grad_flat[self.shard] = shard
-        else:
-            dist.all_reduce(self.grad_flat, group=groups.dp_group)
+        for buffer in self.buffers:
+            buffer.reduce()
 
     def gradient_norm(self) -> torch.Tensor:
         """L2 norm of the whole model's gradient, each weight counted once (a 0-d tensor)."""
-        total = torch.zeros((), dtype=torch.float32, device=self.grad_flat.device)
-        for offset, numel in self.counted_ranges:
-            low, high = max(offset, self.shard.start), min(offset + numel, self.shard.stop)
-            if low < high:
-                total += self.grad_flat[low:high].pow(2).sum()
-        # Distributed: each DP rank holds a different slice, so sum over everyone;
-        # otherwise the DP replicas hold the same gradients: sum over one model (TP x PP).
-        group = self.groups.world_group if self.distributed else self.groups.model_group
-        if group is not None:
-            dist.all_reduce(total, group=group)
+        total = sum(buffer.squared_norm() for buffer in self.buffers)
+        # Each weight is counted on one rank of the world (one TP rank for replicated ones,
+        # one replica or one slice over DP / expert-DP), so the sum over everyone is the norm.
+        if self.groups.world_group is not None:
+            dist.all_reduce(total, group=self.groups.world_group)
         return total.sqrt()
 
     # -- update ---------------------------------------------------------------------
@@ -180,32 +222,27 @@ class DistributedAdam:
         self.reduce_gradients()
         grad_norm = self.gradient_norm()
         config = self.config
-        grad = self.grad_flat[self.shard]
-        if config.clip_grad > 0:
-            grad = grad * (config.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
         self.step_count += 1
-        self.master.sub_(self.master * self.decay * (lr * config.weight_decay))
-        self.exp_avg.lerp_(grad, 1 - config.beta1)
-        self.exp_avg_sq.mul_(config.beta2).addcmul_(grad, grad, value=1 - config.beta2)
         bias_correction1 = 1 - config.beta1 ** self.step_count
         bias_correction2 = 1 - config.beta2 ** self.step_count
-        denominator = (self.exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(config.eps)
-        self.master.addcdiv_(self.exp_avg, denominator, value=-lr / bias_correction1)
-        self.param_flat[self.shard] = self.master.to(self.param_flat.dtype)
-        if self.distributed:
-            mine = self.param_flat[self.shard].clone()
-            _all_gather_flat(self.param_flat, mine, group=self.groups.dp_group)
+        for buffer in self.buffers:
+            grad = buffer.grad_flat[buffer.shard]
+            if config.clip_grad > 0:
+                grad = grad * (config.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
+            master = buffer.master
+            master.sub_(master * buffer.decay * (lr * config.weight_decay))
+            buffer.exp_avg.lerp_(grad, 1 - config.beta1)
+            buffer.exp_avg_sq.mul_(config.beta2).addcmul_(grad, grad, value=1 - config.beta2)
+            denominator = (buffer.exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(config.eps)
+            master.addcdiv_(buffer.exp_avg, denominator, value=-lr / bias_correction1)
+            buffer.param_flat[buffer.shard] = master.to(buffer.param_flat.dtype)
+            if buffer.distributed:
+                mine = buffer.param_flat[buffer.shard].clone()
+                _all_gather_flat(buffer.param_flat, mine, group=buffer.group)
         self.zero_grad()
         return grad_norm
 
     # -- checkpoint -----------------------------------------------------------------
-
-    def _gathered(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.distributed:
-            return tensor
-        full = torch.empty(self.slices.padded, dtype=tensor.dtype, device=tensor.device)
-        _all_gather_flat(full, tensor.contiguous(), group=self.groups.dp_group)
-        return full
 
     def state_dict(self) -> dict:
         """Per-parameter state of this model-parallel rank, gathered over DP (collective over DP).
@@ -213,31 +250,33 @@ class DistributedAdam:
         ``{"step": n, "params": {local name: {"master", "exp_avg", "exp_avg_sq"}}}``:
         independent of the DP size and of the slicing.
         """
-        full = {key: self._gathered(value).cpu() for key, value in
-                (("master", self.master), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq))}
         params = {}
-        for name, parameter, offset, numel in self.slices.entries:
-            params[name] = {key: value[offset: offset + numel].view(parameter.shape).clone()
-                            for key, value in full.items()}
+        for buffer in self.buffers:
+            full = {key: buffer.gathered(value).cpu() for key, value in
+                    (("master", buffer.master), ("exp_avg", buffer.exp_avg), ("exp_avg_sq", buffer.exp_avg_sq))}
+            for name, parameter, offset, numel in buffer.entries:
+                params[name] = {key: value[offset: offset + numel].view(parameter.shape).clone()
+                                for key, value in full.items()}
         return {"step": self.step_count, "params": params}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        full = {key: torch.zeros(self.slices.padded, dtype=torch.float32) for key in ("master", "exp_avg",
-                                                                                      "exp_avg_sq")}
-        for name, parameter, offset, numel in self.slices.entries:
-            if name not in state["params"]:
-                raise KeyError(f"optimizer state has no entry for {name}")
-            for key, value in full.items():
-                saved = state["params"][name][key]
-                if tuple(saved.shape) != tuple(parameter.shape):
-                    raise ValueError(f"optimizer state {key} of {name} has shape {tuple(saved.shape)}; "
-                                     f"the parameter is {tuple(parameter.shape)}")
-                value[offset: offset + numel] = saved.reshape(-1)
-        device = self.master.device
-        self.master.copy_(full["master"][self.shard].to(device))
-        self.exp_avg.copy_(full["exp_avg"][self.shard].to(device))
-        self.exp_avg_sq.copy_(full["exp_avg_sq"][self.shard].to(device))
+        for buffer in self.buffers:
+            full = {key: torch.zeros(buffer.param_flat.numel(), dtype=torch.float32)
+                    for key in ("master", "exp_avg", "exp_avg_sq")}
+            for name, parameter, offset, numel in buffer.entries:
+                if name not in state["params"]:
+                    raise KeyError(f"optimizer state has no entry for {name}")
+                for key, value in full.items():
+                    saved = state["params"][name][key]
+                    if tuple(saved.shape) != tuple(parameter.shape):
+                        raise ValueError(f"optimizer state {key} of {name} has shape {tuple(saved.shape)}; "
+                                         f"the parameter is {tuple(parameter.shape)}")
+                    value[offset: offset + numel] = saved.reshape(-1)
+            device = buffer.master.device
+            buffer.master.copy_(full["master"][buffer.shard].to(device))
+            buffer.exp_avg.copy_(full["exp_avg"][buffer.shard].to(device))
+            buffer.exp_avg_sq.copy_(full["exp_avg_sq"][buffer.shard].to(device))
         self.step_count = int(state["step"])
 
 

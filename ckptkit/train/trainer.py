@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .. import kernels
 from ..spec import ModelSpec, padded_vocab_size
-from .checkpoint import open_resume, save_checkpoint, set_rng_state
+from .checkpoint import check_can_save, open_resume, save_checkpoint, set_rng_state
 from .config import MODEL_PRESETS, TrainConfig
 from .data import GlobalBatches, open_samples
 from .launch import current_device, init_from_environment, launch, launched_by_torchrun
@@ -75,13 +75,21 @@ def model_flops_per_token(spec: ModelSpec, seq_length: int, padded_vocab: int | 
 
     ``6 x (weights in matmuls) + 12 x layers x hidden x seq`` for the attention scores
     and their use (the "6N + attention" estimate of the PaLM paper, causal masking not
-    subtracted), with the output layer over the padded vocabulary.
+    subtracted), with the output layer over the padded vocabulary. A MoE layer counts the
+    weights one token meets: the router, its top-k experts and the shared expert.
     """
     hidden, heads, groups, head_dim = spec.hidden_size, spec.num_attention_heads, spec.num_query_groups, spec.head_dim
     qkv = hidden * (heads + 2 * groups) * head_dim
     projection = heads * head_dim * hidden
-    mlp = hidden * spec.ffn_hidden_size * (3 if spec.gated else 2)
-    matmul_weights = spec.num_layers * (qkv + projection + mlp) + hidden * (padded_vocab or spec.vocab_size)
+    matrices = 3 if spec.gated else 2
+    mlps = 0
+    for layer in range(spec.num_layers):
+        if spec.is_moe_layer(layer):  # the router, the k experts a token goes to, the shared expert and its gate
+            mlps += hidden * (spec.num_experts + spec.moe_router_topk * spec.moe_ffn_hidden_size * matrices
+                              + spec.moe_shared_expert_size * matrices + int(spec.moe_shared_expert_gate))
+        else:
+            mlps += hidden * spec.ffn_hidden_size * matrices
+    matmul_weights = spec.num_layers * (qkv + projection) + mlps + hidden * (padded_vocab or spec.vocab_size)
     attention = spec.num_layers * 2 * heads * head_dim * seq_length
     return 6.0 * matmul_weights + 6.0 * attention
 
@@ -93,7 +101,7 @@ def build_model(spec: ModelSpec, groups: ParallelGroups, padded_vocab: int, weig
         model = GPT(spec, padded_vocab, fused_kernels=fused_kernels)
     parallelize(model, groups, sequence_parallel=sequence_parallel, recompute=recompute)
     materialize(model, device, dtype)
-    load_weights(model, weights, groups.layout, groups.tp_rank, groups.pp_stage)
+    load_weights(model, weights, groups.layout, groups.tp_rank, groups.pp_stage, groups.ep_rank)
     return model
 
 
@@ -119,6 +127,8 @@ class Trainer:
         else:
             self.spec = config.model or MODEL_PRESETS["gpt2"]
         config.check(self.spec)
+        if config.save:
+            check_can_save(self.spec, config)
         self.padded_vocab_size = padded_vocab_size(self.spec.vocab_size, config.make_vocab_size_divisible_by,
                                                    config.tp)
         weights = resume.weights if resume else initial_weights(self.spec, config.seed)
@@ -231,12 +241,13 @@ class Trainer:
 
 def run_training(config: TrainConfig, device: torch.device | None = None) -> TrainResult:
     """One rank's share of ``train`` (torch.distributed already initialised, or a single rank)."""
-    groups = build_groups(Layout(config.tp, config.pp, config.dp))
+    groups = build_groups(Layout(config.tp, config.pp, config.dp, config.ep))
     return Trainer(config, groups, device or current_device()).run()
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Train as ``config`` says; returns rank 0's view (losses, grad norms, checkpoint path)."""
+    config.check_layout()  # before any process starts
     if launched_by_torchrun():
         return run_training(config, init_from_environment())
     if config.world_size == 1:

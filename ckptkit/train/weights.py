@@ -1,10 +1,10 @@
 """Weights of a (parallel) model <-> canonical tensors.
 
 A rank's parameters are named as Megatron names them in that rank's file (layer
-indices local to the pipeline stage); each one is a piece of one canonical tensor
-(:mod:`ckptkit.spec`: global layer indices, full shapes), cut by that tensor's
-partition rule. Going through the canonical namespace makes three things the same
-operation:
+indices local to the pipeline stage, expert indices local to the expert-parallel
+rank); each one is a piece of one canonical tensor (:mod:`ckptkit.spec`: global layer
+and expert indices, full shapes), cut by that tensor's partition rule. Going through
+the canonical namespace makes three things the same operation:
 
 * initialising a run: every canonical tensor is drawn from its own seeded generator,
   then split, so every layout starts from the same model;
@@ -27,14 +27,25 @@ from .parallel.pipeline import stage_layers
 from .parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 INIT_STD = 0.02  # Megatron's --init-method-std default
+EXPERTS = "mlp.experts.local_experts."
 
 
-def canonical_name(spec: ModelSpec, local_name: str, pp_stage: int, pp: int) -> str:
+def is_expert_parameter(local_name: str) -> bool:
+    """A routed expert's weight: held by one expert-parallel rank, replicated over expert-DP."""
+    return ".mlp.experts." in local_name
+
+
+def canonical_name(spec: ModelSpec, local_name: str, pp_stage: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
     """``decoder.layers.0.mlp.linear_fc1.weight`` on stage 1 of 6 layers / PP2 ->
-    ``decoder.layers.3.mlp.linear_fc1.weight``; a tied head copy -> the embeddings."""
+    ``decoder.layers.3.mlp.linear_fc1.weight``; a tied head copy -> the embeddings;
+    ``decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight`` on EP rank 1 of 2
+    with 8 experts -> ``...local_experts.5...`` (expert ``ep_rank x 8/2 + 1``)."""
     if local_name.startswith("decoder.layers."):
         _, _, index, rest = local_name.split(".", 3)
         first = stage_layers(spec.num_layers, pp, pp_stage).start
+        if rest.startswith(EXPERTS):
+            local_expert, tail = rest[len(EXPERTS):].split(".", 1)
+            rest = f"{EXPERTS}{ep_rank * (spec.num_experts // ep) + int(local_expert)}.{tail}"
         return f"decoder.layers.{first + int(index)}.{rest}"
     if local_name == "output_layer.weight" and spec.tied_embeddings:
         return "embedding.word_embeddings.weight"
@@ -81,13 +92,14 @@ def materialize(model: GPT, device, dtype: torch.dtype) -> GPT:
 
 @torch.no_grad()
 def load_weights(model: GPT, full_tensor: Callable[[str], torch.Tensor], layout: Layout, tp_rank: int,
-                 pp_stage: int) -> None:
-    """Fill every parameter with its piece of the canonical tensor ``full_tensor(name)``."""
+                 pp_stage: int, ep_rank: int = 0) -> None:
+    """Fill every parameter with its piece of the canonical tensor ``full_tensor(name)``
+    (experts: only the global experts of expert-parallel rank ``ep_rank``)."""
     spec = model.spec
     table = canonical_table(spec)
     cache: dict[str, torch.Tensor] = {}
     for local_name, parameter in model.named_parameters():
-        name = canonical_name(spec, local_name, pp_stage, layout.pp)
+        name = canonical_name(spec, local_name, pp_stage, layout.pp, ep_rank, layout.ep)
         if name not in table:
             raise KeyError(f"{local_name}: no canonical tensor {name} in the {spec.family} table")
         if name not in cache:
@@ -124,22 +136,25 @@ def megatron_state_dict(model: GPT) -> OrderedDict:
     return state
 
 
-def merge_ranks(spec: ModelSpec, layout: Layout, rank_tensors: Mapping[tuple[int, int], Mapping[str, torch.Tensor]],
+def merge_ranks(spec: ModelSpec, layout: Layout, rank_tensors: Mapping[tuple[int, ...], Mapping[str, torch.Tensor]],
                 padded_vocab_size: int) -> dict[str, torch.Tensor]:
-    """Canonical full tensors from per-rank local tensors ``{(tp_rank, pp_stage): {local name: tensor}}``.
+    """Canonical full tensors from per-rank local tensors ``{(tp_rank, pp_stage): {local name: tensor}}``,
+    or ``{(tp_rank, pp_stage, ep_rank): ...}`` with expert parallelism (every EP rank is
+    needed for the experts; the other tensors are the same on each).
 
     Used to compare runs of different layouts (weights or gradients). The tied head
     copy on the last stage is skipped: it must equal the embeddings.
     """
     table = canonical_table(spec)
     pieces: dict[str, dict[int, torch.Tensor]] = {}
-    for (tp_rank, pp_stage), tensors in rank_tensors.items():
+    for coordinates, tensors in rank_tensors.items():
+        tp_rank, pp_stage, ep_rank = (*coordinates, 0)[:3]
         for local_name, tensor in tensors.items():
             if tensor is None or local_name.endswith("_extra_state"):
                 continue
             if local_name == "output_layer.weight" and spec.tied_embeddings and layout.pp > 1:
                 continue
-            name = canonical_name(spec, local_name, pp_stage, layout.pp)
+            name = canonical_name(spec, local_name, pp_stage, layout.pp, ep_rank, layout.ep)
             pieces.setdefault(name, {})[tp_rank] = tensor
     merged = {}
     for name, by_rank in pieces.items():

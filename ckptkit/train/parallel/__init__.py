@@ -5,8 +5,9 @@
 >>> parallelize(model, groups, sequence_parallel=True, recompute=False)
 
 cuts the model to this rank's pipeline stage (:mod:`.pipeline`), swaps its linears
-for tensor-parallel ones (:mod:`.tensor`) and optionally wraps each layer in
-activation recomputation. Data parallelism lives in the optimizer
+for tensor-parallel ones (:mod:`.tensor`), gives each rank its block of every MoE
+layer's experts (:mod:`.experts`) and optionally wraps each layer in activation
+recomputation. Data parallelism lives in the optimizer
 (:class:`ckptkit.train.optim.DistributedAdam`).
 """
 from __future__ import annotations
@@ -16,12 +17,13 @@ import functools
 from torch.utils.checkpoint import checkpoint
 
 from ..model import GPT
+from .experts import apply_expert_parallel
 from .groups import Layout, ParallelGroups, build_groups
 from .pipeline import keep_stage, stage_layers
 from .tensor import apply_tensor_parallel
 
 __all__ = ["Layout", "ParallelGroups", "build_groups", "parallelize", "apply_activation_recompute",
-           "keep_stage", "stage_layers", "apply_tensor_parallel"]
+           "keep_stage", "stage_layers", "apply_tensor_parallel", "apply_expert_parallel"]
 
 
 def apply_activation_recompute(model: GPT) -> GPT:
@@ -35,9 +37,10 @@ def apply_activation_recompute(model: GPT) -> GPT:
 
 def parallelize(model: GPT, groups: ParallelGroups, *, sequence_parallel: bool = False,
                 recompute: bool = False) -> GPT:
-    """Apply pipeline, tensor (and sequence) parallelism and recompute to ``model``, in place."""
+    """Apply pipeline, tensor (and sequence), expert parallelism and recompute to ``model``, in place."""
     keep_stage(model, groups.pp_stage, groups.layout.pp)
     apply_tensor_parallel(model, groups.tp_group, sequence_parallel)
+    apply_expert_parallel(model, groups.tp_group, groups.ep_group, sequence_parallel)
     if recompute:
         apply_activation_recompute(model)
     return model

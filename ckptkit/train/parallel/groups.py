@@ -6,6 +6,14 @@ rank fastest, pipeline stage slowest)::
     rank = tp_rank + TP x (dp_rank + DP x pp_stage)
 
 TP=2, DP=1, PP=2 -> ranks 0,1 are stage 0 (TP ranks 0,1), ranks 2,3 stage 1.
+
+Expert parallelism (EP) groups data-parallel ranks, as Megatron does when the expert
+tensor-parallel size is the TP size (its default): EP divides DP, and with the expert
+grid ``tp-ep-dp-pp`` DP rank ``d`` is expert-parallel rank ``d % EP`` and
+expert-data-parallel rank ``d // EP``. TP=1, DP=4, EP=2 -> expert-parallel groups
+{0,1} and {2,3} (together they hold every expert once), expert-data-parallel groups
+{0,2} and {1,3} (replicas of the same experts).
+
 A group of one rank is ``None``: every collective on it is skipped, so a TP1 PP1 DP1
 run needs no ``torch.distributed`` at all.
 """
@@ -23,6 +31,11 @@ class Layout:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    ep: int = 1  # expert-parallel ranks, out of the DP ranks
+
+    def __post_init__(self):
+        if self.ep < 1 or self.dp % self.ep:
+            raise ValueError(f"EP={self.ep} must divide DP={self.dp} (expert-parallel ranks are data-parallel ranks)")
 
     @property
     def world_size(self) -> int:
@@ -36,7 +49,7 @@ class Layout:
         return rank % self.tp, (rank // self.tp) % self.dp, rank // (self.tp * self.dp)
 
     def __str__(self):
-        return f"TP{self.tp} PP{self.pp} DP{self.dp}"
+        return f"TP{self.tp} PP{self.pp} DP{self.dp}" + (f" EP{self.ep}" if self.ep > 1 else "")
 
 
 @dataclass
@@ -47,8 +60,9 @@ class ParallelGroups:
     rank: int = 0
     tp_group: object = None  # same stage and DP rank: shards of one layer
     dp_group: object = None  # same TP rank and stage: replicas
-    model_group: object = None  # same DP rank: one whole model (TP x PP), for the gradient norm
     embedding_group: object = None  # first and last stage, same TP and DP rank: tied embeddings
+    ep_group: object = None  # same TP rank, stage and expert-DP rank: every expert once
+    expert_dp_group: object = None  # same TP rank, stage and EP rank: replicas of the same experts
     world_group: object = None  # everyone (None when alone)
 
     @property
@@ -62,6 +76,14 @@ class ParallelGroups:
     @property
     def pp_stage(self) -> int:
         return self.layout.coordinates(self.rank)[2]
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.layout.ep
+
+    @property
+    def expert_dp_rank(self) -> int:
+        return self.dp_rank // self.layout.ep
 
     @property
     def is_first_stage(self) -> bool:
@@ -104,8 +126,16 @@ def build_groups(layout: Layout) -> ParallelGroups:
     for t in range(T):
         for p in range(P):
             make([layout.rank(t, d, p) for d in range(D)], "dp_group")
-    for d in range(D):
-        make([layout.rank(t, d, p) for p in range(P) for t in range(T)], "model_group")
+    E = layout.ep
+    if E > 1:
+        for t in range(T):
+            for p in range(P):
+                for block in range(D // E):
+                    make([layout.rank(t, block * E + e, p) for e in range(E)], "ep_group")
+                for e in range(E):
+                    make([layout.rank(t, block * E + e, p) for block in range(D // E)], "expert_dp_group")
+    else:
+        groups.expert_dp_group = groups.dp_group
     if P > 1:
         for d in range(D):
             for t in range(T):

@@ -13,7 +13,9 @@
 Norms stay plain modules with the whole (replicated) weight on every rank: the
 layer norms, and with ``qk_layernorm`` the per-head ``q_layernorm``/``k_layernorm``,
 which each rank applies to its own heads (their gradients are summed over the group
-by :class:`ckptkit.train.optim.DistributedAdam`).
+by :class:`ckptkit.train.optim.DistributedAdam`). So do a MoE layer's router and
+shared-expert gate; its shared expert is cut as a dense MLP, its experts by
+:mod:`.experts`.
 
 Which rows each rank holds is decided by the partition rules when the weights are
 loaded (:mod:`ckptkit.train.weights`); these modules only know their local shapes.
@@ -24,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import GPT, tie_embeddings
+from ..model import GPT, MoELayer, tie_embeddings
 from .comm import (copy_to_tensor_parallel, gather_from_sequence_parallel, reduce_from_tensor_parallel,
                    reduce_scatter_to_sequence_parallel, scatter_to_sequence_parallel)
 from .groups import group_rank, group_size
@@ -114,11 +116,14 @@ def apply_tensor_parallel(model: GPT, tp_group, sequence_parallel: bool = False)
     if group_size(tp_group) == 1:
         return model
     for layer in model.decoder.layers:
-        attention, mlp = layer.self_attention, layer.mlp
+        attention = layer.self_attention
         attention.linear_qkv = _column(attention.linear_qkv, tp_group, sequence_parallel)
         attention.linear_proj = _row(attention.linear_proj, tp_group, sequence_parallel)
-        mlp.linear_fc1 = _column(mlp.linear_fc1, tp_group, sequence_parallel)
-        mlp.linear_fc2 = _row(mlp.linear_fc2, tp_group, sequence_parallel)
+        # A MoE layer's experts are cut by apply_expert_parallel; its shared expert is a dense MLP.
+        mlp = layer.mlp.shared_experts if isinstance(layer.mlp, MoELayer) else layer.mlp
+        if mlp is not None:
+            mlp.linear_fc1 = _column(mlp.linear_fc1, tp_group, sequence_parallel)
+            mlp.linear_fc2 = _row(mlp.linear_fc2, tp_group, sequence_parallel)
     if model.embedding is not None:
         plain = model.embedding.word_embeddings
         model.embedding.word_embeddings = VocabParallelEmbedding(plain.num_embeddings, plain.embedding_dim,
