@@ -233,12 +233,16 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
                     architecture=architecture, dry_run=dry_run, after=after, extra_files=extra_files)
 
 
-def hf_to_megatron(source, destination, *, tp=1, pp=1, vpp=1, dtype=None, make_vocab_size_divisible_by=128,
-                   format="torch", naming="mcore-local", overwrite=False, strict=False,
-                   trust_remote_pickle=False, progress: Progress | None = None,
+def hf_to_megatron(source, destination, *, tp=1, pp=1, vpp=1, ep=1, etp=None, dtype=None,
+                   make_vocab_size_divisible_by=128, format="torch", naming="mcore-local", overwrite=False,
+                   strict=False, trust_remote_pickle=False, progress: Progress | None = None,
                    on_start: Callable[[int], None] | None = None, workers: int = 1,
                    dry_run: bool = False) -> ConvertResult:
     """Convert a Hugging Face folder into a Megatron checkpoint at TP/PP(/VPP).
+
+    A mixture of experts places ``num_experts / ep`` experts on each of ``ep``
+    expert-parallel ranks, each expert cut over ``etp`` ranks (None: TP, Megatron's
+    default; per-rank files need ETP = TP).
 
     ``workers`` processes write disjoint rank files; under ``torchrun`` every rank takes
     its part of them (see :mod:`ckptkit.parallel`).
@@ -246,34 +250,47 @@ def hf_to_megatron(source, destination, *, tp=1, pp=1, vpp=1, dtype=None, make_v
     >>> hf_to_megatron("hf/llama", "llama-tp2pp2", tp=2, pp=2).target_layout["tp"]
     2
     """
-    return _to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
+    return _to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dtype=dtype,
                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=format, naming=naming,
                         overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
                         progress=progress, on_start=on_start, keep_training_state=False, workers=workers,
                         dry_run=dry_run)
 
 
-def reshard(source, destination, *, tp, pp, vpp=1, dtype=None, format=None, naming=None,
+def reshard(source, destination, *, tp, pp, vpp=1, ep=None, etp=None, dtype=None, format=None, naming=None,
             make_vocab_size_divisible_by=None, overwrite=False, strict=False, trust_remote_pickle=False,
             progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
             workers: int = 1, dry_run: bool = False) -> ConvertResult:
     """Rewrite a Megatron checkpoint at other parallel sizes, keeping iteration and args.
+
+    ``ep`` (expert-parallel size) defaults to the source's; ``etp`` (expert tensor-parallel
+    size) to the source's where it differed from its TP, else to the target TP.
 
     Optimizer and RNG state belong to the old layout and are dropped (with a note).
 
     >>> reshard("checkpoints/gpt2", "gpt2-tp1pp3", tp=1, pp=3).notes[-1]
     'dropped optimizer, opt_param_scheduler, rng_state of the source layout (...)'
     """
-    return _to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
+    return _to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dtype=dtype,
                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=format, naming=naming,
                         overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
                         progress=progress, on_start=on_start, keep_training_state=True, workers=workers,
                         dry_run=dry_run)
 
 
+def _expert_sizes(meta, ep: int | None, etp: int | None) -> tuple[int, int | None]:
+    """The target's EP and ETP: as given, else the source's EP, and its ETP where it was not
+    its TP (None: the target TP)."""
+    if ep is None:
+        ep = meta.ep if meta.args is not None else 1
+    if etp is None and meta.args is not None and meta.etp != meta.tp:
+        etp = meta.etp
+    return ep, etp
+
+
 def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_divisible_by, format, naming,
                  overwrite, strict, trust_remote_pickle, progress, on_start, keep_training_state,
-                 workers=1, dry_run=False) -> ConvertResult:
+                 workers=1, dry_run=False, ep=None, etp=None) -> ConvertResult:
     if make_vocab_size_divisible_by is not None and make_vocab_size_divisible_by < 1:
         raise BadInput("--make-vocab-size-divisible-by must be a positive integer "
                        f"(got {make_vocab_size_divisible_by})")
@@ -284,7 +301,7 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
         if keep_training_state and reader.meta.args is None:
             raise BadInput(f"{source}: reshard takes a Megatron checkpoint; use hf-to-megatron for "
                            f"{reader.meta.layout}")
-        check_parallel_sizes(reader.spec, tp, pp, vpp)
+        check_parallel_sizes(reader.spec, tp, pp, vpp, *_expert_sizes(reader.meta, ep, etp))
         check_expressible(reader.spec)
         notes.extend(megatron_caveats(reader.spec))
 
@@ -294,8 +311,9 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
         target_format = format or (source_format if keep_training_state else "torch")
         kept_naming = meta.naming if keep_training_state and meta.naming in ("mcore-local", "mcore-te", "legacy") \
             else "mcore-local"
+        target_ep, target_etp = _expert_sizes(meta, ep, etp)
         target = TargetLayout(
-            tp=tp, pp=pp, vpp=vpp, naming=naming or kept_naming,
+            tp=tp, pp=pp, vpp=vpp, ep=target_ep, etp=target_etp, naming=naming or kept_naming,
             make_vocab_size_divisible_by=make_vocab_size_divisible_by or meta.make_vocab_size_divisible_by or 128,
             dtype=hf_layout.parse_dtype(dtype) or meta.dtype,
             iteration=meta.iteration if keep_training_state else None,

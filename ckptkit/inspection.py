@@ -1,4 +1,5 @@
-"""What a checkpoint is: layout, family, parallel sizes, iteration, dtype, and how each tensor is cut."""
+"""What a checkpoint is: layout, family, parallel sizes, iteration, dtype, how each tensor is cut,
+and for a mixture of experts which experts each expert-parallel rank holds."""
 from __future__ import annotations
 
 import math
@@ -14,7 +15,8 @@ class TensorInfo:
     name: str
     shape: tuple
     rule: str
-    shard_shape: tuple  # what one TP rank holds in this checkpoint's layout
+    shard_shape: tuple  # what one TP rank holds in this checkpoint's layout (an expert's: one ETP rank)
+    ep_rank: int | None = None  # an expert's tensor: the expert-parallel rank holding it
 
 
 @dataclass
@@ -26,12 +28,15 @@ class InspectResult:
     spec: dict
     num_parameters: int
     tensors: list[TensorInfo] = field(default_factory=list)
+    # a mixture of experts: the global experts of each expert-parallel rank, [first, last]
+    experts_per_ep_rank: list[list[int]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"path": self.path, "layout": self.layout, "family": self.family,
                 "architecture": self.architecture, "spec": self.spec, "num_parameters": self.num_parameters,
+                "experts_per_ep_rank": self.experts_per_ep_rank,
                 "tensors": [{"name": t.name, "shape": list(t.shape), "rule": t.rule,
-                             "shard_shape": list(t.shard_shape)} for t in self.tensors]}
+                             "shard_shape": list(t.shard_shape), "ep_rank": t.ep_rank} for t in self.tensors]}
 
 
 def inspect_checkpoint(path, **options) -> InspectResult:
@@ -43,12 +48,18 @@ def inspect_checkpoint(path, **options) -> InspectResult:
     """
     with open_checkpoint(path, **options) as reader:
         spec, meta = reader.spec, reader.meta
+        per_rank = spec.num_experts // meta.ep if spec.num_experts and spec.num_experts % meta.ep == 0 else 0
         tensors = []
         for canonical in canonical_tensors(spec):
             rule = rule_for(spec, canonical.rule, meta.padded_vocab_size)
             stored = rule.full_shape(canonical.shape)  # the vocabulary with its padding rows
+            expert = canonical.expert is not None
+            ranks = meta.etp if expert else meta.tp
             tensors.append(TensorInfo(canonical.name, tuple(stored), canonical.rule,
-                                      tuple(rule.shard_shape(canonical.shape, meta.tp))))
+                                      tuple(rule.shard_shape(canonical.shape, ranks)),
+                                      canonical.expert // per_rank if expert and per_rank else None))
         count = sum(math.prod(canonical.shape) for canonical in canonical_tensors(spec))
         architecture = BRIDGES[spec.family].architecture if spec.family in BRIDGES else None
-        return InspectResult(str(path), meta.summary(), spec.family, architecture, spec.to_dict(), count, tensors)
+        experts = [[rank * per_rank, (rank + 1) * per_rank - 1] for rank in range(meta.ep)] if per_rank else []
+        return InspectResult(str(path), meta.summary(), spec.family, architecture, spec.to_dict(), count, tensors,
+                             experts)

@@ -7,6 +7,7 @@ with ``--use-checkpoint-args`` (and to rebuild the same model without it).
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import replace
 
 import torch
@@ -232,13 +233,14 @@ ARCHITECTURE_FIELD = "hf_architecture"
 
 def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padded_vocab: int,
                   make_vocab_size_divisible_by: int, iteration: int = 0, vpp: int = 1,
+                  ep: int = 1, etp: int | None = None,
                   transformer_impl: str = "local", extra_fields: dict | None = None,
                   base: argparse.Namespace | None = None) -> argparse.Namespace:
-    """The args Megatron-LM needs to rebuild and load this model at TP/PP(/VPP).
+    """The args Megatron-LM needs to rebuild and load this model at TP/PP(/VPP)(/EP/ETP).
 
     ``base`` (the source checkpoint's args when resharding) keeps every other field
     (optimizer, schedule, data settings); the layout and architecture fields are set
-    from the arguments.
+    from the arguments. ``etp`` None is TP, as Megatron sets it when unset.
     """
     args = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace()
     gelu_tanh = spec.activation == "gelu_tanh"
@@ -267,6 +269,7 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         transformer_pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=tp if etp is None else etp,
         num_layers_per_virtual_pipeline_stage=spec.num_layers // (pp * vpp) if vpp > 1 else None,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         transformer_impl=transformer_impl, iteration=iteration,
@@ -280,14 +283,15 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         fields["rope_scaling_factor"] = spec.rope_scaling["factor"]
     for name, value in fields.items():
         setattr(args, name, value)
+    # Megatron carves the expert-parallel ranks out of the data-parallel ones
+    # (TP x DP = ETP x EP x expert-DP), so a run with EP ranks has a DP size EP divides.
+    data_parallel = 1 if base is None else max(1, getattr(base, "data_parallel_size", 1) or 1)
+    experts_width = ep * (tp if etp is None else etp)
+    data_parallel = math.lcm(data_parallel, experts_width // math.gcd(experts_width, tp))
+    args.data_parallel_size = data_parallel
+    args.world_size = tp * pp * data_parallel
     if base is None:
-        args.data_parallel_size = 1
-        args.world_size = tp * pp
         args.seq_length = spec.max_position_embeddings
-    else:
-        data_parallel = max(1, getattr(base, "data_parallel_size", 1) or 1)
-        args.data_parallel_size = data_parallel
-        args.world_size = tp * pp * data_parallel
     for name, value in (extra_fields or {}).items():
         setattr(args, name, value)
     return args

@@ -210,8 +210,19 @@ def rule_for(spec: ModelSpec, rule_name: str, padded_rows: int | None = None):
     return rules.SIMPLE_RULES[rule_name]
 
 
-def check_parallel_sizes(spec: ModelSpec, tp: int, pp: int, vpp: int = 1) -> None:
-    """Refuse target sizes that do not divide the model (one clear line each)."""
+def check_parallel_sizes(spec: ModelSpec, tp: int, pp: int, vpp: int = 1, ep: int = 1,
+                         etp: int | None = None) -> None:
+    """Refuse target sizes that do not divide the model (one clear line each).
+
+    ``ep`` experts-parallel ranks each hold ``num_experts / ep`` whole experts; each expert
+    is cut over ``etp`` expert tensor-parallel ranks (None: TP, Megatron's default), the
+    shared expert over TP like a dense MLP.
+
+    >>> check_parallel_sizes(ModelSpec("mixtral", 2, 32, 4, 2, 24, 101, 32, 8, num_experts=4,
+    ...                                moe_ffn_hidden_size=24), tp=1, pp=1, ep=3)
+    Traceback (most recent call last):
+    ckptkit.errors.BadInput: EP=3 does not divide 4 experts
+    """
     if tp < 1 or pp < 1 or vpp < 1:
         raise BadInput(f"parallel sizes must be positive (got TP={tp}, PP={pp}, VPP={vpp})")
     problems = [
@@ -219,8 +230,25 @@ def check_parallel_sizes(spec: ModelSpec, tp: int, pp: int, vpp: int = 1) -> Non
         (spec.num_query_groups % tp, f"{spec.num_query_groups} query groups"),
         (spec.ffn_hidden_size % tp, f"ffn size {spec.ffn_hidden_size}"),
     ]
+    if spec.moe_shared_expert_size:
+        problems.append((spec.moe_shared_expert_size % tp, f"shared expert ffn size {spec.moe_shared_expert_size}"))
     for remainder, what in problems:
         if remainder:
             raise BadInput(f"TP={tp} does not divide {what}")
     if spec.num_layers % (pp * vpp):
         raise BadInput(f"PP={pp} x VPP={vpp} does not divide {spec.num_layers} layers")
+    check_expert_parallel_sizes(spec, ep, tp if etp is None else etp)
+
+
+def check_expert_parallel_sizes(spec: ModelSpec, ep: int, etp: int) -> None:
+    """Refuse expert-parallel sizes that do not divide the experts (one line each)."""
+    if ep < 1 or etp < 1:
+        raise BadInput(f"expert parallel sizes must be positive (got EP={ep}, ETP={etp})")
+    if not spec.num_experts:
+        if ep > 1:
+            raise BadInput(f"EP={ep}: expert parallelism needs a mixture-of-experts model; this one is dense")
+        return
+    if spec.num_experts % ep:
+        raise BadInput(f"EP={ep} does not divide {spec.num_experts} experts")
+    if spec.moe_ffn_hidden_size % etp:
+        raise BadInput(f"ETP={etp} does not divide expert ffn size {spec.moe_ffn_hidden_size}")

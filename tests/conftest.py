@@ -46,7 +46,7 @@ def make_hf_model(folder: Path, family: str = "gpt2", seed: int = 0, dtype=torch
                      vocab_size=101, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
                      pad_token_id=None),
         **MOE_FACTORY_DEFAULTS,
-    }[family]
+    }[family].copy()  # a copy: the MoE defaults are shared module-level dicts
     defaults.update(config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **defaults))

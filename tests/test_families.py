@@ -1,6 +1,6 @@
 """Every supported architecture survives HF -> Megatron torch_dist TP2 PP2 -> per-rank TP1 PP4
--> HF: the same class, the same architecture fields of config.json, bit-identical tensors
-and equal logits. Plus what each bridge refuses, in one line."""
+-> HF (mixtures of experts at EP2, then EP4): the same class, the same architecture fields of
+config.json, bit-identical tensors and equal logits. Plus what each bridge refuses, in one line."""
 import json
 
 import pytest
@@ -71,25 +71,32 @@ def test_family_round_trip_keeps_class_config_tensors_and_logits(case, tmp_path)
 
 
 MOE_CASES = {
-    "mixtral": ("mixtral", {}),
-    "mixtral-sliding-window": ("mixtral", {"sliding_window": 3}),
-    "qwen2-moe": ("qwen2_moe", {}),
-    "qwen2-moe-every-second-layer": ("qwen2_moe", {"mlp_only_layers": [], "decoder_sparse_step": 2}),
-    "qwen3-moe": ("qwen3_moe", {}),
-    "qwen3-moe-without-renormalisation": ("qwen3_moe", {"norm_topk_prob": False}),
+    "mixtral": ("mixtral", FOUR_LAYERS),
+    "mixtral-sliding-window": ("mixtral", {**FOUR_LAYERS, "sliding_window": 3}),
+    "qwen2-moe": ("qwen2_moe", FOUR_LAYERS),
+    "qwen2-moe-every-second-layer": ("qwen2_moe", {**FOUR_LAYERS, "mlp_only_layers": [], "decoder_sparse_step": 2}),
+    "qwen3-moe": ("qwen3_moe", FOUR_LAYERS),
+    "qwen3-moe-without-renormalisation": ("qwen3_moe", {**FOUR_LAYERS, "norm_topk_prob": False}),
 }
 
 
-@pytest.mark.parametrize("case", sorted(MOE_CASES))
-def test_moe_family_hugging_face_round_trip_keeps_class_config_tensors_and_logits(case, tmp_path):
-    from ckptkit.convert import write_hf_folder
+def moe_round_trip(hf_dir, tmp_path):
+    """HF -> torch_dist TP2 PP2 EP2 -> per-rank TP1 PP4 EP4 -> HF: experts change ranks twice."""
+    hf_to_megatron(hf_dir, tmp_path / "dist_tp2pp2ep2", tp=2, pp=2, ep=2, format="torch_dist",
+                   make_vocab_size_divisible_by=8)
+    reshard(tmp_path / "dist_tp2pp2ep2", tmp_path / "torch_tp1pp4ep4", tp=1, pp=4, ep=4, format="torch")
+    megatron_to_hf(tmp_path / "torch_tp1pp4ep4", tmp_path / "back")
+    return tmp_path / "back"
 
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_moe_family_round_trip_with_expert_parallelism_keeps_class_config_tensors_and_logits(case, tmp_path):
     model_type, fields = MOE_CASES[case]
     hf_dir = make_hf_model(tmp_path / "hf", model_type, **fields)
-    (tmp_path / "back").mkdir()
-    with open_checkpoint(hf_dir) as reader:
-        write_hf_folder(reader, tmp_path / "back", dtype=torch.float32, max_shard_size="5GB")
-    back = tmp_path / "back"
+    back = moe_round_trip(hf_dir, tmp_path)
+
+    original_config = json.loads((hf_dir / "config.json").read_text())
+    assert json.loads((back / "config.json").read_text())["architectures"] == original_config["architectures"]
     assert architecture_fields(back) == architecture_fields(hf_dir)
     assert_same_state(hf_state(hf_dir), hf_state(back))
     tokens = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))

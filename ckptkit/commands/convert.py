@@ -27,8 +27,9 @@ def render_conversion(result, as_json: bool, dry_run: bool = False) -> None:
     table = Table(title=f"{result.source} -> {result.destination}", show_header=False)
     table.add_row("family", result.family)
     table.add_row("parameters", f"{result.num_parameters:,}")
-    table.add_row("source", ", ".join(f"{k}={v}" for k, v in result.source_layout.items()
-                                      if k in ("layout", "tp", "pp", "vpp", "iteration", "dtype", "naming")))
+    experts = result.source_layout.get("ep", 1) > 1 or result.source_layout.get("etp") != result.source_layout.get("tp")
+    shown = ("layout", "tp", "pp", "vpp", "iteration", "dtype", "naming") + (("ep", "etp") if experts else ())
+    table.add_row("source", ", ".join(f"{k}={v}" for k, v in result.source_layout.items() if k in shown))
     table.add_row("target", ", ".join(f"{k}={v}" for k, v in result.target_layout.items()))
     table.add_row("files", str(len(result.files)))
     table.add_row("written", f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.2f} s")
@@ -145,6 +146,10 @@ def megatron_target_options(command):
         click.option("--tp", type=int, required=True, help="Target tensor-parallel size."),
         click.option("--pp", type=int, required=True, help="Target pipeline-parallel size."),
         click.option("--vpp", type=int, default=1, show_default=True, help="Virtual pipeline stages per rank."),
+        click.option("--ep", type=int, help="Expert-parallel size of a mixture of experts: each rank holds "
+                                            "num_experts/EP experts (default: 1, or the source's for reshard)."),
+        click.option("--etp", type=int, help="Expert tensor-parallel size (default: TP, Megatron's default; "
+                                             "per-rank files need ETP = TP)."),
         click.option("--dtype", type=DTYPE_CHOICES, help="Output dtype."),
         click.option("--naming", type=click.Choice(["mcore-local", "mcore-te", "legacy"]),
                      help="Parameter names to write (default: Megatron-Core local, or the source's for reshard)."),
@@ -167,20 +172,21 @@ def megatron_target_options(command):
 @dry_run_option
 @source_options
 @handle_errors
-def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, workers,
+def hf_to_megatron_command(source, destination, tp, pp, vpp, ep, etp, dtype, naming, overwrite, workers,
                            make_vocab_size_divisible_by, target_format, dry_run, strict, trust_remote_pickle,
                            as_json):
-    """Convert a Hugging Face folder to a Megatron checkpoint at any TP/PP.
+    """Convert a Hugging Face folder to a Megatron checkpoint at any TP/PP (and EP for experts).
 
     \b
     Example:
       ckptkit hf-to-megatron llama-hf/ megatron-llama/ --tp 2 --pp 2 --dtype bf16
+      ckptkit hf-to-megatron mixtral-hf/ megatron-mixtral/ --tp 2 --pp 2 --ep 4
     """
     from ..convert import hf_to_megatron
 
     _conversion_process()
     with TensorProgress("hf -> megatron", enabled=not as_json) as progress:
-        result = hf_to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype,
+        result = hf_to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, ep=ep or 1, etp=etp, dtype=dtype,
                                 make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=target_format,
                                 naming=naming or "mcore-local", overwrite=overwrite, strict=strict,
                                 trust_remote_pickle=trust_remote_pickle, progress=progress.advance,
@@ -198,9 +204,9 @@ def hf_to_megatron_command(source, destination, tp, pp, vpp, dtype, naming, over
 @dry_run_option
 @source_options
 @handle_errors
-def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, workers, target_format,
+def reshard_command(source, destination, tp, pp, vpp, ep, etp, dtype, naming, overwrite, workers, target_format,
                     make_vocab_size_divisible_by, dry_run, strict, trust_remote_pickle, as_json):
-    """Rewrite a Megatron checkpoint at other TP/PP sizes, keeping iteration and args.
+    """Rewrite a Megatron checkpoint at other TP/PP/EP sizes, keeping iteration and args.
 
     Optimizer and RNG state belong to the old layout and are dropped with a notice.
 
@@ -208,12 +214,13 @@ def reshard_command(source, destination, tp, pp, vpp, dtype, naming, overwrite, 
     Example:
       ckptkit reshard checkpoints/gpt2/ checkpoints/gpt2-tp1pp4/ --tp 1 --pp 4
       ckptkit reshard checkpoints/gpt2/ checkpoints/gpt2-tp1pp4/ --tp 1 --pp 4 --dry-run --json
+      ckptkit reshard checkpoints/mixtral-ep2/ checkpoints/mixtral-ep4/ --tp 1 --pp 1 --ep 4
     """
     from ..convert import reshard
 
     _conversion_process()
     with TensorProgress("reshard", enabled=not as_json) as progress:
-        result = reshard(source, destination, tp=tp, pp=pp, vpp=vpp, dtype=dtype, format=target_format,
+        result = reshard(source, destination, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dtype=dtype, format=target_format,
                          naming=naming, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                          overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
                          progress=progress.advance, on_start=progress.start, workers=workers, dry_run=dry_run)

@@ -29,7 +29,8 @@ def inspect_command(checkpoint, tensors, strict, trust_remote_pickle, as_json):
     summary = Table(title=str(checkpoint), show_header=False)
     for key, value in [("layout", layout["layout"]), ("naming", layout.get("naming")),
                        ("family", f"{info.family} ({info.architecture})"),
-                       ("parallel", f"TP={layout['tp']} PP={layout['pp']} VPP={layout['vpp']}"),
+                       ("parallel", f"TP={layout['tp']} PP={layout['pp']} VPP={layout['vpp']}"
+                                    + (f" EP={layout['ep']} ETP={layout['etp']}" if info.spec["num_experts"] else "")),
                        ("iteration", "release" if layout.get("release") else layout.get("iteration")),
                        ("checkpoint_version", layout.get("checkpoint_version")), ("dtype", layout["dtype"]),
                        ("parameters", f"{info.num_parameters:,}"),
@@ -42,14 +43,24 @@ def inspect_command(checkpoint, tensors, strict, trust_remote_pickle, as_json):
                     f"{spec['ffn_hidden_size']}, vocab {spec['vocab_size']}, {spec['normalization']}, "
                     f"{spec['activation']}, {spec['position_embedding']}, "
                     f"{'tied' if spec['tied_embeddings'] else 'untied'} embeddings")
+    if spec["num_experts"]:
+        summary.add_row("experts", f"{spec['num_experts']} of ffn {spec['moe_ffn_hidden_size']}, top-"
+                        f"{spec['moe_router_topk']}" + (f", shared expert of ffn {spec['moe_shared_expert_size']}"
+                                                          if spec["moe_shared_expert_size"] else ""))
+        for ep_rank, (first, last) in enumerate(info.experts_per_ep_rank):
+            summary.add_row(f"EP rank {ep_rank}", f"experts {first}-{last}" if last > first else f"expert {first}")
     stdout.print(summary)
     if tensors:
         table = Table(title="tensors")
         table.add_column("name", overflow="fold", min_width=24)
-        for column in ("shape", "partition", "per TP rank"):
+        columns = ("shape", "partition", "per TP rank") + (("EP rank",) if info.experts_per_ep_rank else ())
+        for column in columns:
             table.add_column(column)
         for tensor in info.tensors:
-            table.add_row(tensor.name, str(list(tensor.shape)), tensor.rule, str(list(tensor.shard_shape)))
+            row = [tensor.name, str(list(tensor.shape)), tensor.rule, str(list(tensor.shard_shape))]
+            if info.experts_per_ep_rank:
+                row.append("" if tensor.ep_rank is None else str(tensor.ep_rank))
+            table.add_row(*row)
         stdout.print(table)
 
 

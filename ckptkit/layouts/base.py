@@ -29,6 +29,7 @@ class CheckpointMeta:
     pp: int = 1
     vpp: int = 1
     ep: int = 1
+    etp: int = 1  # expert tensor-parallel size (Megatron's default: TP)
     iteration: int | None = None
     release: bool = False
     checkpoint_version: float | None = None
@@ -43,7 +44,7 @@ class CheckpointMeta:
     def summary(self) -> dict:
         return {
             "layout": self.layout, "path": str(self.path), "dtype": str(self.dtype).removeprefix("torch."),
-            "tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep,
+            "tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "etp": self.etp,
             "iteration": self.iteration, "release": self.release,
             "checkpoint_version": self.checkpoint_version, "naming": self.naming,
             "padded_vocab_size": self.padded_vocab_size, "files": len(self.files),

@@ -9,19 +9,22 @@ common state). Reading, the parallel sizes, the naming and the iteration come fr
 >>> target = TargetLayout(tp=2, pp=2, iteration=10)
 >>> target.folder_name, target.tracker_text, target.transformer_impl
 ('iter_0000010', '10', 'local')
+>>> TargetLayout(tp=2, ep=4).expert_tp
+2
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..errors import InternalError, Unsupported
+from ..errors import InternalError
 from ..megatron_args import megatron_args
 from ..safe_load import without_stand_ins
 from ..spec import ModelSpec, padded_vocab_size
+from .base import CheckpointReader, CheckpointWriter
 from .tracker import TRACKER, iteration_dir_name
 
 # The checkpoint_version current Megatron-LM saves (megatron/training/checkpointing.py).
@@ -32,17 +35,28 @@ WRITE_CHECKPOINT_VERSION = 3.0
 
 @dataclass
 class TargetLayout:
-    """Where a Megatron checkpoint is going: sizes, naming, padding, dtype."""
+    """Where a Megatron checkpoint is going: sizes, naming, padding, dtype.
+
+    ``ep`` expert-parallel ranks hold ``num_experts / ep`` experts each; ``etp`` is the
+    expert tensor-parallel size (None: TP, Megatron's default when it is unset).
+    """
 
     tp: int = 1
     pp: int = 1
     vpp: int = 1
+    ep: int = 1
+    etp: int | None = None
     naming: str = "mcore-local"
     make_vocab_size_divisible_by: int = 128
     dtype: torch.dtype | None = None
     iteration: int | None = None
     release: bool = False
     args_base: argparse.Namespace | None = None
+
+    @property
+    def expert_tp(self) -> int:
+        """The expert tensor-parallel size: ``etp``, or TP when it is not given."""
+        return self.tp if self.etp is None else self.etp
 
     @property
     def saved_iteration(self) -> int | None:
@@ -70,7 +84,8 @@ class TargetLayout:
 
     def summary(self, layout: str) -> dict:
         """The target as a conversion reports it."""
-        return {"layout": layout, "tp": self.tp, "pp": self.pp, "vpp": self.vpp, "naming": self.naming,
+        return {"layout": layout, "tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep,
+                "etp": self.expert_tp, "naming": self.naming,
                 "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
                 "iteration": self.iteration, "release": self.release}
 
@@ -79,7 +94,8 @@ def target_args(spec: ModelSpec, target: TargetLayout, dtype: torch.dtype, *,
                 extra_fields: dict | None = None) -> argparse.Namespace:
     """The ``args`` Megatron-LM would save for ``spec`` at ``target``'s sizes, based on
     ``target.args_base`` when resharding; Megatron's own types replaced by plain values."""
-    args = megatron_args(spec, tp=target.tp, pp=target.pp, vpp=target.vpp, dtype=dtype,
+    args = megatron_args(spec, tp=target.tp, pp=target.pp, vpp=target.vpp, ep=target.ep, etp=target.expert_tp,
+                         dtype=dtype,
                          padded_vocab=target.padded_vocab(spec),
                          make_vocab_size_divisible_by=target.make_vocab_size_divisible_by,
                          iteration=target.saved_iteration or 0, transformer_impl=target.transformer_impl,
@@ -92,6 +108,25 @@ def target_args(spec: ModelSpec, target: TargetLayout, dtype: torch.dtype, *,
 def write_tracker(out_dir: Path, target: TargetLayout) -> None:
     """``latest_checkpointed_iteration.txt``: the iteration, or ``release``."""
     (out_dir / TRACKER).write_text(target.tracker_text)
+
+
+@dataclass(frozen=True)
+class MegatronWriter(CheckpointWriter):
+    """What the writers of both Megatron formats share: the target, and with
+    ``keep_source_args`` the source checkpoint's args (resharding keeps its training
+    settings) updated to the target; the tracker written last."""
+
+    target: TargetLayout
+    keep_source_args: bool = False
+
+    def target_for(self, reader: CheckpointReader) -> TargetLayout:
+        """The target with the source's dtype where none was asked for, and its args."""
+        return replace(self.target, dtype=self.target.dtype or reader.meta.dtype,
+                       args_base=reader.meta.args if self.keep_source_args else None)
+
+    def finish(self, reader, plan, out) -> list[str]:
+        write_tracker(Path(out), self.target)
+        return [TRACKER]
 
 
 def check_tracker(out_dir: Path, target: TargetLayout, label: Path) -> None:
@@ -109,25 +144,22 @@ class ParallelSizes:
     pp: int
     vpp: int
     ep: int
+    etp: int
 
 
 def parallel_sizes(args) -> ParallelSizes:
-    """The parallel sizes of the run that saved ``args`` (1 where they say nothing).
+    """The parallel sizes of the run that saved ``args`` (1 where they say nothing; the
+    expert tensor-parallel size is TP where unset, as Megatron-LM's arguments.py makes it).
 
     >>> parallel_sizes(argparse.Namespace(tensor_model_parallel_size=2))
-    ParallelSizes(tp=2, pp=1, vpp=1, ep=1)
+    ParallelSizes(tp=2, pp=1, vpp=1, ep=1, etp=2)
     """
-    def size(field: str) -> int:
-        return int(getattr(args, field, None) or 1)
+    def size(field: str, default: int = 1) -> int:
+        return int(getattr(args, field, None) or default)
 
-    return ParallelSizes(size("tensor_model_parallel_size"), size("pipeline_model_parallel_size"),
-                         size("virtual_pipeline_model_parallel_size"), size("expert_model_parallel_size"))
-
-
-def refuse_experts(args, where) -> None:
-    if getattr(args, "num_experts", None):
-        raise Unsupported(f"{where}: mixture-of-experts checkpoints (num_experts={args.num_experts}) "
-                          "are not supported yet")
+    tp = size("tensor_model_parallel_size")
+    return ParallelSizes(tp, size("pipeline_model_parallel_size"), size("virtual_pipeline_model_parallel_size"),
+                         size("expert_model_parallel_size"), size("expert_tensor_parallel_size", tp))
 
 
 def naming_from_args(args) -> str:

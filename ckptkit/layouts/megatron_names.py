@@ -3,7 +3,9 @@
 Each naming maps a canonical suffix (Megatron-Core local spec, see
 :mod:`ckptkit.spec`) to the spellings used in files. The first spelling is the one we
 write; the others are accepted on read. Layer indices in files are local to the
-pipeline stage (and virtual chunk).
+pipeline stage (and virtual chunk), and expert indices local to the expert-parallel
+rank: canonical names carry the global expert ``e``, a rank file of EP rank ``r`` holding
+``E / EP`` experts spells it ``e - r x E / EP`` (``{expert}`` in the tables below).
 
 =============  =======================================================================
 naming         what writes it
@@ -19,6 +21,23 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import Unsupported
+
+# The canonical (and per-rank file) prefix of one expert's MLP, with its expert placeholder.
+EXPERT = "mlp.experts.local_experts.{expert}."
+_CANONICAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+def expert_of(canonical_suffix: str) -> tuple[str, int | None]:
+    """``(template, expert)`` of a canonical suffix inside a layer; ``(suffix, None)`` if it is
+    not an expert's.
+
+    >>> expert_of("mlp.experts.local_experts.5.linear_fc2.weight")
+    ('mlp.experts.local_experts.{expert}.linear_fc2.weight', 5)
+    """
+    match = _CANONICAL_EXPERT.match(canonical_suffix)
+    if match is None:
+        return canonical_suffix, None
+    return EXPERT + match.group(2), int(match.group(1))
 
 # canonical suffix inside decoder.layers.N. -> spellings (first is written)
 _MCORE_LOCAL_LAYER = {
@@ -39,15 +58,30 @@ _MCORE_LOCAL_LAYER = {
     "mlp.linear_fc1.bias": ["mlp.linear_fc1.bias"],
     "mlp.linear_fc2.weight": ["mlp.linear_fc2.weight"],
     "mlp.linear_fc2.bias": ["mlp.linear_fc2.bias"],
+    # Mixture-of-experts layers (megatron/core/transformer/moe/): the router, each local
+    # expert of SequentialMLP (grouped GEMM, TEGroupedMLP, spells them weight0..weightN-1:
+    # accepted on read), the shared expert and its gate.
+    "mlp.router.weight": ["mlp.router.weight"],
+    EXPERT + "linear_fc1.weight": [EXPERT + "linear_fc1.weight", "mlp.experts.linear_fc1.weight{expert}"],
+    EXPERT + "linear_fc2.weight": [EXPERT + "linear_fc2.weight", "mlp.experts.linear_fc2.weight{expert}"],
+    "mlp.shared_experts.linear_fc1.weight": ["mlp.shared_experts.linear_fc1.weight"],
+    "mlp.shared_experts.linear_fc2.weight": ["mlp.shared_experts.linear_fc2.weight"],
+    "mlp.shared_experts.gate_weight": ["mlp.shared_experts.gate_weight"],
 }
 
-# Transformer Engine fuses each norm into the linear that follows it.
+# Transformer Engine fuses each norm into the linear that follows it. A MoE layer has no
+# linear_fc1 to fuse into: its pre-MLP norm is a module of its own (gpt_layer_specs.py,
+# ``pre_mlp_layernorm=backend.layer_norm(...) if num_experts``), spelled as below.
 _MCORE_TE_LAYER = {
     **_MCORE_LOCAL_LAYER,
     "input_layernorm.weight": ["self_attention.linear_qkv.layer_norm_weight"],
     "input_layernorm.bias": ["self_attention.linear_qkv.layer_norm_bias"],
-    "pre_mlp_layernorm.weight": ["mlp.linear_fc1.layer_norm_weight"],
-    "pre_mlp_layernorm.bias": ["mlp.linear_fc1.layer_norm_bias"],
+    "pre_mlp_layernorm.weight": ["mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"],
+    "pre_mlp_layernorm.bias": ["mlp.linear_fc1.layer_norm_bias", "pre_mlp_layernorm.bias"],
+}
+_MCORE_TE_MOE_LAYER = {
+    "pre_mlp_layernorm.weight": ["pre_mlp_layernorm.weight"],
+    "pre_mlp_layernorm.bias": ["pre_mlp_layernorm.bias"],
 }
 
 # 2024 Megatron-LM says input_norm/post_attention_norm/final_norm; older versions say
@@ -89,8 +123,13 @@ _LEGACY_GLOBAL = {
     "output_layer.weight": ["language_model.output_layer.weight"],
 }
 
-# Linear layers that carry an `_extra_state` entry (None with the local implementation).
+# Linear layers that carry an `_extra_state` entry (None with the local implementation):
+# a dense layer's, a MoE layer's (each local expert's, no router: it is a plain
+# parameter), and a shared expert's.
 _MCORE_LINEARS = ["self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"]
+_MCORE_MOE_LINEARS = ["self_attention.linear_qkv", "self_attention.linear_proj",
+                      EXPERT + "linear_fc1", EXPERT + "linear_fc2"]
+_MCORE_SHARED_EXPERT_LINEARS = ["mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2"]
 _LEGACY_LINEARS = ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
 
 
@@ -105,38 +144,73 @@ class Naming:
     tied_head: tuple[str, ...]  # spelling of the tied output head copy on the last stage
     extra_state_linears: tuple[str, ...] = ()
     head_extra_state: str | None = None
+    moe_layer_names: dict = field(default_factory=dict, hash=False)  # a MoE layer's spellings, where they differ
+    moe_extra_state_linears: tuple[str, ...] = ()
+    shared_expert_extra_state_linears: tuple[str, ...] = ()
 
-    def file_name(self, canonical_suffix: str, local_layer: int | None) -> str:
-        """The spelling we write for a canonical name (suffix inside the layer if per-layer)."""
+    def file_name(self, canonical_suffix: str, local_layer: int | None, *, moe_layer: bool = False,
+                  expert_offset: int = 0) -> str:
+        """The spelling we write for a canonical name (suffix inside the layer if per-layer).
+
+        An expert's global index becomes local: ``expert_offset`` is the first global
+        expert of the file's expert-parallel rank.
+
+        >>> NAMINGS["mcore-local"].file_name("mlp.experts.local_experts.5.linear_fc1.weight", 0, expert_offset=4)
+        'decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight'
+        """
         names = self.global_names if local_layer is None else self.layer_names
-        if canonical_suffix not in names:
+        template, expert = expert_of(canonical_suffix) if local_layer is not None else (canonical_suffix, None)
+        if moe_layer and template in self.moe_layer_names:
+            names = self.moe_layer_names
+        if template not in names:
             raise Unsupported(f"the {self.name} naming has no name for {canonical_suffix} "
                               "(pre-Core models lack it): write mcore-local or mcore-te")
         if local_layer is None:
-            return names[canonical_suffix][0]
-        return f"{self.layer_prefixes[0]}{local_layer}.{names[canonical_suffix][0]}"
+            return names[template][0]
+        spelled = names[template][0]
+        if expert is not None:
+            spelled = spelled.format(expert=expert - expert_offset)
+        return f"{self.layer_prefixes[0]}{local_layer}.{spelled}"
 
-    def extra_state_names(self, local_layer: int) -> list[str]:
-        return [f"{self.layer_prefixes[0]}{local_layer}.{linear}._extra_state"
-                for linear in self.extra_state_linears]
+    def extra_state_names(self, local_layer: int, *, moe_layer: bool = False, local_experts: int = 0,
+                          shared_expert: bool = False) -> list[str]:
+        """The ``_extra_state`` keys of one layer: its linears', and in a MoE layer each of its
+        ``local_experts`` experts' and the shared expert's."""
+        if not moe_layer:
+            linears = list(self.extra_state_linears)
+        else:
+            linears = [linear.format(expert=expert) for linear in self.moe_extra_state_linears
+                       for expert in (range(local_experts) if "{expert}" in linear else [None])]
+            linears += list(self.shared_expert_extra_state_linears) if shared_expert else []
+        return [f"{self.layer_prefixes[0]}{local_layer}.{linear}._extra_state" for linear in linears]
 
     def parse(self, file_key: str):
-        """``(canonical_suffix, local_layer)`` for a file key, or None if not ours.
+        """``(canonical_suffix, local_layer, local_expert)`` for a file key, or None if not ours.
 
         ``decoder.layers.3.self_attention.linear_qkv.weight`` ->
-        ``("self_attention.linear_qkv.weight", 3)``; globals give ``(name, None)``;
-        the tied head copy gives ``("output_layer.weight", None)``.
+        ``("self_attention.linear_qkv.weight", 3, None)``; globals give ``(name, None, None)``;
+        the tied head copy gives ``("output_layer.weight", None, None)``; an expert's tensor
+        gives the template and the expert's index in the file:
+        ``decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight`` ->
+        ``("mlp.experts.local_experts.{expert}.linear_fc1.weight", 1, 0)``.
         """
         lookup = _reverse_lookup(self)
         if file_key in lookup["global"]:
-            return lookup["global"][file_key], None
+            return lookup["global"][file_key], None, None
         if file_key in self.tied_head:
-            return "output_layer.weight", None
+            return "output_layer.weight", None, None
         for prefix in self.layer_prefixes:
             if file_key.startswith(prefix):
                 match = _LAYER_KEY.match(file_key[len(prefix):])
-                if match and match.group(2) in lookup["layer"]:
-                    return lookup["layer"][match.group(2)], int(match.group(1))
+                if not match:
+                    continue
+                layer, rest = int(match.group(1)), match.group(2)
+                if rest in lookup["layer"]:
+                    return lookup["layer"][rest], layer, None
+                for pattern, template in lookup["experts"]:
+                    expert = pattern.match(rest)
+                    if expert:
+                        return template, layer, int(expert.group(1))
         return None
 
 
@@ -146,11 +220,16 @@ _REVERSE_CACHE: dict[str, dict] = {}
 
 def _reverse_lookup(naming: Naming) -> dict:
     if naming.name not in _REVERSE_CACHE:
+        layer_tables = (naming.layer_names, naming.moe_layer_names)
         _REVERSE_CACHE[naming.name] = {
             "global": {spelling: canonical for canonical, spellings in naming.global_names.items()
                        for spelling in spellings},
-            "layer": {spelling: canonical for canonical, spellings in naming.layer_names.items()
-                      for spelling in spellings},
+            "layer": {spelling: canonical for table in layer_tables for canonical, spellings in table.items()
+                      for spelling in spellings if "{expert}" not in spelling},
+            "experts": [(re.compile("^" + re.escape(spelling).replace(re.escape("{expert}"), r"(\d+)") + "$"),
+                         canonical)
+                        for table in layer_tables for canonical, spellings in table.items()
+                        for spelling in spellings if "{expert}" in spelling],
         }
     return _REVERSE_CACHE[naming.name]
 
@@ -159,9 +238,11 @@ NAMINGS = {
     naming.name: naming
     for naming in (
         Naming("mcore-local", ("decoder.layers.",), _MCORE_LOCAL_LAYER, _MCORE_GLOBAL, ("output_layer.weight",),
-               tuple(_MCORE_LINEARS), "output_layer._extra_state"),
+               tuple(_MCORE_LINEARS), "output_layer._extra_state", {}, tuple(_MCORE_MOE_LINEARS),
+               tuple(_MCORE_SHARED_EXPERT_LINEARS)),
         Naming("mcore-te", ("decoder.layers.",), _MCORE_TE_LAYER, _MCORE_GLOBAL, ("output_layer.weight",),
-               tuple(_MCORE_LINEARS), "output_layer._extra_state"),
+               tuple(_MCORE_LINEARS), "output_layer._extra_state", _MCORE_TE_MOE_LAYER, tuple(_MCORE_MOE_LINEARS),
+               tuple(_MCORE_SHARED_EXPERT_LINEARS)),
         Naming("legacy", ("language_model.encoder.layers.", "language_model.transformer.layers."),
                _LEGACY_LAYER, _LEGACY_GLOBAL, ("word_embeddings_for_head.weight",), tuple(_LEGACY_LINEARS)),
     )

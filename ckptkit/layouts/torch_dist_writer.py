@@ -6,7 +6,7 @@ or choosing the writer does not import ``torch.distributed.checkpoint`` (0.6-0.9
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,8 +14,8 @@ import torch
 from ..errors import BadInput, InternalError, Unsupported
 from ..plan import Plan, PlannedFile
 from ..spec import ModelSpec, canonical_tensors, check_parallel_sizes, rule_for
-from .base import CheckpointReader, CheckpointWriter, compare_with_plan
-from .megatron_common import TargetLayout, check_tracker, write_tracker
+from .base import CheckpointReader, compare_with_plan
+from .megatron_common import MegatronWriter, TargetLayout, check_tracker
 from .torch_dist_folders import CONFIG_FILE, DCP_METADATA, NAME
 from .tracker import TRACKER
 
@@ -27,22 +27,15 @@ class _DistPlan:
 
 
 @dataclass(frozen=True)
-class TorchDistWriter(CheckpointWriter):
+class TorchDistWriter(MegatronWriter):
     """A ``torch_dist`` checkpoint at ``target``'s sizes, saved by one process (the data
     files are named by the saver as it goes, so the plan is one entry for the folder)."""
 
-    target: TargetLayout
-    keep_source_args: bool = False
-
-    def _target_for(self, reader: CheckpointReader) -> TargetLayout:
-        return replace(self.target, dtype=self.target.dtype or reader.meta.dtype,
-                       args_base=reader.meta.args if self.keep_source_args else None)
-
     def plan(self, reader: CheckpointReader) -> Plan:
-        spec, target = reader.spec, self._target_for(reader)
+        spec, target = reader.spec, self.target_for(reader)
         if target.naming == "legacy":
             raise Unsupported("torch_dist output needs Megatron-Core names: choose naming mcore-local or mcore-te")
-        check_parallel_sizes(spec, target.tp, target.pp, target.vpp)
+        check_parallel_sizes(spec, target.tp, target.pp, target.vpp, target.ep, target.etp)
         padded = target.padded_vocab(spec)
         element = torch.empty((), dtype=target.dtype).element_size()
         tensors = canonical_tensors(spec)
@@ -57,10 +50,6 @@ class TorchDistWriter(CheckpointWriter):
         from . import torch_dist
 
         return torch_dist.write(reader, Path(out), plan.detail.target, progress=progress, finish=False)
-
-    def finish(self, reader, plan, out) -> list[str]:
-        write_tracker(Path(out), self.target)
-        return [TRACKER]
 
     def check(self, plan, out, label) -> None:
         """The tracker, the data files the metadata names, and every tensor's key, dtype and
@@ -79,7 +68,8 @@ class TorchDistWriter(CheckpointWriter):
             torch_dist.TorchDistReader._check_data_files(folder, metadata)
         except BadInput as error:
             raise InternalError(f"{where}: written checkpoint does not read back ({error})") from None
-        items, _ = torch_dist.plan_items(spec, target.tp, target.padded_vocab(spec), target.dtype)
+        items, _ = torch_dist.plan_items(spec, target.tp, target.padded_vocab(spec), target.dtype, etp=target.etp,
+                                         naming=target.naming)
         planned = {item.index.fqn: (target.dtype, tuple(item.tensor_data.size)) for item in items}
         stored = metadata.state_dict_metadata
         found = {key: (entry.properties.dtype, tuple(entry.size)) for key, entry in stored.items()

@@ -1,10 +1,15 @@
 """Finding Megatron per-rank files: the iteration folder, its rank folders, a ``.zip`` of them.
 
-``mp_rank_TT`` with PP=1, ``mp_rank_TT_PPP`` otherwise; each holds ``model_optim_rng.pt``.
-Layout and reader are detected from the folders alone (no file is opened).
+``mp_rank_TT`` with PP=1, ``mp_rank_TT_PPP`` otherwise, and ``_EEE`` after either with
+expert parallelism (megatron/training/checkpointing.py, ``get_checkpoint_name``); each
+holds ``model_optim_rng.pt``. Layout and reader are detected from the folders alone (no
+file is opened); which sizes the names mean (``mp_rank_00_001`` is PP stage 1, or EP rank
+1 with PP=1) comes from the args.
 
 >>> rank_dir_name(1, 0, pp_size=2)
 'mp_rank_01_000'
+>>> rank_dir_name(1, 0, pp_size=1, ep_rank=3, ep_size=4)
+'mp_rank_01_003'
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ...errors import BadInput, Unsupported
+from ...errors import BadInput
 from ..tracker import TRACKER, locate_iteration_folder
 
 NAME = "megatron-legacy"
@@ -23,11 +28,11 @@ RANK_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
-def rank_dir_name(tp_rank: int, pp_stage: int, pp_size: int) -> str:
-    """``mp_rank_TT`` with PP=1, ``mp_rank_TT_PPP`` otherwise (Megatron's spelling)."""
-    if pp_size == 1:
-        return f"mp_rank_{tp_rank:02d}"
-    return f"mp_rank_{tp_rank:02d}_{pp_stage:03d}"
+def rank_dir_name(tp_rank: int, pp_stage: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """``mp_rank_TT`` with PP=1, ``mp_rank_TT_PPP`` otherwise, then ``_EEE`` with EP > 1
+    (Megatron's spelling)."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_stage:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
 
 
 def _has_rank_dirs(path: Path) -> bool:
@@ -89,16 +94,16 @@ def scan_ranks(folder: Path) -> dict:
         raise BadInput(f"{folder}: no mp_rank_* folders")
     return ranks
 
-def check_rank_set(folder: Path, ranks: dict, tp: int, pp: int) -> None:
-    """Exactly the rank folders (and files) that TP x PP ranks write."""
-    expected = {rank_dir_name(t, p, pp) for t in range(tp) for p in range(pp)}
+def check_rank_set(folder: Path, ranks: dict, tp: int, pp: int, ep: int = 1) -> None:
+    """Exactly the rank folders (and files) that TP x PP x EP ranks write."""
+    expected = {rank_dir_name(t, p, pp, e, ep) for t in range(tp) for p in range(pp) for e in range(ep)}
+    sizes = f"TP={tp}, PP={pp}" + (f", EP={ep}" if ep > 1 else "")
     missing = sorted(expected - set(ranks))
     if missing:
-        raise BadInput(f"{folder / missing[0]}: rank folder missing (args say TP={tp}, PP={pp})")
+        raise BadInput(f"{folder / missing[0]}: rank folder missing (args say {sizes})")
     extra = sorted(set(ranks) - expected)
     if extra:
-        raise Unsupported(f"{folder / extra[0]}: unexpected rank folder for TP={tp}, PP={pp} "
-                          "(expert-parallel layouts are not supported yet)")
+        raise BadInput(f"{folder / extra[0]}: unexpected rank folder for {sizes} (args)")
     for name in sorted(expected):
         path = folder / name / RANK_FILE
         if not path.is_file():

@@ -50,7 +50,8 @@ class _RankFiles:
     Only the pickle is loaded up front (``map_location="meta"``): each tensor comes back
     on the meta device with its storage's byte offset in the file, and :meth:`read` fills
     a fresh tensor from the file with explicit reads. Files torch cannot give offsets for
-    are memory-mapped instead.
+    are memory-mapped instead. With expert parallelism (``ep`` > 1) these are the files of
+    one EP rank, ``ep_rank``.
     """
 
     folder: Path
@@ -60,9 +61,11 @@ class _RankFiles:
     loaded: dict = field(default_factory=dict)
     full_states: dict = field(default_factory=dict)
     descriptors: dict = field(default_factory=dict)
+    ep: int = 1
+    ep_rank: int = 0
 
     def path(self, tp_rank: int, pp_stage: int) -> Path:
-        return self.folder / rank_dir_name(tp_rank, pp_stage, self.pp) / RANK_FILE
+        return self.folder / rank_dir_name(tp_rank, pp_stage, self.pp, self.ep_rank, self.ep) / RANK_FILE
 
     def _load(self, path: Path, map_location: str) -> dict:
         state = safe_torch_load(path, trust_remote_pickle=self.trust_remote_pickle, map_location=map_location)

@@ -2,26 +2,29 @@
 
 Every canonical tensor is found in the files of its pipeline stage (layer indices made
 global) and merged from its TP ranks' pieces into the boxes its partition rule gives
-each rank. :meth:`MegatronLegacyReader.validate` checks the files against each other and
-compares the copies Megatron keeps of some tensors (:mod:`ckptkit.layouts.copies`).
+each rank. With expert parallelism each stage has a file per (TP rank, EP rank): an
+expert's pieces come from its EP rank's files (local expert indices made global), every
+other tensor from EP rank 0's, the other EP ranks holding copies.
+:meth:`MegatronLegacyReader.validate` checks the files against each other and compares
+the copies Megatron keeps of some tensors (:mod:`ckptkit.layouts.copies`).
 """
 from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ...errors import BadInput
+from ...errors import BadInput, Unsupported
 from ...megatron_args import spec_from_args
 from ...rules import box_slices
 from ...safe_load import safe_torch_load
 from ...spec import CanonicalTensor, rule_for
 from .. import copies
 from ..base import CheckpointMeta, CheckpointReader
-from ..megatron_common import parallel_sizes, refuse_experts, source_iteration
+from ..megatron_common import parallel_sizes, source_iteration
 from ..megatron_names import Naming, detect_naming
 from .discovery import NAME, RANK_FILE, _extract_zip, check_rank_set, locate_iteration_dir, scan_ranks
 from .files import _model_chunks, _offsets_known, _RankFiles
@@ -32,6 +35,7 @@ class _Location:
     pp_stage: int
     chunk: int
     file_key: str
+    ep_rank: int = 0  # the expert-parallel rank whose files hold it (any, for a non-expert tensor)
 
 
 def _worst(differences: list[float], first_rank: int) -> tuple[float, int]:
@@ -69,14 +73,17 @@ class MegatronLegacyReader(CheckpointReader):
         if args is None:
             raise BadInput(f"{first_file}: no 'args' entry; cannot tell the architecture")
         sizes = parallel_sizes(args)
-        tp, pp = sizes.tp, sizes.pp
-        refuse_experts(args, first_file)
-        check_rank_set(folder, ranks, tp, pp)
-        self.files = _RankFiles(folder, tp, pp, trust_remote_pickle)
+        tp, pp, ep = sizes.tp, sizes.pp, sizes.ep
+        check_rank_set(folder, ranks, tp, pp, ep)
+        # One set of files per EP rank; ``files`` is EP rank 0's (all of them without experts).
+        self.ep_files = [_RankFiles(folder, tp, pp, trust_remote_pickle, ep=ep, ep_rank=ep_rank)
+                         for ep_rank in range(ep)]
+        self.files = self.ep_files[0]
         first_chunks = _model_chunks(first, first_file)
         if _offsets_known(first_chunks):
             self.files.loaded[(0, 0)] = (first, first_chunks)
         self.spec = spec_from_args(args, vocab_size=vocab_size, source=str(first_file))
+        _check_expert_sizes(self.spec, sizes, first_file)
         version = float(first.get("checkpoint_version", 0) or 0)
         iteration = source_iteration(iteration, release, first)
         chunks = self.files.chunks(0, 0)
@@ -88,11 +95,11 @@ class MegatronLegacyReader(CheckpointReader):
         self.index, self.tied_head_location, layer_counts = self._build_index(len(chunks))
         embedding = self._shard("embedding.word_embeddings.weight", 0)
         self.meta = CheckpointMeta(
-            layout=NAME, path=self.source, dtype=embedding.dtype, tp=tp, pp=pp, vpp=len(chunks), ep=sizes.ep,
+            layout=NAME, path=self.source, dtype=embedding.dtype, tp=tp, pp=pp, vpp=len(chunks), ep=ep, etp=sizes.etp,
             iteration=iteration, release=release, checkpoint_version=version, naming=naming.name,
             padded_vocab_size=embedding.shape[0] * tp,
             make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", None),
-            args=args, files=[str(self.files.path(t, p)) for p in range(pp) for t in range(tp)],
+            args=args, files=[str(files.path(t, p)) for p in range(pp) for files in self.ep_files for t in range(tp)],
         )
         self.layer_counts = layer_counts
         total_layers = sum(layer_counts.values())
@@ -106,28 +113,37 @@ class MegatronLegacyReader(CheckpointReader):
     # -- the index
 
     def _build_index(self, num_chunks: int):
-        """Map canonical names to (stage, chunk, key), making layer indices global."""
-        pp = self.files.pp
+        """Map canonical names to (stage, chunk, key, EP rank), making layer and expert indices
+        global. Non-expert tensors are indexed in EP rank 0's files (the other EP ranks' copies
+        are compared by :meth:`validate`), each expert in its EP rank's."""
+        pp, ep = self.files.pp, len(self.ep_files)
+        per_rank = self.spec.num_experts // ep if self.spec.num_experts else 0
         per_chunk = {}
         for pp_stage in range(pp):
-            chunks = self.files.chunks(0, pp_stage)
-            if len(chunks) != num_chunks:
-                raise BadInput(f"{self.files.path(0, pp_stage)}: {len(chunks)} model chunks; "
-                               f"stage 0 has {num_chunks}")
-            for chunk, state in enumerate(chunks):
-                parsed = {}
-                for key in state:
-                    if key.endswith("._extra_state"):
-                        continue
-                    found = self.naming.parse(key)
-                    if found is None:
-                        raise BadInput(f"{self.files.path(0, pp_stage)}: unknown tensor {key!r} "
-                                       f"for naming {self.naming.name}")
-                    parsed[key] = found
-                per_chunk[(pp_stage, chunk)] = parsed
+            for ep_rank in range(ep):
+                files = self.ep_files[ep_rank]
+                chunks = files.chunks(0, pp_stage)
+                if len(chunks) != num_chunks:
+                    raise BadInput(f"{files.path(0, pp_stage)}: {len(chunks)} model chunks; "
+                                   f"stage 0 has {num_chunks}")
+                for chunk, state in enumerate(chunks):
+                    parsed = per_chunk.setdefault((pp_stage, chunk), {})
+                    for key in state:
+                        if key.endswith("._extra_state"):
+                            continue
+                        found = self.naming.parse(key)
+                        if found is None:
+                            raise BadInput(f"{files.path(0, pp_stage)}: unknown tensor {key!r} "
+                                           f"for naming {self.naming.name}")
+                        if found[2] is not None and not 0 <= found[2] < per_rank:
+                            raise BadInput(f"{files.path(0, pp_stage)}: {key} names local expert "
+                                           f"{found[2]}; EP={ep} ranks of {self.spec.num_experts} experts hold "
+                                           f"{per_rank} each")
+                        if found[2] is not None or ep_rank == 0:
+                            parsed[(ep_rank, key)] = found
         layer_counts = {}
         for place, parsed in per_chunk.items():
-            layers = [layer for _, layer in parsed.values() if layer is not None]
+            layers = [layer for _, layer, _ in parsed.values() if layer is not None]
             layer_counts[place] = max(layers) + 1 if layers else 0
         # virtual stage s = chunk x PP + stage holds the next contiguous block of layers
         offsets, running = {}, 0
@@ -138,17 +154,19 @@ class MegatronLegacyReader(CheckpointReader):
         index, tied_head = {}, None
         last_place = (pp - 1, num_chunks - 1)
         for place, parsed in per_chunk.items():
-            for key, (suffix, layer) in parsed.items():
-                location = _Location(place[0], place[1], key)
+            for (ep_rank, key), (suffix, layer, local_expert) in parsed.items():
+                location = _Location(place[0], place[1], key, ep_rank)
                 if layer is None:
                     name = suffix
                     if name == "output_layer.weight" and self.spec.tied_embeddings:
                         tied_head = location  # the last stage's copy of the embeddings
                         continue
                 else:
+                    if local_expert is not None:
+                        suffix = suffix.format(expert=ep_rank * per_rank + local_expert)
                     name = f"decoder.layers.{offsets[place] + layer}.{suffix}"
                 if name in index:
-                    raise BadInput(f"{self.files.path(0, place[0])}: tensor {name} appears twice")
+                    raise BadInput(f"{self.ep_files[ep_rank].path(0, place[0])}: tensor {name} appears twice")
                 index[name] = location
         if self.spec.tied_embeddings and pp * num_chunks > 1 and tied_head is None and \
                 "output_layer.weight" not in index:
@@ -163,8 +181,9 @@ class MegatronLegacyReader(CheckpointReader):
         return self._shard_at(location, tp_rank, name)
 
     def _shard_at(self, location: _Location, tp_rank: int, name: str) -> torch.Tensor:
-        chunks = self.files.chunks(tp_rank, location.pp_stage)
-        path = self.files.path(tp_rank, location.pp_stage)
+        files = self.ep_files[location.ep_rank]
+        chunks = files.chunks(tp_rank, location.pp_stage)
+        path = files.path(tp_rank, location.pp_stage)
         if location.chunk >= len(chunks) or location.file_key not in chunks[location.chunk]:
             raise BadInput(f"{path}: tensor {location.file_key} missing (present on TP rank 0)")
         value = chunks[location.chunk][location.file_key]
@@ -202,7 +221,7 @@ class MegatronLegacyReader(CheckpointReader):
         rule = self._rule(canonical)
         stored = self._stored_shards(name)
         self._check_shard_shapes(canonical, stored)
-        pp_stage = self.index[name].pp_stage
+        location = self.index[name]
         shape = rule.full_shape(canonical.shape)
         merged = torch.empty(shape, dtype=stored[0].dtype)
         filled = set()
@@ -211,10 +230,11 @@ class MegatronLegacyReader(CheckpointReader):
             if filled.issuperset(boxes):
                 continue
             filled.update(boxes)
-            self._place(tp_rank, pp_stage, shard, rule, boxes, merged)
+            self._place(tp_rank, location, shard, rule, boxes, merged)
         return merged
 
-    def _place(self, tp_rank: int, pp_stage: int, stored: torch.Tensor, rule, boxes, merged: torch.Tensor) -> None:
+    def _place(self, tp_rank: int, location: _Location, stored: torch.Tensor, rule, boxes,
+               merged: torch.Tensor) -> None:
         """Put one rank's stored piece (its boxes, concatenated along dim 0) into ``merged``.
 
         Where every box is a block of whole rows, its rows are read from the file straight
@@ -223,15 +243,17 @@ class MegatronLegacyReader(CheckpointReader):
         the piece is read, then copied into its boxes.
         """
         targets = [merged[box_slices(box)] for box in boxes]
-        straight = self.meta.checkpoint_version >= 2.0 and self.files.can_read_rows(stored) and \
+        files = self.ep_files[location.ep_rank]
+        straight = self.meta.checkpoint_version >= 2.0 and files.can_read_rows(stored) and \
             all(target.is_contiguous() for target in targets)
         if straight:
             row = 0
             for target in targets:
-                self.files.read_rows_into(tp_rank, pp_stage, stored, range(row, row + target.shape[0]), target)
+                files.read_rows_into(tp_rank, location.pp_stage, stored, range(row, row + target.shape[0]), target)
                 row += target.shape[0]
             return
-        piece = rule.from_checkpoint_version(self.files.read(tp_rank, pp_stage, stored), self.meta.checkpoint_version)
+        piece = rule.from_checkpoint_version(files.read(tp_rank, location.pp_stage, stored),
+                                             self.meta.checkpoint_version)
         row = 0
         for target in targets:
             if target.dim() == 0:
@@ -243,47 +265,62 @@ class MegatronLegacyReader(CheckpointReader):
     def _expected_shard_shape(self, canonical: CanonicalTensor) -> tuple:
         return self._rule(canonical).shard_shape(canonical.shape, self.files.tp)
 
-    def _check_shard_shapes(self, canonical: CanonicalTensor, shards) -> None:
+    def _check_shard_shapes(self, canonical: CanonicalTensor, shards, location: _Location | None = None) -> None:
         expected = self._expected_shard_shape(canonical)
-        location = self.index[canonical.name]
+        location = location or self.index[canonical.name]
         for tp_rank, shard in enumerate(shards):
             if tuple(shard.shape) != expected:
-                path = self.files.path(tp_rank, location.pp_stage)
+                path = self.ep_files[location.ep_rank].path(tp_rank, location.pp_stage)
                 raise BadInput(f"{path}: {location.file_key} has shape {tuple(shard.shape)}; expected "
                                f"{expected} for TP={self.files.tp}")
             if shard.dtype != shards[0].dtype:
-                path = self.files.path(tp_rank, location.pp_stage)
+                path = self.ep_files[location.ep_rank].path(tp_rank, location.pp_stage)
                 raise BadInput(f"{path}: {location.file_key} has dtype {shard.dtype}; TP rank 0 has "
                                f"{shards[0].dtype}")
 
-    def _row_reader(self, tp_rank: int, pp_stage: int, stored: torch.Tensor) -> copies.ReadRows:
-        return lambda rows: self.files.read_rows(tp_rank, pp_stage, stored, rows)
+    def _row_reader(self, tp_rank: int, pp_stage: int, stored: torch.Tensor, ep_rank: int = 0) -> copies.ReadRows:
+        files = self.ep_files[ep_rank]
+        return lambda rows: files.read_rows(tp_rank, pp_stage, stored, rows)
 
-    def _compare_copies(self, canonical: CanonicalTensor, stored: list[torch.Tensor],
-                        report: copies.CopyReport) -> None:
-        """Ranks whose rule gives them the same boxes hold copies (every rank, for a replicated
-        tensor): compare each with the first rank's, a chunk at a time."""
+    def _copy_locations(self, canonical: CanonicalTensor) -> list[_Location]:
+        """Where the copies of a tensor are, one location per EP rank holding it: an expert's
+        EP rank, or every EP rank for any other tensor (replicated over expert parallelism)."""
+        location = self.index[canonical.name]
+        if canonical.expert is not None:
+            return [location]
+        return [replace(location, ep_rank=ep_rank) for ep_rank in range(len(self.ep_files))]
+
+    def _compare_copies(self, canonical: CanonicalTensor, report: copies.CopyReport) -> None:
+        """Ranks whose rule gives them the same boxes hold copies (every TP rank, for a
+        replicated tensor; every EP rank, for a tensor that is not an expert's): compare each
+        with the first rank's, a chunk at a time."""
         rule = self._rule(canonical)
         shape = rule.full_shape(canonical.shape)
-        holders: dict[tuple, list[int]] = {}
-        for tp_rank in range(self.files.tp):
-            holders.setdefault(tuple(rule.boxes(shape, self.files.tp, tp_rank)), []).append(tp_rank)
+        holders: dict[tuple, list[tuple[int, _Location]]] = {}
+        for location in self._copy_locations(canonical):
+            stored = [self._shard_at(location, tp_rank, canonical.name) for tp_rank in range(self.files.tp)]
+            self._check_shard_shapes(canonical, stored, location)
+            for tp_rank in range(self.files.tp):
+                holders.setdefault(tuple(rule.boxes(shape, self.files.tp, tp_rank)), []).append((tp_rank, location))
         groups = [ranks for ranks in holders.values() if len(ranks) > 1]
         if not groups:
             return
-        location = self.index[canonical.name]
         worst = (0.0, groups[0][1], groups[0][0])
         for first, *others in groups:
-            readers = [self._row_reader(tp_rank, location.pp_stage, stored[tp_rank]) for tp_rank in (first, *others)]
-            differences = copies.largest_differences(readers[0], readers[1:], tuple(stored[first].shape),
-                                                     stored[first].element_size())
+            readers = [self._row_reader(tp_rank, location.pp_stage, self._shard_at(location, tp_rank, canonical.name),
+                                        location.ep_rank) for tp_rank, location in (first, *others)]
+            reference = self._shard_at(first[1], first[0], canonical.name)
+            differences = copies.largest_differences(readers[0], readers[1:], tuple(reference.shape),
+                                                     reference.element_size())
             difference, index = _worst(differences, first_rank=0)
             if not difference <= worst[0]:  # NaN counts as the worst
                 worst = (difference, others[index], first)
-        difference, tp_rank, reference = worst
-        report.record(difference, f"{self.files.path(tp_rank, location.pp_stage)}: replicated tensor "
-                                  f"{location.file_key} differs across TP ranks (max abs diff {difference:.3g} "
-                                  f"against TP rank {reference}'s copy)")
+        difference, (tp_rank, location), (reference_tp, reference_location) = worst
+        across = f"TP ranks (max abs diff {difference:.3g} against TP rank {reference_tp}'s copy)" \
+            if location.ep_rank == reference_location.ep_rank else \
+            f"EP ranks (max abs diff {difference:.3g} against EP rank {reference_location.ep_rank}'s copy)"
+        report.record(difference, f"{self.ep_files[location.ep_rank].path(tp_rank, location.pp_stage)}: replicated "
+                                  f"tensor {location.file_key} differs across {across}")
 
     def _compare_tied_head(self, report: copies.CopyReport) -> None:
         """The last stage's output-head copy against the first stage's word embeddings, rank by rank."""
@@ -311,37 +348,54 @@ class MegatronLegacyReader(CheckpointReader):
         the first one in strict mode)."""
         for pp_stage in range(self.files.pp):
             reference = self.files.chunks(0, pp_stage)
-            for tp_rank in range(1, self.files.tp):
-                chunks = self.files.chunks(tp_rank, pp_stage)
+            for tp_rank, ep_rank in [(t, e) for e in range(len(self.ep_files)) for t in range(self.files.tp)][1:]:
+                chunks = self.ep_files[ep_rank].chunks(tp_rank, pp_stage)
+                path = self.ep_files[ep_rank].path(tp_rank, pp_stage)
+                first = "TP rank 0" if ep_rank == 0 else "TP rank 0 of EP rank 0"
+                if len(chunks) != len(reference):
+                    raise BadInput(f"{path}: {len(chunks)} model chunks; {first} has {len(reference)}")
                 for chunk, (mine, theirs) in enumerate(zip(reference, chunks)):
                     missing = sorted(set(mine) - set(theirs))
                     if missing:
-                        raise BadInput(f"{self.files.path(tp_rank, pp_stage)}: tensor {missing[0]} missing "
-                                       "(present on TP rank 0)")
+                        raise BadInput(f"{path}: tensor {missing[0]} missing (present on {first})")
                     extra = sorted(set(theirs) - set(mine))
                     if extra:
-                        raise BadInput(f"{self.files.path(tp_rank, pp_stage)}: unexpected tensor {extra[0]}")
+                        raise BadInput(f"{path}: unexpected tensor {extra[0]}")
         report = copies.CopyReport(self.strict)
         for canonical in self.canonical():
-            stored = self._stored_shards(canonical.name)
-            self._check_shard_shapes(canonical, stored)
-            self._compare_copies(canonical, stored, report)
+            self._compare_copies(canonical, report)
         if self.tied_head_location is not None:
             self._compare_tied_head(report)
-        summary = report.summary(self.files.folder, used="TP rank 0's copies of replicated tensors and the "
-                                                         "first stage's word embeddings are used")
+        summary = report.summary(self.files.folder, used="TP rank 0's copies of replicated tensors (EP rank 0's "
+                                                         "of tensors that are not experts') and the first stage's "
+                                                         "word embeddings are used" if len(self.ep_files) > 1 else
+                                 "TP rank 0's copies of replicated tensors and the first stage's word embeddings "
+                                 "are used")
         return [summary] if summary else []
 
-    def rank_state(self, tp_rank: int, pp_stage: int) -> dict:
+    def rank_state(self, tp_rank: int, pp_stage: int, ep_rank: int = 0) -> dict:
         """The whole loaded dict of one rank file (args, optimizer, rng_state, ...)."""
-        return self.files.state(tp_rank, pp_stage)
+        return self.ep_files[ep_rank].state(tp_rank, pp_stage)
 
     def close(self) -> None:
-        if hasattr(self, "files"):
-            self.files.close()
+        for files in getattr(self, "ep_files", []):
+            files.close()
         if self._temporary is not None:
             shutil.rmtree(self._temporary, ignore_errors=True)
             self._temporary = None
+
+
+def _check_expert_sizes(spec, sizes, where: Path) -> None:
+    """Per-rank files of a mixture of experts are read where the experts are cut over the TP
+    ranks (ETP = TP, Megatron's default) and EP divides the experts."""
+    if not spec.num_experts:
+        return
+    if sizes.etp != sizes.tp:
+        raise Unsupported(f"{where}: expert tensor parallel size ETP={sizes.etp} differs from TP={sizes.tp}: "
+                          "which per-rank file holds which piece of an expert is not confirmed on real files "
+                          "(per-rank files with ETP = TP, and torch_dist at any ETP, are read)")
+    if spec.num_experts % sizes.ep:
+        raise BadInput(f"{where}: EP={sizes.ep} does not divide {spec.num_experts} experts (args)")
 
 
 def open_reader(path, **options) -> MegatronLegacyReader:

@@ -1,25 +1,27 @@
 """Writing Megatron per-rank files: the plan (which rank file holds which canonical tensor
 under which key, :func:`plan_files`), then a streaming write, one pipeline stage at a time
-(:func:`write`). What both Megatron formats share (target, args, tracker) is in
+(:func:`write`). With expert parallelism a stage has a file per (TP rank, EP rank): each
+holds the stage's other tensors (the same on every EP rank) and its EP rank's experts under
+local indices. What both Megatron formats share (target, args, tracker) is in
 :mod:`ckptkit.layouts.megatron_common`.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ...errors import BadInput, InternalError
+from ...errors import BadInput, InternalError, Unsupported
 from ...plan import Plan, PlannedFile
 from ...safe_load import safe_torch_load
 from ...spec import ModelSpec, canonical_tensors, check_parallel_sizes, rule_for
 from ...torch_stream import StreamingTorchWriter
-from ..base import CheckpointReader, CheckpointWriter, compare_with_plan
-from ..megatron_common import (WRITE_CHECKPOINT_VERSION, TargetLayout, check_tracker, target_args,
-                               write_tracker)
+from ..base import CheckpointReader, compare_with_plan
+from ..megatron_common import (WRITE_CHECKPOINT_VERSION, MegatronWriter, TargetLayout, check_tracker,
+                               target_args, write_tracker)
 from ..megatron_names import NAMINGS
 from ..tracker import TRACKER
 from .discovery import NAME, RANK_FILE, rank_dir_name
@@ -41,6 +43,7 @@ class PlannedRankFile:
     pp_stage: int
     chunks: list[list[PlannedTensor]]
     extra_state_keys: list[list[str]]
+    ep_rank: int = 0
 
 
 def stage_layers(spec: ModelSpec, pp: int, vpp: int) -> dict[tuple[int, int], range]:
@@ -53,19 +56,30 @@ def stage_layers(spec: ModelSpec, pp: int, vpp: int) -> dict[tuple[int, int], ra
             for virtual in range(pp * vpp)}
 
 
+def check_expert_target(spec: ModelSpec, target: TargetLayout) -> None:
+    """Refuse expert layouts per-rank files cannot hold (one line each)."""
+    check_parallel_sizes(spec, target.tp, target.pp, target.vpp, target.ep, target.etp)
+    if spec.num_experts and target.expert_tp != target.tp:
+        raise Unsupported(f"per-rank files with expert tensor parallel size ETP={target.expert_tp} other than "
+                          f"TP={target.tp}: which rank file holds which piece of an expert is not confirmed on "
+                          "real files; write torch_dist (--format torch_dist) or leave ETP at TP")
+
+
 def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
     """Every rank file to write and the canonical tensor behind each of its keys."""
-    check_parallel_sizes(spec, target.tp, target.pp, target.vpp)
+    check_expert_target(spec, target)
     if target.naming not in NAMINGS:
         raise BadInput(f"unknown naming {target.naming!r} (choose from {', '.join(NAMINGS)})")
     naming = NAMINGS[target.naming]
+    experts_per_rank = spec.num_experts // target.ep if spec.num_experts else 0
     layers_of = stage_layers(spec, target.pp, target.vpp)
     canonical = canonical_tensors(spec)
     embedding = next(tensor for tensor in canonical if tensor.name == "embedding.word_embeddings.weight")
     last = (target.pp - 1, target.vpp - 1)
     plan = []
     for pp_stage in range(target.pp):
-        for tp_rank in range(target.tp):
+        for ep_rank, tp_rank in [(e, t) for e in range(target.ep) for t in range(target.tp)]:
+            first_expert = ep_rank * experts_per_rank
             chunks, extra_states = [], []
             for chunk in range(target.vpp):
                 place = (pp_stage, chunk)
@@ -75,8 +89,12 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
                     if tensor.layer is not None:
                         if tensor.layer not in layers:
                             continue
+                        if tensor.expert is not None and \
+                                not first_expert <= tensor.expert < first_expert + experts_per_rank:
+                            continue  # another EP rank's expert
                         suffix = tensor.name.split(".", 3)[3]
-                        key = naming.file_name(suffix, tensor.layer - layers.start)
+                        key = naming.file_name(suffix, tensor.layer - layers.start,
+                                               moe_layer=spec.is_moe_layer(tensor.layer), expert_offset=first_expert)
                         entries.append(PlannedTensor(key, tensor.name, tensor.rule))
                         continue
                     first_stage_tensor = tensor.name.startswith("embedding.")
@@ -90,14 +108,16 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
                     entries.append(PlannedTensor(naming.tied_head[0], "output_layer.weight", embedding.rule,
                                                  copy_of=embedding.name))
                 for layer in layers:
-                    extra += naming.extra_state_names(layer - layers.start)
+                    extra += naming.extra_state_names(layer - layers.start, moe_layer=spec.is_moe_layer(layer),
+                                                      local_experts=experts_per_rank,
+                                                      shared_expert=bool(spec.moe_shared_expert_size))
                 head_present = place == last and (not spec.tied_embeddings or target.pp * target.vpp > 1)
                 if head_present and naming.head_extra_state:
                     extra.append(naming.head_extra_state)
                 chunks.append(entries)
                 extra_states.append(extra)
-            relative = f"{rank_dir_name(tp_rank, pp_stage, target.pp)}/{RANK_FILE}"
-            plan.append(PlannedRankFile(relative, tp_rank, pp_stage, chunks, extra_states))
+            relative = f"{rank_dir_name(tp_rank, pp_stage, target.pp, ep_rank, target.ep)}/{RANK_FILE}"
+            plan.append(PlannedRankFile(relative, tp_rank, pp_stage, chunks, extra_states, ep_rank))
     return plan
 
 
@@ -141,19 +161,11 @@ class _RankFilesPlan:
 
 
 @dataclass(frozen=True)
-class RankFilesWriter(CheckpointWriter):
-    """Megatron per-rank files at ``target``'s sizes. With ``keep_source_args`` the args are
-    the source checkpoint's (resharding keeps its training settings), updated to the target."""
-
-    target: TargetLayout
-    keep_source_args: bool = False
-
-    def _target_for(self, reader: CheckpointReader) -> TargetLayout:
-        return replace(self.target, dtype=self.target.dtype or reader.meta.dtype,
-                       args_base=reader.meta.args if self.keep_source_args else None)
+class RankFilesWriter(MegatronWriter):
+    """Megatron per-rank files at ``target``'s sizes."""
 
     def plan(self, reader: CheckpointReader) -> Plan:
-        spec, target = reader.spec, self._target_for(reader)
+        spec, target = reader.spec, self.target_for(reader)
         entries = plan_files(spec, target)
         element = torch.empty((), dtype=target.dtype).element_size()
         files = [PlannedFile(f"{target.folder_name}/{entry.relative_path}",
@@ -161,16 +173,13 @@ class RankFilesWriter(CheckpointWriter):
                                  for shape in chunk.values()),
                              tuple(planned.copy_of or planned.canonical for chunk in entry.chunks for planned in chunk))
                  for entry in entries]
-        # The writer reads each tensor of a stage once for all its TP ranks.
-        reads = sum(len(planned.tensors) for planned, entry in zip(files, entries) if entry.tp_rank == 0)
+        # The writer reads each tensor of a stage once for all its TP (and EP) ranks.
+        reads = sum(len(_stage_reads([entry for entry in entries if entry.pp_stage == pp_stage], spec))
+                    for pp_stage in range(target.pp))
         return Plan(target.summary(NAME), files, [TRACKER], reads=reads, detail=_RankFilesPlan(spec, target, entries))
 
     def write(self, reader, plan, out, files=None, progress=None) -> list[str]:
-        return write(reader, Path(out), self._target_for(reader), progress=progress, only=files, finish=False)
-
-    def finish(self, reader, plan, out) -> list[str]:
-        write_tracker(Path(out), self.target)
-        return [TRACKER]
+        return write(reader, Path(out), plan.detail.target, progress=progress, only=files, finish=False)
 
     def check(self, plan, out, label) -> None:
         """The tracker, and every rank file's pickle (no tensor data): exactly the planned keys,
@@ -195,12 +204,27 @@ class RankFilesWriter(CheckpointWriter):
                 compare_with_plan(where, found, planned)
 
 
+def _stage_reads(stage_files: list[PlannedRankFile], spec: ModelSpec) -> list[tuple[int, str, list]]:
+    """The canonical tensors one stage's files need, each once, in canonical order:
+    ``(chunk, canonical name, [(file, planned tensor), ...])``. Every file of the stage
+    holds the same tensors except the experts, which only their EP rank's files hold."""
+    position = {tensor.name: index for index, tensor in enumerate(canonical_tensors(spec))}
+    reads: dict[tuple[int, str], list] = {}
+    for entry in stage_files:
+        for chunk_index, chunk in enumerate(entry.chunks):
+            for planned in chunk:
+                reads.setdefault((chunk_index, planned.canonical), []).append((entry, planned))
+    order = sorted(reads, key=lambda read: (read[0], position.get(read[1], len(position))))
+    return [(chunk_index, name, reads[(chunk_index, name)]) for chunk_index, name in order]
+
+
 def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, progress=None,
           only=None, finish: bool = True) -> list[str]:
     """Write ``reader``'s model as Megatron per-rank files under ``out_dir`` (a fresh folder).
 
     Streams: for each pipeline stage, each canonical tensor is read once, split over the
-    TP ranks, and every piece goes straight to its rank file on disk. Returns the
+    TP ranks, and every piece goes straight to the rank files that hold it (an expert's
+    EP rank's, every EP rank's for the other tensors) on disk. Returns the
     relative paths written. ``only`` (relative paths, as returned) restricts the files
     written, for one worker's share; ``finish=False`` leaves out the tracker file, which
     the process that writes it does once every share is done.
@@ -220,30 +244,29 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
         if not stage_files:
             continue
         writers = {}
-        refs = {entry.tp_rank: [OrderedDict() for _ in entry.chunks] for entry in stage_files}
+        refs = {entry.relative_path: [OrderedDict() for _ in entry.chunks] for entry in stage_files}
         try:
             for entry in stage_files:
                 path = folder / entry.relative_path
                 path.parent.mkdir(parents=True, exist_ok=True)
-                writers[entry.tp_rank] = StreamingTorchWriter(path)
-            template = stage_files[0]
-            for chunk_index, chunk in enumerate(template.chunks):
-                for position, planned in enumerate(chunk):
-                    source_name = planned.copy_of or planned.canonical
-                    rule = rule_for(spec, planned.rule, padded)
-                    full = rule.fit(reader.tensor(source_name).to(dtype))  # no copy when the dtype is already right
-                    # Views of ``full`` where a rank holds one box: a replicated tensor is written from one copy.
-                    pieces = {entry.tp_rank: rule.shard(full, target.tp, entry.tp_rank) for entry in stage_files}
-                    del full
-                    for entry in stage_files:
-                        key = entry.chunks[chunk_index][position].file_key
-                        refs[entry.tp_rank][chunk_index][key] = writers[entry.tp_rank].add_tensor(pieces[entry.tp_rank])
-                    del pieces
-                    if progress:
-                        progress(planned.canonical)
+                writers[entry.relative_path] = StreamingTorchWriter(path)
+            for chunk_index, name, holders in _stage_reads(stage_files, spec):
+                planned = holders[0][1]
+                rule = rule_for(spec, planned.rule, padded)
+                full = rule.fit(reader.tensor(planned.copy_of or name).to(dtype))  # no copy when the dtype is right
+                # Views of ``full`` where a rank holds one box: a replicated tensor is written from one copy.
+                pieces = {tp_rank: rule.shard(full, target.tp, tp_rank)
+                          for tp_rank in sorted({entry.tp_rank for entry, _ in holders})}
+                del full
+                for entry, planned in holders:
+                    refs[entry.relative_path][chunk_index][planned.file_key] = \
+                        writers[entry.relative_path].add_tensor(pieces[entry.tp_rank])
+                del pieces
+                if progress:
+                    progress(name)
             for entry in stage_files:
                 models = []
-                for chunk_index, chunk_refs in enumerate(refs[entry.tp_rank]):
+                for chunk_index, chunk_refs in enumerate(refs[entry.relative_path]):
                     for key in entry.extra_state_keys[chunk_index]:
                         chunk_refs[key] = None
                     models.append(_nest(chunk_refs, target.naming))
@@ -254,7 +277,7 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
                 else:
                     for chunk_index, model in enumerate(models):
                         state[f"model{chunk_index}"] = model
-                writers[entry.tp_rank].finish(state)
+                writers[entry.relative_path].finish(state)
                 written.append(str(Path(folder.name) / entry.relative_path))
         finally:
             for writer in writers.values():

@@ -39,7 +39,8 @@ torch.distributed.checkpoint. This package is the layout's public surface.
 """
 from ..megatron_common import WRITE_CHECKPOINT_VERSION, TargetLayout
 from ..torch_dist_folders import CONFIG_FILE, DCP_METADATA, NAME
-from .keys import COMMON_STATE_KEY, LEGACY_COMMON_FILE, extra_state_key, stored_key
+from .keys import (COMMON_STATE_KEY, LEGACY_COMMON_FILE, StoredPlace, extra_state_key, extra_state_keys,
+                   keys_per_layer, stored_key, stored_place)
 from .metadata import load_pickled_bytes, read_dcp_metadata
 from .read import TorchDistReader, open_reader
 from .regions import _DistFiles, _read_regions, _Region
@@ -48,8 +49,9 @@ from .write import (BACKEND_CONFIG, CONTENT_METADATA, FILE_BUDGET_BYTES, _Bounde
 
 __all__ = [
     "BACKEND_CONFIG", "COMMON_STATE_KEY", "CONFIG_FILE", "CONTENT_METADATA", "DCP_METADATA", "FILE_BUDGET_BYTES",
-    "LEGACY_COMMON_FILE", "NAME", "WRITE_CHECKPOINT_VERSION", "TargetLayout", "TorchDistReader", "extra_state_key",
-    "load_pickled_bytes", "open_reader", "plan_items", "read_dcp_metadata", "stored_key", "write",
+    "LEGACY_COMMON_FILE", "NAME", "WRITE_CHECKPOINT_VERSION", "StoredPlace", "TargetLayout", "TorchDistReader",
+    "extra_state_key", "extra_state_keys", "keys_per_layer", "load_pickled_bytes", "open_reader", "plan_items",
+    "read_dcp_metadata", "stored_key", "stored_place", "write",
     # used by tests to watch reads and writes
     "_BoundedFileSystemWriter", "_DistFiles", "_Region", "_read_regions",
 ]

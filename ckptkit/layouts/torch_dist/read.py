@@ -1,4 +1,6 @@
-"""Reading a Megatron ``torch_dist`` checkpoint as canonical tensors, one layer at a time."""
+"""Reading a Megatron ``torch_dist`` checkpoint as canonical tensors, one layer (and one
+expert) at a time: each canonical tensor is one region read of its stored key, so an
+expert is read alone, never its layer's stack of experts."""
 from __future__ import annotations
 
 import json
@@ -13,10 +15,10 @@ from ...errors import BadInput, Unsupported
 from ...megatron_args import spec_from_args
 from ...spec import CanonicalTensor, canonical_tensors
 from ..base import CheckpointMeta, CheckpointReader
-from ..megatron_common import naming_from_args, parallel_sizes, refuse_experts, source_iteration
+from ..megatron_common import naming_from_args, parallel_sizes, source_iteration
 from ..torch_dist_folders import CONFIG_FILE, DCP_METADATA, NAME, locate_checkpoint_dir
-from .keys import (_EXTRA_STATE, _KNOWN_KEYS, _LAYER_PREFIX, _NON_WEIGHT_PREFIXES, _STORED_SPELLINGS,
-                   COMMON_STATE_KEY, LEGACY_COMMON_FILE)
+from .keys import (_EXTRA_STATE, _NON_WEIGHT_PREFIXES, COMMON_STATE_KEY, LEGACY_COMMON_FILE, StoredPlace,
+                   is_known_key, stored_places)
 from .metadata import load_pickled_bytes, read_dcp_metadata
 from .regions import _DistFiles, _read_regions, _Region
 
@@ -46,7 +48,6 @@ class TorchDistReader(CheckpointReader):
         args = self.common_state.get("args")
         if args is None:
             raise BadInput(f"{folder}: the common state has no 'args' entry; cannot tell the architecture")
-        refuse_experts(args, folder)
         self.spec = spec_from_args(args, vocab_size=vocab_size, source=f"{folder}/{COMMON_STATE_KEY}")
         self._canonical = {tensor.name: tensor for tensor in canonical_tensors(self.spec)}
         self.skipped = self._check_keys()
@@ -55,7 +56,7 @@ class TorchDistReader(CheckpointReader):
         self.meta = CheckpointMeta(
             layout=NAME, path=self.source, dtype=embedding.properties.dtype,
             # TP/PP as the args record them: the tensors are global and load at any TP/PP.
-            tp=sizes.tp, pp=sizes.pp, vpp=sizes.vpp, ep=sizes.ep,
+            tp=sizes.tp, pp=sizes.pp, vpp=sizes.vpp, ep=sizes.ep, etp=sizes.etp,
             iteration=source_iteration(iteration, release, self.common_state), release=release,
             checkpoint_version=self.common_state.get("checkpoint_version"),
             # torch_dist stores TE-style norm names for both implementations, so the naming
@@ -124,11 +125,10 @@ class TorchDistReader(CheckpointReader):
     def _check_keys(self) -> dict[str, list[str]]:
         """Map canonical tensors to stored keys, check shapes; return what is skipped, by kind."""
         stored = self.metadata.state_dict_metadata
-        self._keys = {name: self._stored_key_present(canonical) for name, canonical in self._canonical.items()}
+        self._places = {name: self._stored_place_present(canonical) for name, canonical in self._canonical.items()}
         expected = {}
-        for name, key in self._keys.items():
-            canonical = self._canonical[name]
-            expected[key] = canonical.shape if canonical.layer is None else (self.spec.num_layers, *canonical.shape)
+        for name, place in self._places.items():
+            expected[place.key] = place.global_shape(self._canonical[name].shape)
         skipped: dict[str, list[str]] = {"optimizer": [], "extra_state": [], "other state": [], "tied head": []}
         for key, entry in stored.items():
             if key in expected:
@@ -141,23 +141,22 @@ class TorchDistReader(CheckpointReader):
                 skipped["other state"].append(key)
             elif key == "output_layer.weight" and self.spec.tied_embeddings:
                 skipped["tied head"].append(key)
-            elif key in _KNOWN_KEYS:
+            elif is_known_key(key, moe=bool(self.spec.num_experts)):
                 raise BadInput(f"{self.folder}: unexpected tensor {key} for this {self.spec.family} model "
                                f"(args: add_bias_linear={self.spec.add_bias_linear}, "
                                f"normalization={self.spec.normalization}, "
-                               f"tied embeddings={self.spec.tied_embeddings})")
+                               f"tied embeddings={self.spec.tied_embeddings}{_moe_args(self.spec)})")
             else:
                 raise Unsupported(f"{self.folder}: unknown tensor {key} (shape {tuple(entry.size)}); "
                                   "ckptkit would drop it")
         return skipped
 
-    def _stored_key_present(self, canonical: CanonicalTensor) -> str:
-        target = canonical.name if canonical.layer is None else canonical.name.split(".", 3)[3]
-        candidates = _STORED_SPELLINGS[target]
-        for key in candidates:
-            if key in self.metadata.state_dict_metadata:
-                return key
-        raise BadInput(f"{self.folder}: tensor {candidates[0]} missing from {DCP_METADATA} "
+    def _stored_place_present(self, canonical: CanonicalTensor) -> StoredPlace:
+        candidates = stored_places(self.spec, canonical)
+        for place in candidates:
+            if place.key in self.metadata.state_dict_metadata:
+                return place
+        raise BadInput(f"{self.folder}: tensor {candidates[-1].key} missing from {DCP_METADATA} "
                        f"(needed for {canonical.name})")
 
     def _check_entry(self, key: str, entry, shape: tuple) -> None:
@@ -168,31 +167,38 @@ class TorchDistReader(CheckpointReader):
         if vocab and found[1:] == shape[1:] and found[0] >= shape[0]:
             return  # padded vocabulary rows
         if found != tuple(shape):
-            why = " (stacked over layers)" if key.startswith(_LAYER_PREFIX) else ""
+            axes = [what for what, present in (("layers", self._stacked(key)), ("experts", ".experts.experts." in key))
+                    if present]
+            why = f" (stacked over {' and '.join(axes)})" if axes else ""
             raise BadInput(f"{self.folder}: {key} has global shape {found}; expected {tuple(shape)}{why} "
                            "from the args")
+
+    @staticmethod
+    def _stacked(key: str) -> bool:
+        return key.startswith("decoder.layers.") and not key.split(".")[2].isdigit()
 
     # -- tensors
 
     def stored_key(self, name: str) -> str:
         """The key ``name`` is read from (the stacked key for per-layer tensors)."""
-        if name not in self._keys:
+        return self.stored_place(name).key
+
+    def stored_place(self, name: str) -> StoredPlace:
+        """The key ``name`` is read from, and its indices on the key's layer/expert axes."""
+        if name not in self._places:
             raise BadInput(f"{self.source}: no canonical tensor {name}")
-        return self._keys[name]
+        return self._places[name]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one canonical tensor: one layer's slice of a stacked key, or a whole global tensor."""
-        key = self.stored_key(name)
-        canonical = self._canonical[name]
-        entry = self.metadata.state_dict_metadata[key]
-        shape = tuple(entry.size)
-        if canonical.layer is None:
-            offsets, sizes = (0,) * len(shape), shape
-        else:
-            offsets, sizes = (canonical.layer, *(0,) * (len(shape) - 1)), (1, *shape[1:])
+        """Read one canonical tensor: one region of its stored key (one layer's, one expert's
+        of one layer), or a whole global tensor."""
+        place = self.stored_place(name)
+        entry = self.metadata.state_dict_metadata[place.key]
+        shape = tuple(entry.size)[len(place.index):]
+        offsets, sizes = place.box((0,) * len(shape), shape)
         target = torch.empty(sizes, dtype=entry.properties.dtype)
-        _read_regions(self.files, [_Region(key, offsets, sizes, target)])
-        return target[0] if canonical.layer is not None else target
+        _read_regions(self.files, [_Region(place.key, offsets, sizes, target)])
+        return target.view(shape)
 
     def validate(self) -> list[str]:
         """Check that the stored chunks of every weight tile its global shape; report what is skipped.
@@ -201,7 +207,7 @@ class TorchDistReader(CheckpointReader):
         save plan), so equal volume means full coverage. Each read checks its own region too.
         """
         stored = self.metadata.state_dict_metadata
-        for key in sorted(set(self._keys.values())):
+        for key in sorted({place.key for place in self._places.values()}):
             entry = stored[key]
             total = sum(math.prod(chunk.sizes) for chunk in entry.chunks)
             for chunk in entry.chunks:
@@ -218,6 +224,13 @@ class TorchDistReader(CheckpointReader):
         if self.skipped["tied head"]:
             notes.append(f"{self.folder}: output_layer.weight ignored: the embeddings are tied")
         return notes
+
+
+def _moe_args(spec) -> str:
+    if not spec.num_experts:
+        return ""
+    pattern = list(spec.moe_layers) if spec.moe_layers is not None else 1
+    return f", num_experts={spec.num_experts}, moe_layer_freq={pattern}"
 
 
 def open_reader(path, **options) -> TorchDistReader:

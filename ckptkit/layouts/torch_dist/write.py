@@ -30,7 +30,7 @@ from ...streaming_io import DirectWriteFile
 from ..base import CheckpointReader
 from ..megatron_common import WRITE_CHECKPOINT_VERSION, TargetLayout, target_args, write_tracker
 from ..torch_dist_folders import CONFIG_FILE
-from .keys import _TE, COMMON_STATE_KEY, extra_state_key, stored_key
+from .keys import COMMON_STATE_KEY, extra_state_keys, stored_place
 from .regions import _inner_error
 
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
@@ -59,23 +59,25 @@ def _tensor_item(key: str, global_shape: tuple, offsets: tuple, sizes: tuple, dt
     )
 
 
-def plan_items(spec, tp: int, padded_vocab: int, dtype) -> tuple[list[WriteItem], dict]:
-    """Every tensor chunk Megatron would store for this model at TP=``tp``, in canonical order,
-    and what each is cut from. Bytes entries (extra state, common state) are added by
-    :func:`write`."""
+def plan_items(spec, tp: int, padded_vocab: int, dtype, *, etp: int | None = None,
+               naming: str = "mcore-local") -> tuple[list[WriteItem], dict]:
+    """Every tensor chunk Megatron would store for this model at TP=``tp`` (experts cut over
+    ``etp``, default TP), in canonical order, and what each is cut from. Bytes entries (extra
+    state, common state) are added by :func:`write`.
+
+    One chunk per distinct box of a TP rank, within one layer and one expert: an expert is
+    written from itself alone, never from its layer's stack of experts."""
     items, sources = [], {}
     for canonical in canonical_tensors(spec):
         rule = rule_for(spec, canonical.rule, padded_vocab)
         shape = rule.full_shape(canonical.shape)
-        key = stored_key(canonical)
+        place = stored_place(spec, canonical, naming)
+        ranks = tp if canonical.expert is None or etp is None else etp
         # One chunk per distinct box of a TP rank (a replicated tensor is one chunk, a SwiGLU
         # linear_fc1 two per rank), in the order of the rows (columns) they hold.
-        boxes = sorted({box for tp_rank in range(tp) for box in rule.boxes(shape, tp, tp_rank)})
+        boxes = sorted({box for rank in range(ranks) for box in rule.boxes(shape, ranks, rank)})
         for offsets, sizes in boxes:
-            if canonical.layer is None:
-                item = _tensor_item(key, shape, offsets, sizes, dtype)
-            else:
-                item = _tensor_item(key, (spec.num_layers, *shape), (canonical.layer, *offsets), (1, *sizes), dtype)
+            item = _tensor_item(place.key, place.global_shape(shape), *place.box(offsets, sizes), dtype)
             items.append(item)
             sources[item.index] = _PlannedChunk(canonical.name, offsets, sizes)
     return items, sources
@@ -122,7 +124,9 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         for dim, (offset, size) in enumerate(zip(source.offsets, source.sizes)):
             piece = piece.narrow(dim, offset, size)
         piece = piece.clone()  # its own storage: torch.save writes a view's whole storage
-        return piece.unsqueeze(0) if len(write_item.tensor_data.size) > len(source.sizes) else piece
+        for _ in range(len(write_item.tensor_data.size) - len(source.sizes)):
+            piece = piece.unsqueeze(0)  # the layer and expert axes of a stacked key
+        return piece
 
 
 def _item_bytes(item: WriteItem, payloads: dict[str, bytes]) -> int:
@@ -209,8 +213,9 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
           max_file_bytes: int = FILE_BUDGET_BYTES, finish: bool = True) -> list[str]:
     """Write ``reader``'s model as a Megatron ``torch_dist`` checkpoint under ``out_dir``.
 
-    Same keys, global shapes, dtypes and chunking (per layer and TP shard at ``target.tp``)
-    as Megatron-LM writes; ``common_state`` carries args (updated to the target TP/PP/VPP,
+    Same keys, global shapes, dtypes and chunking (per layer, expert and TP shard at
+    ``target.tp``, experts' at ``target.expert_tp``) as Megatron-LM writes, keyed per layer
+    when dense and MoE layers mix; ``common_state`` carries args (updated to the target TP/PP/VPP,
     ``ckpt_format="torch_dist"``, ``no_save_optim``/``no_save_rng``: there is neither) and
     the iteration. Streams: each canonical tensor is read once, when the writer reaches its
     first chunk; a data file is closed every ``max_file_bytes``. Returns the relative paths
@@ -219,7 +224,7 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
     spec = reader.spec
     if target.naming == "legacy":
         raise Unsupported("torch_dist output needs Megatron-Core names: choose naming mcore-local or mcore-te")
-    check_parallel_sizes(spec, target.tp, target.pp, target.vpp)
+    check_parallel_sizes(spec, target.tp, target.pp, target.vpp, target.ep, target.etp)
     dtype = target.dtype or reader.meta.dtype
     padded = target.padded_vocab(spec)
     folder = out_dir / target.folder_name
@@ -231,11 +236,10 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
               "num_floating_point_operations_so_far": _source_flops(reader) if target.args_base else 0.0,
               "content_metadata": dict(CONTENT_METADATA)}
     payloads = {COMMON_STATE_KEY: _pickled([common])}
-    empty_extra_state = _pickled([None])  # what the local implementation stores per layer
-    for layer in range(spec.num_layers):
-        for linear in _TE.extra_state_linears:
-            payloads[extra_state_key(linear, layer, spec.num_layers)] = empty_extra_state
-    items, sources = plan_items(spec, target.tp, padded, dtype)
+    empty_extra_state = _pickled([None])  # what the local implementation stores per linear
+    for key in extra_state_keys(spec):
+        payloads[key] = empty_extra_state
+    items, sources = plan_items(spec, target.tp, padded, dtype, etp=target.etp, naming=target.naming)
     items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in payloads]
 
     by_name = {tensor.name: tensor for tensor in canonical_tensors(spec)}
