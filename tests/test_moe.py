@@ -1,9 +1,10 @@
 """Mixture-of-experts checkpoints in both Megatron formats, at any TP/PP/VPP/EP.
 
-The real checkpoints are Megatron-LM's own (``tests/fixtures/moe_*_tp1ep2/dist``: Mixtral
-style with every layer MoE, so keys stacked over layers; Qwen2-MoE style with a dense first
-layer and a gated shared expert, so keys per layer), TP1 EP2, float32, with the logits
-Megatron computed for them.
+The real checkpoints are Megatron-LM's own, TP1 EP2, float32, with the logits Megatron
+computed for them: torch_dist ``moe_*_tp1ep2/dist`` (Mixtral style with every layer MoE, so
+keys stacked over layers; Qwen2-MoE style with a dense first layer and a gated shared expert,
+and Qwen3-MoE style with q/k norms and a dense first layer, so keys per layer) and per-rank
+files ``moe_*_ep2_torch/torch`` (one folder per EP rank, experts under local indices).
 """
 import json
 import shutil
@@ -26,6 +27,9 @@ from conftest import assert_same_state, converted_logits_error, fixture_path, hf
 
 FLOAT32_LOGITS_ATOL = 1e-5  # a hand merge reaches ~1e-6
 REAL = ["moe_mixtral_tp1ep2", "moe_qwen2_tp1ep2"]
+REAL_ALL = {"moe_mixtral_tp1ep2": "dist", "moe_qwen2_tp1ep2": "dist", "moe_qwen3_tp1ep2": "dist",
+            "moe_mixtral_ep2_torch": "torch", "moe_qwen2_ep2_torch": "torch"}
+REAL_PER_RANK = ["moe_mixtral_ep2_torch", "moe_qwen2_ep2_torch"]
 EXPERT_FC1 = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc1.weight"
 
 
@@ -56,13 +60,44 @@ def moe_hf(tmp_path, family="mixtral", **config):
 
 # ---------------------------------------------------------------------------- real Megatron files
 
-@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("name", sorted(REAL_ALL))
 def test_real_megatron_moe_reproduces_megatron_logits(name, tmp_path):
-    error = converted_logits_error(real_dist(name), name, tmp_path)
+    error = converted_logits_error(fixture_path(name, REAL_ALL[name]), name, tmp_path)
     assert error.max().item() < FLOAT32_LOGITS_ATOL
 
 
-@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("name", REAL_PER_RANK)
+def test_real_per_rank_moe_rewritten_has_megatrons_folders_keys_shapes_and_extra_state(name, tmp_path):
+    source = fixture_path(name, "torch")
+    result = reshard(source, tmp_path / "out", tp=1, pp=1)
+    assert result.target_layout["ep"] == 2
+    real, ours = source / "iter_0000010", tmp_path / "out" / "iter_0000010"
+    assert sorted(path.name for path in ours.iterdir()) == sorted(path.name for path in real.iterdir()) == \
+        ["mp_rank_00_000", "mp_rank_00_001"]
+    for folder in ("mp_rank_00_000", "mp_rank_00_001"):
+        theirs, mine = (rank_model(root / folder / "model_optim_rng.pt") for root in (real, ours))
+        assert set(mine) == set(theirs)
+        for key, value in theirs.items():
+            if value is None:
+                assert mine[key] is None, key  # _extra_state of the local implementation
+            else:
+                assert (mine[key].dtype, mine[key].shape) == (value.dtype, value.shape), key
+                assert torch.equal(mine[key], value), key
+
+
+def test_real_per_rank_and_torch_dist_moe_read_as_the_same_experts(tmp_path):
+    """Local expert e of EP rank r is global expert 2r + e: the per-rank fixture written as
+    torch_dist stores each expert at its global index."""
+    source = fixture_path("moe_mixtral_ep2_torch", "torch")
+    reshard(source, tmp_path / "dist", tp=1, pp=1, format="torch_dist")
+    assert verify(source, tmp_path / "dist").equivalent
+    ep1 = rank_model(source / "iter_0000010" / "mp_rank_00_001" / "model_optim_rng.pt")
+    with open_checkpoint(tmp_path / "dist") as reader:
+        assert torch.equal(reader.tensor(EXPERT_FC1.format(layer=1, expert=3)),
+                           ep1["decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight"])
+
+
+@pytest.mark.parametrize("name", REAL + ["moe_qwen3_tp1ep2"])
 def test_real_moe_rewritten_as_torch_dist_has_megatrons_keys_shapes_chunks_and_extra_state(name, tmp_path):
     source = real_dist(name)
     with open_checkpoint(source) as reader:
@@ -194,17 +229,18 @@ def test_megatron_args_record_expert_parallel_sizes(tmp_path):
 
 @pytest.mark.parametrize("target", [dict(tp=1, pp=1, ep=1, format="torch"), dict(tp=1, pp=1, ep=4, format="torch"),
                                     dict(tp=2, pp=1, ep=1, format="torch_dist")])
-@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("name", sorted(REAL_ALL))
 def test_real_moe_reshards_to_other_ep_and_format_keeping_every_tensor(name, target, tmp_path):
-    if name == "moe_qwen2_tp1ep2":
+    source = fixture_path(name, REAL_ALL[name])
+    if "qwen" in name:
         target = {**target, "tp": 1}  # 3 query groups
-    result = reshard(real_dist(name), tmp_path / "out", **target)
+    result = reshard(source, tmp_path / "out", **target)
     assert result.target_layout["ep"] == target["ep"]
-    assert verify(real_dist(name), tmp_path / "out").equivalent
+    assert verify(source, tmp_path / "out").equivalent
     back = reshard(tmp_path / "out", tmp_path / "again", tp=1, pp=1, ep=2,
                    format="torch" if target["format"] == "torch_dist" else "torch_dist")
     assert back.target_layout["ep"] == 2
-    assert verify(real_dist(name), tmp_path / "again").equivalent
+    assert verify(source, tmp_path / "again").equivalent
 
 
 def test_reshard_keeps_the_sources_ep_by_default(tmp_path):
