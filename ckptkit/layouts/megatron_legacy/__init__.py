@@ -8,7 +8,10 @@ Directory layout (TP=2, PP=2)::
     DIR/iter_0000010/mp_rank_00_001/model_optim_rng.pt   TP rank 0, PP stage 1
     DIR/iter_0000010/mp_rank_01_001/model_optim_rng.pt   TP rank 1, PP stage 1
 
-With PP=1 the folders are ``mp_rank_00``, ``mp_rank_01``. Each file holds ``args``,
+With PP=1 the folders are ``mp_rank_00``, ``mp_rank_01``; with expert parallelism each
+gains the EP rank, ``mp_rank_TT[_PPP]_EEE``, and holds the stage's tensors plus its EP
+rank's experts under local indices (``mlp.experts.local_experts.0`` is global expert
+``r x E/EP`` on EP rank ``r``). Each file holds ``args``,
 ``checkpoint_version``, ``iteration`` and ``model`` (or ``model0``, ``model1``, ...
 with virtual pipeline stages: chunk ``c`` of stage ``p`` is virtual stage
 ``c x PP + p``). Layer indices are local to the chunk: with 6 layers at PP=2, stage 1

@@ -14,6 +14,11 @@ What the files hold, checked on checkpoints Megatron-LM wrote (``tests/fixtures/
   linear_qkv.weight`` is ``[num_layers, qkv_rows, hidden]``, stored as one chunk per
   (layer, TP shard). The rows are in canonical order (QKV grouped per query group; SwiGLU
   ``linear_fc1`` is ``[all gate; all up]``, two chunks per TP shard).
+* When dense and MoE layers mix, every layer is keyed on its own with its global index and
+  no layer axis (``decoder.layers.1.mlp.router.weight``). All experts of a layer share one
+  key with an expert axis after the layer axis (``decoder.layers.mlp.experts.experts.
+  linear_fc1.weight`` ``[layers, experts, rows, hidden]``), chunked per (layer, expert, TP
+  box); a canonical expert is read as its own region, never as the whole stack.
 * The norms carry Transformer Engine names (``self_attention.linear_qkv.layer_norm_weight``,
   ``mlp.linear_fc1.layer_norm_weight``) for the local implementation too: Megatron's local
   layer spec maps them in ``sharded_state_dict_keys_map`` (megatron/core/models/gpt/
