@@ -12,7 +12,7 @@ import torch
 from ckptkit.convert import reshard
 from ckptkit.errors import BadInput
 from ckptkit.layouts.megatron_common import TargetLayout
-from ckptkit.optimizer import OptimizerTarget, read_optimizer_state, write_optimizer_state
+from ckptkit.optimizer import OptimizerTarget, output_files, read_optimizer_state, write_optimizer_state
 from ckptkit.optimizer.state import OptimizerInfo, OptimizerState
 from ckptkit.safe_load import safe_torch_load
 from ckptkit.spec import rule_for
@@ -166,6 +166,50 @@ def test_args_say_which_optimizer_and_data_parallel_size_the_state_is_for(tmp_pa
     resharded_with_optimizer(fixture_path(*DISTRIBUTED), tmp_path / "out", OptimizerTarget(tp=1, dp=8, iteration=10))
     args = rank_files(tmp_path / "out", "model_optim_rng.pt", tp=1)[0]["args"]
     assert (args.use_distributed_optimizer, args.data_parallel_size, args.tensor_model_parallel_size) == (True, 8, 1)
+
+
+def megatron_resume_mismatches(checkpoint_args, run_args) -> list[str]:
+    """What Megatron's check_checkpoint_args (megatron/training/checkpointing.py) finds
+    different between a checkpoint's args and those of the run that loads it (no vocab
+    file, torch format)."""
+    compared = {name: getattr(checkpoint_args, name) for name in
+                ("num_layers", "hidden_size", "num_attention_heads", "tensor_model_parallel_size",
+                 "pipeline_model_parallel_size")}
+    compared["add_position_embedding"] = getattr(checkpoint_args, "add_position_embedding", True)
+    return [name for name, value in compared.items() if value != getattr(run_args, name)]
+
+
+def test_a_resharded_rope_model_resumes_with_the_command_line_of_the_run_that_wrote_it(tmp_path):
+    """Megatron resuming compares the checkpoint's add_position_embedding (default True)
+    with the run's, True for a RoPE model unless the deprecated --no-position-embedding is
+    given. The weight writer's args say False for RoPE, and every Megatron resume of a
+    resharded Llama stopped at "add_position_embedding value from checkpoint (False) is not
+    equal to the input argument value (True)". The optimizer writer gives the source run's value."""
+    from argparse import Namespace
+    source = fixture_path("llama_tp2pp2", "conv", "torch")  # RoPE, written by Megatron
+    with open_weights(source) as weights:
+        run_args = weights.meta.args
+    assert run_args.position_embedding_type == "rope" and run_args.add_position_embedding is True
+    reshard(source, tmp_path / "tp1", tp=1, pp=1)
+    with open_weights(tmp_path / "tp1") as weights:  # made-up state of a TP1 DP2 run: Megatron's default
+        state = SyntheticState(weights.spec, weights.meta.padded_vocab_size)
+    write_optimizer_state(state, tmp_path / "tp1", OptimizerTarget(tp=1, dp=2, param_dtype=torch.bfloat16,
+                                                                   iteration=10))
+    for name, tp, pp, distributed in (("tp2", 2, 1, True), ("pp2", 1, 2, True), ("nodist", 1, 1, False)):
+        target = OptimizerTarget(tp=tp, pp=pp, dp=1, distributed=distributed, param_dtype=torch.bfloat16,
+                                 iteration=10)
+        resharded_with_optimizer(tmp_path / "tp1", tmp_path / name, target)
+        for relative in output_files(target):
+            if relative.endswith("model_optim_rng.pt"):
+                args = safe_torch_load(tmp_path / name / relative)["args"]
+                resuming = Namespace(**{**vars(run_args), "tensor_model_parallel_size": tp,
+                                        "pipeline_model_parallel_size": pp})
+                assert megatron_resume_mismatches(args, resuming) == [], relative
+    # a source run that gave --no-position-embedding: its resume gives it again
+    state.info.resume_args = {"add_position_embedding": False}
+    reshard(source, tmp_path / "off", tp=1, pp=1)
+    write_optimizer_state(state, tmp_path / "off", OptimizerTarget(tp=1, param_dtype=torch.bfloat16, iteration=10))
+    assert rank_files(tmp_path / "off", "model_optim_rng.pt", tp=1)[0]["args"].add_position_embedding is False
 
 
 def test_a_release_target_is_refused_since_megatron_loads_no_optimizer_from_it():

@@ -30,7 +30,7 @@ from .buffers import BufferSettings
 from .distrib_optim import FILE_NAME, DistribOptimFile, rank_layout
 from .files import MetaFile
 from .parameters import ChunkPlace, ModelParameter, chunk_parameters
-from .state import STATE_KEYS, OptimizerInfo, OptimizerState, assemble
+from .state import RESUME_CHECKED_ARGS, STATE_KEYS, OptimizerInfo, OptimizerState, assemble
 
 
 def _model_chunks(state: dict, vpp: int) -> list[dict]:
@@ -152,7 +152,9 @@ class PerRankOptimizerState(OptimizerState):
             grad_scaler=first.materialize(entry.get("grad_scaler")) if mixed else None,
             opt_param_scheduler=first.materialize(scheduler) if scheduler is not None else None, training=training,
             source={"format": "torch", "tp": self.tp, "pp": self.pp, "vpp": self.vpp,
-                    "dp": self.settings.dp, "param_dtype": str(self.settings.param_dtype).removeprefix("torch.")})
+                    "dp": self.settings.dp, "param_dtype": str(self.settings.param_dtype).removeprefix("torch.")},
+            resume_args={name: getattr(self.weights.meta.args, name) for name in RESUME_CHECKED_ARGS
+                         if getattr(self.weights.meta.args, name, None) is not None})
 
     def _state_indices(self, tp_rank: int, pp_stage: int) -> dict[tuple[int, str], tuple[int, int, int]]:
         """(chunk, parameter name) -> (Adam state index, group, position in group), checked

@@ -24,6 +24,14 @@ from ..spec import CanonicalTensor, ModelSpec, canonical_tensors, rule_for
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
 
+# Args that Megatron's check_checkpoint_args compares, when it resumes, with the run's own
+# (beside the architecture and the TP/PP sizes, which the weights' args give), with the
+# value Megatron's parser gives by default. ``add_position_embedding`` stays True for a RoPE
+# model unless the deprecated ``--no-position-embedding`` is given: args that say False make
+# a run with the source's command line stop at "add_position_embedding value from checkpoint
+# (False) is not equal to the input argument value (True)".
+RESUME_CHECKED_ARGS = {"add_position_embedding": True}
+
 
 @dataclass
 class OptimizerInfo:
@@ -41,6 +49,9 @@ class OptimizerInfo:
     opt_param_scheduler: dict | None = None
     training: dict = field(default_factory=dict)  # other layout-free entries: num_floating_point_operations_so_far
     source: dict = field(default_factory=dict)  # the layout it was read from
+    # args of the run that wrote the state which Megatron compares when it resumes
+    # (RESUME_CHECKED_ARGS) and a weight writer may set otherwise
+    resume_args: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {"kind": self.kind, "step": self.step, "param_groups": len(self.param_groups),

@@ -34,7 +34,7 @@ from .distrib_optim import FILE_NAME, DistribOptimWriter, rank_layout
 from .files import MetaFile
 from .parameters import ChunkPlace, chunk_parameters
 from .per_rank import group_index
-from .state import STATE_KEYS, OptimizerState
+from .state import RESUME_CHECKED_ARGS, STATE_KEYS, OptimizerState
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -184,9 +184,11 @@ class _StageWriter:
     _entry_keys = ("optimizer", "opt_param_scheduler", "rng_state", "num_floating_point_operations_so_far")
 
     def _args_fields(self) -> dict:
-        """What the args say about the optimizer and the data-parallel size, made true of the target."""
+        """What the args say about the optimizer and the data-parallel size, made true of the
+        target, and the args Megatron compares on resuming as the source run had them."""
         target = self.target
-        return {"use_distributed_optimizer": target.distributed, "data_parallel_size": target.dp,
+        return {**RESUME_CHECKED_ARGS, **self.state.info.resume_args,
+                "use_distributed_optimizer": target.distributed, "data_parallel_size": target.dp,
                 "accumulate_allreduce_grads_in_fp32": target.settings.grad_dtype == torch.float32}
 
     def write(self) -> list[str]:
