@@ -327,6 +327,18 @@ def test_missing_expert_parallel_rank_folder_is_named(tmp_path):
         open_checkpoint(tmp_path / "megatron")
 
 
+def test_a_local_expert_index_beyond_the_ranks_share_is_refused_naming_file_and_key(tmp_path):
+    hf_dir = moe_hf(tmp_path)
+    hf_to_megatron(hf_dir, tmp_path / "megatron", tp=1, pp=1, ep=2)
+    path = tmp_path / "megatron" / "release" / "mp_rank_00_001" / "model_optim_rng.pt"
+    state = safe_torch_load(path, mmap=False)
+    state["model"] = {key.replace("local_experts.1.", "local_experts.2."): value for key, value in state["model"].items()}
+    torch.save(state, path)
+    with pytest.raises(BadInput, match=r"mp_rank_00_001/model_optim_rng.pt: decoder.layers.0.mlp.experts.local_experts"
+                                       r".2.linear_fc1.weight names local expert 2; EP=2 ranks of 4 experts hold 2"):
+        open_checkpoint(tmp_path / "megatron")
+
+
 def test_copies_of_non_expert_tensors_on_other_ep_ranks_are_compared(tmp_path):
     hf_dir = moe_hf(tmp_path)
     hf_to_megatron(hf_dir, tmp_path / "megatron", tp=1, pp=1, ep=2)
