@@ -253,7 +253,9 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         max_position_embeddings=spec.max_position_embeddings,
         position_embedding_type=spec.position_embedding,
         use_rotary_position_embeddings=spec.position_embedding == "rope",
-        add_position_embedding=spec.position_embedding == "learned_absolute",
+        # Megatron's parser default, True even for RoPE models (only --no-position-embedding
+        # turns it off), and its resume check compares it with the run's own value.
+        add_position_embedding=getattr(base, "add_position_embedding", True) if base is not None else True,
         rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
         rotary_percent=1.0, rotary_interleaved=False,
         use_rope_scaling=spec.rope_scaling is not None,

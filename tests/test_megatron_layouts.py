@@ -90,3 +90,13 @@ def test_pipeline_size_one_uses_two_digit_rank_folders(tmp_path):
     assert (tmp_path / "tp2" / "latest_checkpointed_iteration.txt").read_text() == "release"
     args = safe_torch_load(tmp_path / "tp2" / "release" / "mp_rank_00" / "model_optim_rng.pt")["args"]
     assert (args.tensor_model_parallel_size, args.padded_vocab_size, args.vocab_size) == (2, 256, 101)
+
+
+def test_rope_model_args_keep_megatrons_default_add_position_embedding(tmp_path):
+    """Megatron's parser says add_position_embedding=True unless --no-position-embedding, RoPE
+    or not, and a resuming run stops when the checkpoint's args disagree with its own."""
+    hf_dir = make_hf_model(tmp_path / "hf", "llama")
+    hf_to_megatron(hf_dir, tmp_path / "megatron", tp=1, pp=1)
+    with open_checkpoint(tmp_path / "megatron") as reader:
+        assert reader.meta.args.add_position_embedding is True
+        assert reader.spec.position_embedding == "rope"
