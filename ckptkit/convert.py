@@ -139,7 +139,8 @@ class _WriteShare:
             return self.writer.write(reader, self.writer.plan(reader), Path(self.out), names)
 
 
-def _convert(source, destination, writer_for: Callable[[CheckpointReader], CheckpointWriter], *, options: dict,
+def _convert(source, destination, writer_for: Callable[[CheckpointReader, list[str]], CheckpointWriter], *,
+             options: dict,
              overwrite: bool, workers: int, progress, on_start, architecture=None, dry_run=False,
              checks: Callable[[CheckpointReader, list[str]], None] | None = None,
              after: Callable[[CheckpointReader, list[str]], None] | None = None,
@@ -155,7 +156,7 @@ def _convert(source, destination, writer_for: Callable[[CheckpointReader], Check
         as_architecture(reader, architecture)
         if checks:
             checks(reader, notes)
-        writer = writer_for(reader)
+        writer = writer_for(reader, notes)
         plan = writer.plan(reader)
         result = ConvertResult(str(source), str(destination), reader.meta.summary(), plan.target, reader.spec.family,
                                parameter_count(reader), [], 0, 0.0, notes, plan.to_dict())
@@ -222,7 +223,7 @@ def megatron_to_hf(source, destination, *, dtype=None, max_shard_size="5GB", tok
     >>> [entry["path"] for entry in megatron_to_hf("checkpoints/gpt2", "x", dry_run=True).plan["files"]]
     ['model.safetensors']
     """
-    def writer_for(reader: CheckpointReader) -> CheckpointWriter:
+    def writer_for(reader: CheckpointReader, notes: list[str]) -> CheckpointWriter:
         return HfWriter(hf_layout.parse_dtype(dtype) or reader.meta.dtype, max_shard_size, tokenizer)
 
     def after(reader: CheckpointReader, notes: list[str]) -> None:
@@ -260,13 +261,18 @@ def hf_to_megatron(source, destination, *, tp=1, pp=1, vpp=1, ep=1, etp=None, dt
 def reshard(source, destination, *, tp, pp, vpp=1, ep=None, etp=None, dtype=None, format=None, naming=None,
             make_vocab_size_divisible_by=None, overwrite=False, strict=False, trust_remote_pickle=False,
             progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
-            workers: int = 1, dry_run: bool = False) -> ConvertResult:
+            workers: int = 1, dry_run: bool = False, optimizer: bool = True, dp: int | None = None,
+            distributed_optimizer: bool | None = None) -> ConvertResult:
     """Rewrite a Megatron checkpoint at other parallel sizes, keeping iteration and args.
 
     ``ep`` (expert-parallel size) defaults to the source's; ``etp`` (expert tensor-parallel
     size) to the source's where it differed from its TP, else to the target TP.
 
-    Optimizer and RNG state belong to the old layout and are dropped (with a note).
+    The optimizer state (per-rank files, distributed or not) is carried to the new layout
+    at data-parallel size ``dp`` (default: the source's), distributed or not
+    (``distributed_optimizer``, default: as the source), unless ``optimizer=False``; see
+    :mod:`ckptkit.optimizer`. RNG states that depend on the rank are dropped when the
+    layout changes, with a note, as is whatever cannot be carried.
 
     >>> reshard("checkpoints/gpt2", "gpt2-tp1pp3", tp=1, pp=3).notes[-1]
     'dropped optimizer, opt_param_scheduler, rng_state of the source layout (...)'
@@ -275,7 +281,7 @@ def reshard(source, destination, *, tp, pp, vpp=1, ep=None, etp=None, dtype=None
                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=format, naming=naming,
                         overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
                         progress=progress, on_start=on_start, keep_training_state=True, workers=workers,
-                        dry_run=dry_run)
+                        dry_run=dry_run, optimizer=optimizer, dp=dp, distributed_optimizer=distributed_optimizer)
 
 
 def _expert_sizes(meta, ep: int | None, etp: int | None) -> tuple[int, int | None]:
@@ -290,7 +296,8 @@ def _expert_sizes(meta, ep: int | None, etp: int | None) -> tuple[int, int | Non
 
 def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_divisible_by, format, naming,
                  overwrite, strict, trust_remote_pickle, progress, on_start, keep_training_state,
-                 workers=1, dry_run=False, ep=None, etp=None) -> ConvertResult:
+                 workers=1, dry_run=False, ep=None, etp=None, optimizer=False, dp=None,
+                 distributed_optimizer=None) -> ConvertResult:
     if make_vocab_size_divisible_by is not None and make_vocab_size_divisible_by < 1:
         raise BadInput("--make-vocab-size-divisible-by must be a positive integer "
                        f"(got {make_vocab_size_divisible_by})")
@@ -305,7 +312,9 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
         check_expressible(reader.spec)
         notes.extend(megatron_caveats(reader.spec))
 
-    def writer_for(reader: CheckpointReader) -> CheckpointWriter:
+    carried = []
+
+    def writer_for(reader: CheckpointReader, notes: list[str]) -> CheckpointWriter:
         meta = reader.meta
         source_format = "torch_dist" if meta.layout == "torch_dist" else "torch"
         target_format = format or (source_format if keep_training_state else "torch")
@@ -319,10 +328,18 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
             iteration=meta.iteration if keep_training_state else None,
             release=(meta.release or meta.iteration is None) if keep_training_state else True,
         )
-        return MEGATRON_WRITERS[target_format](target, keep_source_args=keep_training_state)
+        weights = MEGATRON_WRITERS[target_format](target, keep_source_args=keep_training_state)
+        if not (keep_training_state and optimizer):
+            return weights
+        from .optimizer.carry import with_optimizer_state
+
+        writer, why_not = with_optimizer_state(weights, target, reader, dp=dp, distributed=distributed_optimizer)
+        notes.extend(why_not)
+        carried.append(writer is not weights)
+        return writer
 
     def after(reader: CheckpointReader, notes: list[str]) -> None:
-        if keep_training_state:
+        if keep_training_state and not any(carried):
             _note_dropped_state(reader, notes, "they belong to the old parallel layout; resume with "
                                 "--no-load-optim --no-load-rng")
 

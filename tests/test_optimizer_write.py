@@ -26,7 +26,7 @@ FP32 = (torch.float32, torch.float32)
 def resharded_with_optimizer(source, destination, target: OptimizerTarget, *, dtype=None):
     """``source``'s weights and optimizer state at ``target``'s layout."""
     reshard(source, destination, tp=target.tp, pp=target.pp, vpp=target.vpp, dtype=dtype,
-            make_vocab_size_divisible_by=target.make_vocab_size_divisible_by)
+            make_vocab_size_divisible_by=target.make_vocab_size_divisible_by, optimizer=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with read_optimizer_state(source) as state:

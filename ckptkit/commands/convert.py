@@ -201,18 +201,28 @@ def hf_to_megatron_command(source, destination, tp, pp, vpp, ep, etp, dtype, nam
 @click.option("--format", "target_format", type=click.Choice(["torch", "torch_dist"]),
               help="Output format (default: the source's).")
 @click.option("--make-vocab-size-divisible-by", type=int, help="Default: the source's.")
+@click.option("--optimizer/--no-optimizer", default=True, show_default=True,
+              help="Carry the optimizer state (per-rank files) to the new layout, or drop it.")
+@click.option("--dp", type=click.IntRange(min=1), help="Data-parallel size of the run that resumes "
+              "(default: the source's); re-buckets the distributed optimizer's state.")
+@click.option("--distributed-optimizer/--no-distributed-optimizer", default=None,
+              help="Write the state for Megatron's distributed optimizer or the plain one (default: as the source).")
 @dry_run_option
 @source_options
 @handle_errors
 def reshard_command(source, destination, tp, pp, vpp, ep, etp, dtype, naming, overwrite, workers, target_format,
-                    make_vocab_size_divisible_by, dry_run, strict, trust_remote_pickle, as_json):
-    """Rewrite a Megatron checkpoint at other TP/PP/EP sizes, keeping iteration and args.
+                    make_vocab_size_divisible_by, optimizer, dp, distributed_optimizer, dry_run, strict,
+                    trust_remote_pickle, as_json):
+    """Rewrite a Megatron checkpoint at other TP/PP/EP/DP sizes, keeping iteration, args and
+    the optimizer state, so that training resumes on the new layout.
 
-    Optimizer and RNG state belong to the old layout and are dropped with a notice.
+    RNG states that depend on the rank are dropped when the layout changes (notes say what
+    was not carried).
 
     \b
     Example:
       ckptkit reshard checkpoints/gpt2/ checkpoints/gpt2-tp1pp4/ --tp 1 --pp 4
+      ckptkit reshard checkpoints/llama-tp2dp4/ checkpoints/llama-tp4dp2/ --tp 4 --pp 1 --dp 2
       ckptkit reshard checkpoints/gpt2/ checkpoints/gpt2-tp1pp4/ --tp 1 --pp 4 --dry-run --json
       ckptkit reshard checkpoints/mixtral-ep2/ checkpoints/mixtral-ep4/ --tp 1 --pp 1 --ep 4
     """
@@ -223,7 +233,8 @@ def reshard_command(source, destination, tp, pp, vpp, ep, etp, dtype, naming, ov
         result = reshard(source, destination, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dtype=dtype, format=target_format,
                          naming=naming, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                          overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
-                         progress=progress.advance, on_start=progress.start, workers=workers, dry_run=dry_run)
+                         progress=progress.advance, on_start=progress.start, workers=workers, dry_run=dry_run,
+                         optimizer=optimizer, dp=dp, distributed_optimizer=distributed_optimizer)
     render_conversion(result, as_json, dry_run)
 
 
