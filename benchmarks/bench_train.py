@@ -1,20 +1,36 @@
-"""Training throughput of GPT-2 124M on one GPU, with and without the fused kernels.
+"""Training throughput of GPT-2 124M on one GPU: eager, fused kernels, compiled layers.
 
-    python benchmarks/bench_train.py [--micro-batch-size 8] [--seq-length 1024] [--steps 10]
+    python benchmarks/bench_train.py [--micro-batch-size 16] [--global-batch-size 64]
+        [--variants eager,fused,compiled] [--steps 10] [--warmup 3] [--json results.jsonl]
 
 Runs the in-repo trainer (TP1 PP1 DP1, bf16 weights and compute, float32 master
-weights and gradients) on the synthetic corpus. Reports tokens/s and model FLOPs
-utilisation: ``tokens/s x training FLOPs per token / peak bf16 FLOP/s`` (FLOPs per
-token from :func:`ckptkit.train.trainer.model_flops_per_token`; the peak from the GPU's
-name, or ``--peak-tflops``). The first step of each variant also prints its loss:
-both must agree (same weights, same batch) to bf16 rounding.
+weights and gradients) on the synthetic corpus, as ``Trainer.run`` does: each step is
+queued before the previous one's loss is read, so the host never stalls the device.
+Reports tokens/s (median over the timed steps) and model FLOPs utilisation:
+``tokens/s x training FLOPs per token / peak bf16 FLOP/s`` (FLOPs per token from
+:func:`ckptkit.train.trainer.model_flops_per_token`, attention counted without the
+causal half; the peak from the GPU's name, or ``--peak-tflops``). Variants:
+
+* ``eager``: PyTorch operations only;
+* ``fused``: the Triton kernels (norms, bias + GeLU, cross-entropy, one-pass AdamW);
+* ``compiled``: every transformer layer through ``torch.compile`` (the compiler fuses
+  norms and activations with their neighbours), the Triton cross-entropy and AdamW.
+
+Every variant starts from the same weights and batches: their first losses agree to
+bf16 rounding. ``--check-syncs`` counts the operations inside one step that make the
+host wait for the device (``torch.cuda.set_sync_debug_mode``); ``--optimizer`` times
+one AdamW update of the whole model, eager and fused, against its memory floor.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import statistics
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ckptkit import kernels  # noqa: E402
+from ckptkit.spec import canonical_tensors  # noqa: E402
 from ckptkit.train import MODEL_PRESETS, TrainConfig  # noqa: E402
 from ckptkit.train.optim import AdamConfig  # noqa: E402
 from ckptkit.train.parallel import Layout, build_groups  # noqa: E402
@@ -30,6 +47,11 @@ from ckptkit.train.trainer import Trainer, model_flops_per_token  # noqa: E402
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
                "A10": 125.0, "4090": 165.0}
+VARIANTS = {
+    "eager": dict(fused_kernels=False),
+    "fused": dict(fused_kernels=True),
+    "compiled": dict(fused_kernels=True, compile=True),
+}
 
 
 def peak_tflops(name: str) -> float | None:
@@ -39,31 +61,103 @@ def peak_tflops(name: str) -> float | None:
     return None
 
 
-def measure(config: TrainConfig, warmup: int, steps: int, profile: bool = False) -> dict:
+def host_syncs_in_one_step(trainer: Trainer, step: int) -> list[str]:
+    """Operations of one queued step that wait for the device (cudaStreamSynchronize, .item(), ...)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pending = trainer.launch_step(step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    trainer.finish_step(pending)
+    messages = [str(warning.message).splitlines()[0] for warning in caught]
+    # The mode's own first-use notice ("... is a prototype feature ...") names no operation.
+    return [message for message in messages if "synchroniz" in message and "prototype" not in message]
+
+
+def measure(config: TrainConfig, warmup: int, profile: bool, check_syncs: bool) -> dict:
+    started = time.perf_counter()
     trainer = Trainer(config, build_groups(Layout()), torch.device("cuda", torch.cuda.current_device()))
-    records = [trainer.train_step(step) for step in range(warmup + steps)]
+    records = trainer.run().records
+    timed = records[warmup:]
+    result = {"first_loss": records[0].loss, "last_loss": records[-1].loss,
+              "tokens_per_s": statistics.median(record.tokens_per_s for record in timed),
+              "memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "seconds": time.perf_counter() - started}
+    if check_syncs:
+        syncs = host_syncs_in_one_step(trainer, config.steps)
+        result["host_syncs"] = len(syncs)
+        for message in syncs:
+            print(f"  host sync: {message[:160]}")
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-            trainer.train_step(warmup + steps)
+            trainer.train_step(config.steps + 1)
         print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15))
-    timed = records[warmup:]
-    tokens_per_s = statistics.median(record.tokens_per_s for record in timed)
-    peak_memory = torch.cuda.max_memory_allocated() / 2**30
     del trainer
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    return {"first_loss": records[0].loss, "last_loss": records[-1].loss, "tokens_per_s": tokens_per_s,
-            "memory_gib": peak_memory}
+    return result
+
+
+def time_optimizer(parameters: int, bandwidth: float) -> list[dict]:
+    """One AdamW update of ``parameters`` flat weights, eager and fused, against its memory floor."""
+    def state():
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        floats = lambda: torch.randn(parameters, device="cuda", generator=generator)
+        return dict(param=torch.empty(parameters, device="cuda", dtype=torch.bfloat16), master=floats(),
+                    exp_avg=floats(), exp_avg_sq=floats().abs(), grad=floats(),
+                    decay=torch.ones(parameters, device="cuda", dtype=torch.bool))
+    # Reads gradient, master, both moments (4 bytes each) and the decay flag (1), writes master, moments and
+    # the bf16 weights: 31 bytes per weight.
+    floor_ms = 31 * parameters / bandwidth * 1e3
+    rows = []
+    for label, fused in (("eager", False), ("fused", True)):
+        tensors = state()
+        scale = torch.tensor(0.5, device="cuda")
+        run = lambda: kernels.adam_step(**tensors, grad_scale=scale, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8,
+                                        weight_decay=0.1, step=10, fused=fused)
+        milliseconds = event_time_ms(run)
+        rows.append({"optimizer": label, "ms": milliseconds, "floor_ms": floor_ms})
+        del tensors
+    return rows
+
+
+def event_time_ms(function, repeats: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    source = torch.empty(512 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+    target = torch.empty_like(source)
+    return 2 * source.numel() * 4 / (event_time_ms(lambda: target.copy_(source)) / 1e3)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--global-batch-size", type=int, help="sequences per step (default: one micro-batch)")
     parser.add_argument("--seq-length", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the compiled variant compiles)")
+    parser.add_argument("--variants", default="eager,fused,compiled", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--recompute", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per variant")
+    parser.add_argument("--check-syncs", action="store_true", help="count host syncs inside one step per variant")
+    parser.add_argument("--optimizer", action="store_true", help="time one AdamW update, eager and fused")
+    parser.add_argument("--json", type=Path, help="append one JSON line per result to this file")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if its name is not known")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -73,22 +167,45 @@ def main(argv=None):
     peak = args.peak_tflops or peak_tflops(name)
     spec = MODEL_PRESETS["gpt2-124m"]
     config = TrainConfig(model=spec, steps=args.warmup + args.steps, micro_batch_size=args.micro_batch_size,
-                         seq_length=args.seq_length, dtype="bfloat16", recompute=args.recompute,
-                         optimizer=AdamConfig(lr=6e-4, warmup_steps=0))
+                         global_batch_size=args.global_batch_size, seq_length=args.seq_length, dtype="bfloat16",
+                         device="cuda", recompute=args.recompute, optimizer=AdamConfig(lr=6e-4, warmup_steps=0))
     flops_per_token = model_flops_per_token(spec, args.seq_length, padded_vocab=50304)
-    print(f"{name}  GPT-2 124M  micro-batch {args.micro_batch_size} x {args.seq_length} tokens  bf16  "
-          f"{flops_per_token / 1e9:.2f} GFLOP/token  peak {peak or '?'} TFLOP/s  "
-          f"triton {'yes' if kernels.fused_available() else 'NO'}")
-    header = f"{'variant':<16}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'loss step 1':>13}{'loss last':>11}"
+    print(f"{name}  torch {torch.__version__}  GPT-2 124M  micro-batch {args.micro_batch_size} x "
+          f"{args.seq_length} tokens, {config.num_microbatches()} per step  bf16  "
+          f"{flops_per_token / 1e9:.3f} GFLOP/token  peak {peak or '?'} TFLOP/s  "
+          f"triton {'yes' if kernels.fused_available() else 'NO'}", flush=True)
+    header = (f"{'variant':<12}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'loss step 1':>13}{'loss last':>11}"
+              f"{'syncs':>7}{'wall s':>8}")
     print(header)
-    print("-" * len(header))
-    variants = [("eager", False)] + ([("fused kernels", True)] if kernels.fused_available() else [])
-    for label, fused in variants:
-        result = measure(dataclasses.replace(config, fused_kernels=fused, steps=config.steps + 1), args.warmup,
-                         args.steps, args.profile)
+    print("-" * len(header), flush=True)
+    for label in args.variants.split(","):
+        changes = VARIANTS[label]
+        if changes.get("fused_kernels") and not kernels.fused_available():
+            print(f"{label:<12}skipped: needs Triton", flush=True)
+            continue
+        try:
+            result = measure(dataclasses.replace(config, **changes), args.warmup, args.profile, args.check_syncs)
+        except Exception as error:  # one variant failing (a compiler error, say) does not hide the others
+            print(f"{label:<12}failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+            continue
         mfu = result["tokens_per_s"] * flops_per_token / (peak * 1e12) if peak else float("nan")
-        print(f"{label:<16}{result['tokens_per_s']:>12,.0f}{mfu:>8.1%}{result['memory_gib']:>10.1f}"
-              f"{result['first_loss']:>13.4f}{result['last_loss']:>11.4f}")
+        print(f"{label:<12}{result['tokens_per_s']:>12,.0f}{mfu:>8.1%}{result['memory_gib']:>10.1f}"
+              f"{result['first_loss']:>13.4f}{result['last_loss']:>11.4f}{result.get('host_syncs', '-'):>7}"
+              f"{result['seconds']:>8.1f}", flush=True)
+        if args.json:
+            with open(args.json, "a") as stream:
+                stream.write(json.dumps({"gpu": name, "variant": label, "micro_batch_size": args.micro_batch_size,
+                                         "microbatches": config.num_microbatches(), "mfu": mfu, **result}) + "\n")
+    if args.optimizer:
+        bandwidth = copy_bandwidth()
+        parameters = sum(math.prod(entry.shape) for entry in canonical_tensors(spec))
+        print(f"AdamW over {parameters / 1e6:.0f}M weights; copy bandwidth {bandwidth / 1e9:,.0f} GB/s")
+        for row in time_optimizer(parameters, bandwidth):
+            print(f"  {row['optimizer']:<6}{row['ms']:>8.2f} ms   floor {row['floor_ms']:.2f} ms   "
+                  f"{row['ms'] / row['floor_ms']:.2f}x floor", flush=True)
+            if args.json:
+                with open(args.json, "a") as stream:
+                    stream.write(json.dumps({"gpu": name, **row}) + "\n")
     return 0
 
 

@@ -107,6 +107,39 @@ def test_reference_cross_entropy_matches_float64():
                             torch.float32)
 
 
+def adam_state(size=3000, device="cpu", param_dtype=torch.float32):
+    """Random flat AdamW state (some steps in) with every other weight decayed."""
+    generator = torch.Generator().manual_seed(5)
+    master = torch.randn(size, generator=generator)
+    state = {"param": master.to(param_dtype), "master": master,
+             "exp_avg": torch.randn(size, generator=generator) * 1e-2,
+             "exp_avg_sq": torch.rand(size, generator=generator) * 1e-4,
+             "grad": torch.randn(size, generator=generator) * 1e-1, "decay": torch.arange(size) % 2 == 0}
+    return {name: tensor.to(device) for name, tensor in state.items()}
+
+
+ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def test_reference_adam_step_is_torch_adamw_with_decay_only_where_flagged():
+    state = adam_state()
+    weights = state["master"].clone().requires_grad_()
+    decayed, kept = torch.nn.Parameter(weights[state["decay"]].detach()), \
+        torch.nn.Parameter(weights[~state["decay"]].detach())
+    adamw = torch.optim.AdamW([{"params": [decayed]}, {"params": [kept], "weight_decay": 0.0}], lr=ADAM["lr"],
+                              betas=(ADAM["beta1"], ADAM["beta2"]), eps=ADAM["eps"], weight_decay=ADAM["weight_decay"])
+    state["exp_avg"].zero_(), state["exp_avg_sq"].zero_()
+    for step in (1, 2, 3):
+        gradient = random(state["grad"].numel(), dtype=torch.float32, seed=10 + step)
+        decayed.grad, kept.grad = gradient[state["decay"]].clone(), gradient[~state["decay"]].clone()
+        adamw.step()
+        reference.adam_step(**{**state, "grad": gradient}, grad_scale=None, step=step, **ADAM)
+    # torch multiplies by (1 - lr x decay) where we subtract lr x decay x w: a few float32 steps apart.
+    assert torch.allclose(state["master"][state["decay"]], decayed.detach(), rtol=1e-6, atol=0)
+    assert torch.equal(state["master"][~state["decay"]], kept.detach())
+    assert torch.equal(state["param"], state["master"])
+
+
 # ---------------------------------------------------------------------------- Triton (GPU)
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -159,6 +192,22 @@ def test_fused_cross_entropy_forward_and_backward_match_float64(dtype, vocab):
     target = torch.randint(0, vocab, (64,), generator=torch.Generator().manual_seed(0)).cuda()
     assert_close_to_float64(lambda x, t: kernels.cross_entropy(x, t, fused=True), float64_cross_entropy,
                             [logits, target], dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("clipped", [False, True])
+@pytest.mark.parametrize("param_dtype", DTYPES)
+def test_fused_adam_step_matches_the_float64_update_in_one_pass(clipped, param_dtype):
+    state = adam_state(device="cuda", param_dtype=param_dtype)
+    scale = torch.tensor(0.25) if clipped else None
+    wide = {name: tensor.double().cpu() if tensor.is_floating_point() else tensor.cpu() for name, tensor in state.items()}
+    reference.adam_step(**wide, grad_scale=None if scale is None else scale.double(), step=7, **ADAM)
+    kernels.adam_step(**state, grad_scale=None if scale is None else scale.cuda(), step=7, fused=True, **ADAM)
+    for name in ("master", "exp_avg", "exp_avg_sq"):  # float32 rounding of each tensor's scale
+        error = (state[name].double().cpu() - wide[name]).abs().max().item()
+        assert error < 1e-6 * wide[name].abs().max().item(), name
+    # The low-precision weights are the new masters rounded to their dtype.
+    assert torch.equal(state["param"], state["master"].to(param_dtype))
 
 
 @needs_triton

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from click.testing import CliRunner
+
+from ckptkit.cli import main as ckptkit_cli
 from ckptkit.layouts import open_checkpoint
 from ckptkit.safe_load import safe_torch_load
 from ckptkit.spec import ModelSpec
@@ -27,7 +30,8 @@ MEGATRON_RANK_FILE_KEYS = ["args", "checkpoint_version", "iteration", "model", "
 
 def config(**changes) -> TrainConfig:
     base = TrainConfig(model=GPT2, tp=2, pp=2, steps=4, micro_batch_size=2, global_batch_size=4, seq_length=16,
-                       make_vocab_size_divisible_by=64, optimizer=AdamConfig(lr=1e-3))
+                       make_vocab_size_divisible_by=64, optimizer=AdamConfig(lr=1e-3), device="cpu",
+                       dtype="float32")
     return dataclasses.replace(base, **changes)
 
 
@@ -105,6 +109,27 @@ def test_megatron_logits_of_a_trainer_checkpoint_agree_at_tp2pp2_and_after_resha
         shutil.rmtree(single, ignore_errors=True)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")])])
+def test_training_resumed_from_a_ckptkit_resharded_checkpoint_has_the_losses_of_loading_the_original(device,
+                                                                                                     tmp_path):
+    # TP2 (2 ranks) for 4 steps, saved at 2; `ckptkit reshard` of iteration 2 to TP1 PP2; resumed there.
+    run = config(tp=2, pp=1, device=device, save=str(tmp_path / "tp2"), save_interval=2)
+    full = train(run)
+    result = CliRunner().invoke(ckptkit_cli, ["reshard", str(tmp_path / "tp2" / "iter_0000002"),
+                                              str(tmp_path / "tp1pp2"), "--tp", "1", "--pp", "2"])
+    assert result.exit_code == 0, result.output
+    resumed = train(config(tp=1, pp=2, device=device, load=str(tmp_path / "tp1pp2")))
+    # The trainer resharding the TP2 files itself as it loads them: the same weights, so the same run.
+    loaded = train(config(tp=1, pp=2, device=device, load=str(tmp_path / "tp2" / "iter_0000002")))
+    assert (resumed.start_iteration, [record.step for record in resumed.records]) == (2, [3, 4])
+    # The first resumed loss comes before any update: the uninterrupted run's, to float32 rounding.
+    assert resumed.losses[0] == pytest.approx(full.losses[2], abs=1e-5)
+    # Both start a fresh optimizer (the reshard drops optimizer state; TP changed): same losses throughout.
+    assert resumed.losses == pytest.approx(loaded.losses, abs=1e-6)
+    assert [r.grad_norm for r in resumed.records] == pytest.approx([r.grad_norm for r in loaded.records], rel=1e-6)
+
+
 REAL_MEGATRON = [
     # (fixture, folder inside it, max abs, mean abs): float32 fixtures to rounding; bf16 to bf16 rounding
     ("gpt2_tp2pp2", ("conv", "torch"), 1e-5, 1e-6),
@@ -133,7 +158,7 @@ def test_training_from_a_real_megatron_checkpoint_continues_from_its_iteration(t
     path = fixture_path("gpt2_tp2pp2", "conv", "torch")
     with pytest.warns(UserWarning, match="fresh optimizer"):  # Megatron's optimizer state is not ours
         result = train(TrainConfig(tp=1, pp=1, steps=12, micro_batch_size=2, seq_length=32, load=str(path),
-                                   save=str(tmp_path / "continued")))
+                                   save=str(tmp_path / "continued"), device="cpu"))
     assert (result.start_iteration, result.iteration) == (10, 12)
     assert [record.step for record in result.records] == [11, 12]
     with open_checkpoint(tmp_path / "continued") as reader:

@@ -24,7 +24,8 @@ def model_json(tmp_path):
 
 
 def invoke(*args):
-    return CliRunner().invoke(train, [str(arg) for arg in args], catch_exceptions=False)
+    """``ckptkit train ARGS --device cpu``: these tests run on CPU processes (gloo) whatever the machine has."""
+    return CliRunner().invoke(train, [str(arg) for arg in args] + ["--device", "cpu"], catch_exceptions=False)
 
 
 def test_train_help_shows_an_example():
@@ -32,6 +33,7 @@ def test_train_help_shows_an_example():
     assert result.exit_code == 0
     assert "ckptkit train --model llama --tp 2 --pp 2" in result.output
     assert "--log-json" in result.output and "--load" in result.output
+    assert "--device [auto|cpu|cuda]" in result.output
 
 
 def test_train_command_saves_a_megatron_checkpoint_and_logs_one_json_line_per_step(tmp_path, model_json):

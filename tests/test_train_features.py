@@ -244,3 +244,21 @@ def test_fused_kernels_compute_every_feature_as_the_eager_model():
         fused = our_model(ALL_FEATURES, tensors, fused=True, device="cuda")(tokens().cuda())
         eager = our_model(ALL_FEATURES, tensors, fused=False, device="cuda")(tokens().cuda())
     assert (fused - eager).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------------------- compiled layers
+
+def test_compiled_layers_train_as_the_eager_layers():
+    config = TrainConfig(model=ALL_FEATURES, steps=2, micro_batch_size=2, global_batch_size=2, seq_length=16,
+                         make_vocab_size_divisible_by=64, optimizer=AdamConfig(lr=3e-3), device="cpu")
+    eager = run_training(config, "cpu")
+    compiled = run_training(dataclasses.replace(config, compile=True), "cpu")
+    assert compiled.losses == pytest.approx(eager.losses, abs=1e-5)
+    assert [r.grad_norm for r in compiled.records] == pytest.approx([r.grad_norm for r in eager.records], rel=1e-4)
+
+
+@pytest.mark.parametrize("sizes", [dict(tp=2), dict(dp=2, ep=2)])
+def test_compiling_layers_that_hold_collectives_is_refused(sizes):
+    config = TrainConfig(model=ALL_FEATURES, compile=True, **sizes)
+    with pytest.raises(Unsupported, match="compiling the layers needs TP=1 and EP=1"):
+        config.check_layout()

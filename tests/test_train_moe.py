@@ -1,8 +1,10 @@
 """The trainer's mixture-of-experts layers compute what transformers and Megatron-Core compute,
 and expert parallelism changes nothing but where the experts live.
 
-Parallel layouts run once each on gloo worker processes (cached per module); the TP1
-DP1 EP1 reference runs in this process. Tolerances are float32 rounding.
+Parallel layouts run once each on CPU worker processes over gloo (cached per module);
+the TP1 DP1 EP1 reference runs in this process, on the CPU. Tolerances are float32
+rounding. The GPU section runs the two-rank layouts again on two GPUs over NCCL
+against one GPU; it skips without two GPUs.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ckptkit.layouts import open_checkpoint
 from ckptkit.spec import ModelSpec, canonical_tensors
 from ckptkit.train import TrainConfig, train
 from ckptkit.train.command import train as train_command
-from ckptkit.train.launch import launch
+from ckptkit.train.launch import launch, rank_device
 from ckptkit.train.logits import megatron_logits
 from ckptkit.train.model import GPT
 from ckptkit.train.optim import AdamConfig
@@ -158,25 +160,30 @@ LAYOUTS = {
 }
 
 
-def base_config() -> TrainConfig:
+def base_config(device: str = "cpu") -> TrainConfig:
     return TrainConfig(model=TINY_MOE, steps=STEPS, micro_batch_size=2, global_batch_size=8, seq_length=16,
-                       make_vocab_size_divisible_by=64, optimizer=AdamConfig(lr=1e-3, warmup_steps=1))
+                       make_vocab_size_divisible_by=64, optimizer=AdamConfig(lr=1e-3, warmup_steps=1),
+                       device=device, dtype="float32")
+
+
+def on_cpu(tensors: dict) -> dict:
+    return {name: None if tensor is None else tensor.cpu() for name, tensor in tensors.items()}
 
 
 def run_rank(config: TrainConfig) -> dict:
-    """One rank: its initial weights, step-0 gradients (reduced), then STEPS steps of training."""
+    """One rank on ``config.device``: its initial weights, step-0 gradients (reduced), then STEPS steps."""
     groups = build_groups(Layout(config.tp, config.pp, config.dp, config.ep))
-    trainer = Trainer(config, groups, torch.device("cpu"))
-    initial = megatron_state_dict(trainer.model)
+    trainer = Trainer(config, groups, rank_device(config.device))
+    initial = on_cpu(megatron_state_dict(trainer.model))
     first_loss = trainer.forward_backward(0)
     trainer.optimizer.reduce_gradients()
     gradients = {name: parameter.main_grad.clone() for name, parameter in trainer.model.named_parameters()}
     trainer.optimizer.zero_grad()
     result = trainer.run()
     return {"coordinates": (groups.tp_rank, groups.pp_stage, groups.ep_rank), "expert_dp_rank": groups.expert_dp_rank,
-            "dp_rank": groups.dp_rank, "first_loss": first_loss, "gradients": gradients, "initial": initial,
+            "dp_rank": groups.dp_rank, "first_loss": first_loss, "gradients": on_cpu(gradients), "initial": initial,
             "losses": result.losses, "grad_norms": [r.grad_norm for r in result.records],
-            "weights": megatron_state_dict(trainer.model), "padded": trainer.padded_vocab_size}
+            "weights": on_cpu(megatron_state_dict(trainer.model)), "padded": trainer.padded_vocab_size}
 
 
 def canonical(outputs: list[dict], config: TrainConfig, key: str) -> dict[str, torch.Tensor]:
@@ -194,7 +201,7 @@ def reference() -> dict:
 @functools.cache
 def parallel(layout: str) -> tuple[TrainConfig, list[dict]]:
     config = dataclasses.replace(base_config(), **LAYOUTS[layout])
-    return config, launch(run_rank, config.world_size, config, backend="gloo")
+    return config, launch(run_rank, config.world_size, config, device="cpu")
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -290,17 +297,70 @@ def test_moe_model_on_gpu_gives_the_cpu_logits(hf_root):
     assert (gpu - cpu).abs().max().item() < 1e-4
 
 
-def run_rank_on_gpu(config: TrainConfig) -> dict:
-    groups = build_groups(Layout(config.tp, config.pp, config.dp, config.ep))
-    result = Trainer(config, groups, torch.device("cuda", torch.cuda.current_device())).run()
-    return {"losses": result.losses, "grad_norms": [record.grad_norm for record in result.records]}
+def run_rank_of_each(configs: list[TrainConfig]) -> list[dict]:
+    """This rank's results for each two-rank configuration in turn (one launch, new groups per run)."""
+    return [run_rank(config) for config in configs]
+
+
+GPU_LAYOUTS = [name for name in LAYOUTS if dataclasses.replace(base_config(), **LAYOUTS[name]).world_size == 2]
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@functools.cache
+def gpu_reference() -> dict:
+    return run_rank(base_config(device="cuda"))
+
+
+@functools.cache
+def gpu_parallel() -> dict[str, tuple[TrainConfig, list[dict]]]:
+    configs = [dataclasses.replace(base_config(device="cuda"), **LAYOUTS[name]) for name in GPU_LAYOUTS]
+    per_rank = launch(run_rank_of_each, 2, configs, device="cuda")
+    return {name: (config, [ranks[index] for ranks in per_rank])
+            for index, (name, config) in enumerate(zip(GPU_LAYOUTS, configs))}
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_expert_parallel_on_two_gpus_with_nccl_follows_the_cpu_trajectory():
-    config = dataclasses.replace(base_config(), dp=2, ep=2, dtype="float32")
-    outputs = launch(run_rank_on_gpu, 2, config, backend="nccl")
+@needs_two_gpus
+@pytest.mark.parametrize("layout", GPU_LAYOUTS)
+def test_expert_parallel_with_nccl_on_two_gpus_gives_the_one_gpu_loss(layout, record_property):
+    config, outputs = gpu_parallel()[layout]
+    loss = max(abs(out["first_loss"] - gpu_reference()["first_loss"]) for out in outputs)
+    record_property("loss_difference", f"{loss:.2e}")
+    assert loss < LOSS_ATOL
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("layout", [name for name in GPU_LAYOUTS if "distributed" not in name])
+def test_expert_parallel_with_nccl_on_two_gpus_gradients_merged_over_ranks_equal_one_gpu(layout, record_property):
+    config, outputs = gpu_parallel()[layout]
+    gradients = max_difference(canonical(outputs, config, "gradients"),
+                               canonical([gpu_reference()], base_config(), "gradients"))
+    record_property("gradient_difference", f"{gradients:.2e}")
+    assert gradients < GRAD_ATOL
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("layout", GPU_LAYOUTS)
+def test_expert_parallel_with_nccl_on_two_gpus_follows_the_one_gpu_trajectory(layout, record_property):
+    config, outputs = gpu_parallel()[layout]
+    ref = gpu_reference()
+    losses = max(abs(a - b) for a, b in zip(outputs[0]["losses"], ref["losses"]))
+    weights = max_difference(canonical(outputs, config, "weights"), canonical([ref], base_config(), "weights"))
+    record_property("loss_difference_over_steps", f"{losses:.2e}")
+    record_property("weight_difference_after_steps", f"{weights:.2e}")
+    norms = max(abs(a / b - 1) for a, b in zip(outputs[0]["grad_norms"], ref["grad_norms"]))
+    record_property("grad_norm_relative_difference", f"{norms:.2e}")
+    assert losses < LOSS_ATOL
+    assert outputs[0]["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
+    assert weights < WEIGHT_ATOL
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_expert_parallel_with_nccl_on_two_gpus_follows_the_cpu_trajectory():
+    config, outputs = gpu_parallel()["DP2-EP2"]
     ref = reference()
     for out in outputs:
         assert out["losses"] == pytest.approx(ref["losses"], abs=1e-4)

@@ -1,8 +1,12 @@
 """The parallel trainer computes what the single-process model computes, for every layout.
 
-Each layout runs once on gloo worker processes (cached per module); the TP1 PP1 DP1
-reference runs in this process. Tolerances are float32 rounding: the reductions run in
-another order, nothing else differs.
+Each layout runs once on CPU worker processes over gloo (cached per module); the TP1
+PP1 DP1 reference runs in this process, on the CPU. Tolerances are float32 rounding:
+the reductions run in another order, nothing else differs.
+
+The GPU section runs every two-rank layout again on two GPUs over NCCL (all of them in
+one launch) against the TP1 PP1 DP1 run on one GPU, in float32 with the GPU kernels
+the trainer uses there; it skips without two GPUs.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 from ckptkit.spec import ModelSpec
 from ckptkit.train import TrainConfig
 from ckptkit.train.data import GlobalBatches, SyntheticSamples
-from ckptkit.train.launch import launch
+from ckptkit.train.launch import launch, rank_device
 from ckptkit.train.optim import AdamConfig
 from ckptkit.train.parallel import Layout, build_groups
 from ckptkit.train.trainer import Trainer
@@ -55,23 +59,29 @@ LAYOUTS = {
 }
 
 
-def base_config(family: str) -> TrainConfig:
+def base_config(family: str, device: str = "cpu") -> TrainConfig:
     return TrainConfig(model=TINY[family], steps=STEPS, micro_batch_size=2, global_batch_size=8, seq_length=16,
-                       make_vocab_size_divisible_by=64, optimizer=AdamConfig(lr=1e-3, warmup_steps=1))
+                       make_vocab_size_divisible_by=64, optimizer=AdamConfig(lr=1e-3, warmup_steps=1),
+                       device=device, dtype="float32")
+
+
+def on_cpu(tensors: dict) -> dict:
+    return {name: None if tensor is None else tensor.cpu() for name, tensor in tensors.items()}
 
 
 def run_rank(config: TrainConfig) -> dict:
-    """One rank: step-0 gradients (reduced), then STEPS steps of training."""
+    """One rank on ``config.device``: step-0 gradients (reduced), then STEPS steps of training."""
     groups = build_groups(Layout(config.tp, config.pp, config.dp))
-    trainer = Trainer(config, groups, torch.device("cpu"))
+    trainer = Trainer(config, groups, rank_device(config.device))
     first_loss = trainer.forward_backward(0)
     trainer.optimizer.reduce_gradients()
     gradients = {name: parameter.main_grad.clone() for name, parameter in trainer.model.named_parameters()}
     trainer.optimizer.zero_grad()
     result = trainer.run()
     return {"coordinates": (groups.tp_rank, groups.pp_stage, groups.dp_rank), "first_loss": first_loss,
-            "gradients": gradients, "losses": result.losses, "grad_norms": [r.grad_norm for r in result.records],
-            "weights": megatron_state_dict(trainer.model), "padded": trainer.padded_vocab_size}
+            "gradients": on_cpu(gradients), "losses": result.losses,
+            "grad_norms": [r.grad_norm for r in result.records], "weights": on_cpu(megatron_state_dict(trainer.model)),
+            "padded": trainer.padded_vocab_size}
 
 
 def canonical(outputs: list[dict], config: TrainConfig, key: str) -> dict[str, torch.Tensor]:
@@ -89,7 +99,7 @@ def reference(family: str) -> list[dict]:
 @functools.cache
 def parallel(family: str, layout: str) -> tuple[TrainConfig, list[dict]]:
     config = dataclasses.replace(base_config(family), **LAYOUTS[layout])
-    return config, launch(run_rank, config.world_size, config)
+    return config, launch(run_rank, config.world_size, config, device="cpu")
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -192,3 +202,72 @@ def test_every_layout_sees_the_same_global_batch(dp, micro_batch_size):
         # Megatron's order: micro-batch m of DP rank d holds rows (m x DP + d) x B ...
         rows = [per_rank[d][m] for m in range(len(per_rank[0])) for d in range(dp)]
         assert torch.equal(torch.cat(rows), batches.global_batch(step))
+
+
+# ---------------------------------------------------------------------------- two GPUs over NCCL
+
+# The CPU tolerances hold: float32 on GPUs differs between layouts no more than on the CPU.
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+GPU_CASES = [case for case in CASES if dataclasses.replace(base_config(case[0]), **LAYOUTS[case[1]]).world_size == 2]
+GPU_IDS = [f"{family}-{layout}" for family, layout in GPU_CASES]
+
+
+def gpu_config(family: str, layout: str | None = None) -> TrainConfig:
+    return dataclasses.replace(base_config(family, device="cuda"), **(LAYOUTS[layout] if layout else {}))
+
+
+def run_rank_of_each(configs: list[TrainConfig]) -> list[dict]:
+    """This rank's results for each two-rank run in turn (one launch, one NCCL world, new groups per run)."""
+    return [run_rank(config) for config in configs]
+
+
+@functools.cache
+def gpu_reference(family: str) -> dict:
+    return run_rank(gpu_config(family))
+
+
+@functools.cache
+def gpu_parallel() -> dict[tuple[str, str], tuple[TrainConfig, list[dict]]]:
+    configs = [gpu_config(family, layout) for family, layout in GPU_CASES]
+    per_rank = launch(run_rank_of_each, 2, configs, device="cuda")
+    return {case: (config, [ranks[index] for ranks in per_rank])
+            for index, (case, config) in enumerate(zip(GPU_CASES, configs))}
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("family,layout", GPU_CASES, ids=GPU_IDS)
+def test_nccl_on_two_gpus_forward_loss_equals_one_gpu(family, layout, record_property):
+    config, outputs = gpu_parallel()[(family, layout)]
+    difference = max(abs(out["first_loss"] - gpu_reference(family)["first_loss"]) for out in outputs)
+    record_property("loss_difference", f"{difference:.2e}")
+    assert difference < LOSS_ATOL
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("family,layout", [case for case in GPU_CASES if "distributed" not in case[1]],
+                         ids=[i for i, case in zip(GPU_IDS, GPU_CASES) if "distributed" not in case[1]])
+def test_nccl_on_two_gpus_gradients_merged_over_ranks_equal_one_gpu(family, layout, record_property):
+    config, outputs = gpu_parallel()[(family, layout)]
+    expected = canonical([gpu_reference(family)], gpu_config(family), "gradients")
+    difference = max_difference(canonical(outputs, config, "gradients"), expected)
+    record_property("gradient_difference", f"{difference:.2e}")
+    assert difference < GRAD_ATOL
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+@pytest.mark.parametrize("family,layout", GPU_CASES, ids=GPU_IDS)
+def test_nccl_on_two_gpus_training_follows_the_one_gpu_trajectory(family, layout, record_property):
+    config, outputs = gpu_parallel()[(family, layout)]
+    ref = gpu_reference(family)
+    losses = max(abs(a - b) for a, b in zip(outputs[0]["losses"], ref["losses"]))
+    weights = max_difference(canonical(outputs, config, "weights"), canonical([ref], gpu_config(family), "weights"))
+    record_property("loss_difference_over_steps", f"{losses:.2e}")
+    record_property("weight_difference_after_steps", f"{weights:.2e}")
+    norms = max(abs(a / b - 1) for a, b in zip(outputs[0]["grad_norms"], ref["grad_norms"]))
+    record_property("grad_norm_relative_difference", f"{norms:.2e}")
+    assert losses < LOSS_ATOL
+    assert outputs[0]["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
+    assert weights < WEIGHT_ATOL

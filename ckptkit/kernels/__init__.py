@@ -18,7 +18,7 @@ from . import reference
 from .reference import rope_inverse_frequencies, rope_scaling_parameters, rope_tables
 
 __all__ = ["fused_available", "bias_gelu", "layer_norm", "rms_norm", "apply_rope", "rope_tables",
-           "rope_inverse_frequencies", "rope_scaling_parameters", "cross_entropy"]
+           "rope_inverse_frequencies", "rope_scaling_parameters", "cross_entropy", "adam_step"]
 
 
 @functools.cache
@@ -77,3 +77,13 @@ def cross_entropy(logits, target, vocab_start: int = 0, group=None, *, fused: bo
     if module is None:
         return reference.cross_entropy(logits, target, vocab_start, group)
     return module.cross_entropy(logits, target, vocab_start, group)
+
+
+def adam_step(param, master, exp_avg, exp_avg_sq, grad, decay, grad_scale=None, *, lr: float, beta1: float,
+              beta2: float, eps: float, weight_decay: float, step: int, fused: bool = False) -> None:
+    """AdamW on flat float32 state, in place (see :func:`ckptkit.kernels.reference.adam_step`);
+    the Triton version makes one pass over it."""
+    module = _fused(master, fused)
+    (reference if module is None else module).adam_step(
+        param, master, exp_avg, exp_avg_sq, grad, decay, grad_scale, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, step=step)

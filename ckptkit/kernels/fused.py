@@ -361,3 +361,48 @@ class _CrossEntropy(torch.autograd.Function):
 
 def cross_entropy(logits, target, vocab_start: int = 0, group=None):
     return _CrossEntropy.apply(logits, target, vocab_start, group)
+
+
+# ----------------------------------------------------------------------------- AdamW
+
+@triton.jit
+def _adam_kernel(param_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_ptr, decay_ptr, scale_ptr, numel,
+                 decay_factor, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt,
+                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
+    if HAS_SCALE:
+        grad = grad * tl.load(scale_ptr)
+    master = tl.load(master_ptr + offsets, mask=mask, other=0.0)
+    decay = tl.load(decay_ptr + offsets, mask=mask, other=0) != 0
+    master = tl.where(decay, master - master * decay_factor, master)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
+    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    # IEEE square root and division, as torch computes them (Triton's defaults are approximations).
+    denominator = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    master = master - step_size * tl.div_rn(exp_avg, denominator)
+    tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
+    tl.store(master_ptr + offsets, master, mask=mask)
+    tl.store(param_ptr + offsets, master.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+_ADAM_BLOCK = 2048
+
+
+@torch.no_grad()
+def adam_step(param, master, exp_avg, exp_avg_sq, grad, decay, grad_scale, *, lr: float, beta1: float,
+              beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    """One pass over the state: reads gradient, master, moments and decay flag once, writes each output once."""
+    numel = master.numel()
+    for tensor in (param, exp_avg, exp_avg_sq, grad, decay):
+        assert tensor.numel() == numel and tensor.is_contiguous(), "adam_step takes contiguous flat tensors"
+    # 1 - beta computed here in double: in float32, 1 - 0.999f is 1.3e-5 away from 0.001.
+    _adam_kernel[(triton.cdiv(numel, _ADAM_BLOCK),)](
+        param, master, exp_avg, exp_avg_sq, grad, decay.view(torch.uint8),
+        grad_scale if grad_scale is not None else master, numel, lr * weight_decay, beta1, 1.0 - beta1, beta2,
+        1.0 - beta2, eps, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step), HAS_SCALE=grad_scale is not None,
+        BLOCK=_ADAM_BLOCK, num_warps=8)

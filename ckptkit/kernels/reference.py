@@ -171,3 +171,27 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int =
     """
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, group)
 
+
+
+@torch.no_grad()
+def adam_step(param: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+              grad: torch.Tensor, decay: torch.Tensor, grad_scale: torch.Tensor | None, *, lr: float, beta1: float,
+              beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    """One AdamW update of flat float32 state, in place; ``param`` gets the new weights in its dtype.
+
+    ``grad`` (float32) is first multiplied by ``grad_scale`` (a 0-d tensor: the clipping
+    coefficient) when given; the decoupled weight decay ``lr x weight_decay`` applies
+    where ``decay`` (bool) is true. Then, with ``k = step``:
+    ``m = lerp(m, g, 1 - beta1)``, ``v = beta2 v + (1 - beta2) g^2``,
+    ``w -= lr / (1 - beta1^k) x m / (sqrt(v) / sqrt(1 - beta2^k) + eps)``.
+    """
+    if grad_scale is not None:
+        grad = grad * grad_scale
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    master.sub_(master * decay * (lr * weight_decay))
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    master.addcdiv_(exp_avg, denominator, value=-lr / bias_correction1)
+    param.copy_(master)

@@ -57,8 +57,13 @@ Examples:
 @click.option("--recompute", is_flag=True, help="Recompute each layer's activations in the backward pass.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Parameter and compute dtype (auto: bf16 on GPU with fp32 master weights, fp32 on CPU).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the ranks compute: cpu (gloo), cuda (NCCL, one GPU per rank); auto: cuda when "
+                   "there is a GPU for every rank.")
 @click.option("--fused-kernels/--no-fused-kernels", default=None,
               help="Triton kernels [default: on when a GPU and Triton are present].")
+@click.option("--compile", "compile_layers", is_flag=True,
+              help="torch.compile each transformer layer (TP 1 and EP 1 only; the first step compiles).")
 @click.option("--save", type=click.Path(file_okay=False), help="Folder for Megatron per-rank checkpoints.")
 @click.option("--save-interval", type=int, help="Also save every N iterations (always at the end).")
 @click.option("--load", type=click.Path(exists=True), help="Any checkpoint ckptkit reads (Megatron, HF) to start from.")
@@ -67,12 +72,14 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train(preset, config_file, tp, pp, dp, ep, steps, micro_batch_size, global_batch_size, seq_length, data, tokenizer,
           seed, lr, min_lr, warmup_steps, clip_grad, weight_decay, sequence_parallel, distributed_optimizer,
-          recompute, dtype, fused_kernels, save, save_interval, load, log_json, log_interval, as_json):
+          recompute, dtype, device, fused_kernels, compile_layers, save, save_interval, load, log_json, log_interval,
+          as_json):
     """Train a Megatron-style GPT with tensor, pipeline and data parallelism.
 
-    Runs TP x PP x DP ranks: worker processes on this machine's CPUs (gloo), or under
-    torchrun the ranks it starts (NCCL on GPUs). Checkpoints are Megatron-LM per-rank
-    files (iter_*/mp_rank_*/model_optim_rng.pt) that every ckptkit command reads.
+    Runs TP x PP x DP ranks: worker processes on this machine (gloo on its CPUs, or
+    NCCL with one GPU per rank: --device), or under torchrun the ranks it starts.
+    Checkpoints are Megatron-LM per-rank files (iter_*/mp_rank_*/model_optim_rng.pt)
+    that every ckptkit command reads.
     """
     from .trainer import train as run
 
@@ -82,7 +89,8 @@ def train(preset, config_file, tp, pp, dp, ep, steps, micro_batch_size, global_b
             micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, seq_length=seq_length,
             seed=seed, data=data, tokenizer=tokenizer, save=save, save_interval=save_interval, load=load,
             log_json=log_json, distributed_optimizer=distributed_optimizer, sequence_parallel=sequence_parallel,
-            recompute=recompute, fused_kernels=fused_kernels, dtype=dtype, log_interval=0 if as_json else log_interval,
+            recompute=recompute, fused_kernels=fused_kernels, compile=compile_layers, dtype=dtype, device=device,
+            log_interval=0 if as_json else log_interval,
             optimizer=AdamConfig(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, clip_grad=clip_grad,
                                  weight_decay=weight_decay),
         )

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadInput
+from ..errors import BadInput, Unsupported
 from ..kernels import rope_scaling_parameters
 from ..spec import ModelSpec
 from .optim import AdamConfig
@@ -72,7 +72,9 @@ class TrainConfig:
     sequence_parallel: bool = False
     recompute: bool = False
     fused_kernels: bool | None = None  # None: when a GPU and Triton are present
+    compile: bool = False  # torch.compile each transformer layer (TP1 and EP1 only)
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16"
+    device: str = "auto"  # "cpu" (gloo), "cuda" (NCCL, a GPU per rank), "auto": cuda when every rank has a GPU
     make_vocab_size_divisible_by: int = 128
     log_interval: int = 0  # print a line every N steps on rank 0 (0: quiet)
 
@@ -92,6 +94,13 @@ class TrainConfig:
         for name in ("tp", "pp", "dp", "ep", "steps", "micro_batch_size", "seq_length"):
             if getattr(self, name) < 1:
                 raise BadInput(f"{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.compile and (self.tp > 1 or self.ep > 1):
+            # Inside a layer, TP and EP call torch.distributed through autograd functions,
+            # which this trainer has not run under torch.compile.
+            raise Unsupported(f"compiling the layers needs TP=1 and EP=1 (got TP={self.tp}, EP={self.ep}): "
+                              "their collectives are not compiled")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise BadInput(f"device {self.device!r}: choose auto, cpu or cuda")
         if self.dp % self.ep:
             # Megatron's expert grid with expert tensor parallelism = TP: EP x expert-DP = DP.
             raise BadInput(f"EP={self.ep} must divide DP={self.dp}: expert-parallel ranks are data-parallel ranks")

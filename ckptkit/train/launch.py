@@ -1,11 +1,14 @@
 """Starting the processes of a parallel run: our own spawned workers, or torchrun's.
 
-``launch(fn, world_size, *args)`` runs ``fn(*args)`` on ``world_size`` fresh processes
-with ``torch.distributed`` initialised (gloo on CPU; NCCL when there is one GPU per
-rank) and returns every rank's return value. A worker's :class:`~ckptkit.errors.CkptError`
-is raised again in the caller unchanged; any other failure becomes a ``RuntimeError``
-carrying the worker's traceback. Under ``torchrun`` the process group comes from the
-environment instead (:func:`init_from_environment`).
+A run's device and its ``torch.distributed`` backend are chosen together, by the caller:
+``launch(fn, world_size, *args, device="cpu")`` runs ``fn(*args)`` on ``world_size``
+fresh processes joined over gloo, to compute on CPU tensors; ``device="cuda"`` joins
+them over NCCL with rank ``r`` on GPU ``r`` (one GPU per rank). It returns every rank's
+return value. :func:`run_device` is the default a run takes when it is not told
+(``"auto"``): CUDA when there is a GPU for every rank, else the CPU. A worker's
+:class:`~ckptkit.errors.CkptError` is raised again in the caller unchanged; any other
+failure becomes a ``RuntimeError`` carrying the worker's traceback. Under ``torchrun``
+the process group comes from the environment instead (:func:`init_from_environment`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-from ..errors import CkptError
+from ..errors import BadInput, CkptError
 
 
 def launched_by_torchrun() -> bool:
@@ -30,17 +33,43 @@ def launched_by_torchrun() -> bool:
                                                    and "MASTER_ADDR" in os.environ)
 
 
-def init_from_environment() -> torch.device:
-    """Join the process group torchrun describes; returns this rank's device."""
-    if torch.cuda.is_available():
+DEVICES = ("cpu", "cuda")
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # collectives on CPU tensors need gloo, on CUDA tensors NCCL
+
+
+def run_device(requested: str = "auto", world_size: int = 1) -> str:
+    """The device type of a run: ``requested`` unless it is ``"auto"``, which is
+    ``"cuda"`` when there is a GPU for each of ``world_size`` ranks, else ``"cpu"``.
+
+    >>> run_device("cpu", 4), run_device("auto", 1)   # on a machine with one GPU
+    ('cpu', 'cuda')
+    """
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "cpu"
+    if requested not in DEVICES:
+        raise BadInput(f"device {requested!r}: choose auto, {' or '.join(DEVICES)}")
+    if requested == "cuda" and torch.cuda.device_count() < world_size:
+        raise BadInput(f"device cuda needs a GPU for each of {world_size} ranks; "
+                       f"{torch.cuda.device_count()} found")
+    return requested
+
+
+def init_from_environment(device_type: str = "auto") -> torch.device:
+    """Join the process group torchrun describes; returns this rank's device.
+
+    ``"cuda"`` (``"auto"`` where GPUs are present): NCCL, this rank on GPU ``LOCAL_RANK``;
+    ``"cpu"``: gloo.
+    """
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        backend = "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(BACKENDS[device.type])
     return device
 
 
@@ -50,28 +79,20 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def spawned_backend(world_size: int) -> str:
-    """NCCL when every rank can have its own GPU, gloo on CPU otherwise."""
-    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
-        return "nccl"
-    return "gloo"
-
-
-def current_device() -> torch.device:
-    """The device of this rank: its GPU under NCCL, else the CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    if not dist.is_initialized() and torch.cuda.is_available():
+def rank_device(device_type: str) -> torch.device:
+    """This process's device in a run on ``device_type``: its own GPU (set by the launcher) or the CPU."""
+    if device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _worker(rank, world_size, port, backend, results, fn, args):
+def _worker(rank, world_size, port, device_type, results, fn, args):
     # Share the machine's cores between the workers instead of oversubscribing them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)  # before the process group, so NCCL binds this rank to its GPU
+    dist.init_process_group(BACKENDS[device_type], init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
     try:
         result = fn(*args)
         with open(Path(results) / f"rank{rank}.pkl", "wb") as stream:
@@ -100,16 +121,22 @@ def _start_method() -> str:
     return "forkserver"
 
 
-def launch(fn, world_size: int, *args, backend: str | None = None) -> list:
+def launch(fn, world_size: int, *args, device: str) -> list:
     """Run ``fn(*args)`` on ``world_size`` spawned ranks; returns their results in rank order.
 
+    ``device`` is where the ranks compute: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL, rank
+    ``r`` on GPU ``r``; :func:`rank_device` gives a rank its device). There is no
+    default: a run's tensors and its backend must agree, so the caller says which.
     ``fn`` must be importable by name (a module-level function): the workers do not
     share this interpreter's state.
     """
-    backend = backend or spawned_backend(world_size)
+    if device not in DEVICES:
+        raise ValueError(f"launch(device={device!r}): expected one of {', '.join(DEVICES)}")
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise BadInput(f"{world_size} ranks on CUDA need {world_size} GPUs; {torch.cuda.device_count()} found")
     with tempfile.TemporaryDirectory(prefix="ckptkit-launch-") as results:
         try:
-            mp.start_processes(_worker, args=(world_size, _free_port(), backend, results, fn, args),
+            mp.start_processes(_worker, args=(world_size, _free_port(), device, results, fn, args),
                                nprocs=world_size, join=True, start_method=_start_method())
         except ProcessException as failure:
             _raise_worker_error(Path(results), failure)

@@ -42,7 +42,7 @@ def megatron_logits(checkpoint_path, tokens: torch.Tensor, *, dtype: torch.dtype
     if tp * pp * ep == 1:
         return _logits_on_this_rank(str(checkpoint_path), tokens, 1, 1, 1, dtype)
     results = launch(_logits_on_this_rank, tp * pp * ep, str(checkpoint_path), tokens, tp, pp, ep, dtype,
-                     backend="gloo")
+                     device="cpu")
     return next(result for result in results if result is not None)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .. import kernels
 from ..spec import ModelSpec
 from .model import GPT
 from .parallel.groups import ParallelGroups, group_rank, group_size
@@ -151,8 +152,9 @@ class DistributedAdam:
     """
 
     def __init__(self, model: GPT, groups: ParallelGroups, config: AdamConfig, *, distributed: bool = False,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, fused: bool = False):
         self.model, self.groups, self.config = model, groups, config
+        self.fused = fused  # the update as one Triton kernel over each buffer (on a GPU with Triton)
         spec: ModelSpec = model.spec
         first = next(model.parameters())
         named = list(model.named_parameters())
@@ -223,19 +225,12 @@ class DistributedAdam:
         grad_norm = self.gradient_norm()
         config = self.config
         self.step_count += 1
-        bias_correction1 = 1 - config.beta1 ** self.step_count
-        bias_correction2 = 1 - config.beta2 ** self.step_count
+        clip = (config.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0) if config.clip_grad > 0 else None
         for buffer in self.buffers:
-            grad = buffer.grad_flat[buffer.shard]
-            if config.clip_grad > 0:
-                grad = grad * (config.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
-            master = buffer.master
-            master.sub_(master * buffer.decay * (lr * config.weight_decay))
-            buffer.exp_avg.lerp_(grad, 1 - config.beta1)
-            buffer.exp_avg_sq.mul_(config.beta2).addcmul_(grad, grad, value=1 - config.beta2)
-            denominator = (buffer.exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(config.eps)
-            master.addcdiv_(buffer.exp_avg, denominator, value=-lr / bias_correction1)
-            buffer.param_flat[buffer.shard] = master.to(buffer.param_flat.dtype)
+            kernels.adam_step(buffer.param_flat[buffer.shard], buffer.master, buffer.exp_avg, buffer.exp_avg_sq,
+                              buffer.grad_flat[buffer.shard], buffer.decay, clip, lr=lr, beta1=config.beta1,
+                              beta2=config.beta2, eps=config.eps, weight_decay=config.weight_decay,
+                              step=self.step_count, fused=self.fused)
             if buffer.distributed:
                 mine = buffer.param_flat[buffer.shard].clone()
                 _all_gather_flat(buffer.param_flat, mine, group=buffer.group)

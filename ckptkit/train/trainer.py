@@ -6,8 +6,9 @@
 (20, 'run1')
 
 ``train`` runs in this process for a single rank, spawns ``TP x PP x DP`` worker
-processes otherwise (gloo on CPU), and under ``torchrun`` joins the process group the
-environment describes (NCCL on GPUs). Each step:
+processes otherwise, and under ``torchrun`` joins the process group the environment
+describes. ``config.device`` says where: ``"cpu"`` (gloo), ``"cuda"`` (NCCL, one GPU
+per rank) or ``"auto"`` (CUDA when every rank has a GPU). Each step:
 
 1. every DP rank takes its micro-batches of the step's global batch
    (:class:`~ckptkit.train.data.GlobalBatches`: the same for every layout);
@@ -32,7 +33,7 @@ from ..spec import ModelSpec, padded_vocab_size
 from .checkpoint import check_can_save, open_resume, save_checkpoint, set_rng_state
 from .config import MODEL_PRESETS, TrainConfig
 from .data import GlobalBatches, open_samples
-from .launch import current_device, init_from_environment, launch, launched_by_torchrun
+from .launch import init_from_environment, launch, launched_by_torchrun, rank_device, run_device
 from .model import GPT
 from .optim import DistributedAdam, learning_rate
 from .parallel import Layout, ParallelGroups, build_groups, parallelize
@@ -49,6 +50,17 @@ class StepRecord:
     grad_norm: float
     lr: float
     tokens_per_s: float
+
+
+@dataclass
+class PendingStep:
+    """A step queued on the device: its loss and gradient norm are still device tensors."""
+
+    step: int  # 0-based
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    started: float  # time.perf_counter() at launch
 
 
 @dataclass
@@ -95,13 +107,23 @@ def model_flops_per_token(spec: ModelSpec, seq_length: int, padded_vocab: int | 
 
 
 def build_model(spec: ModelSpec, groups: ParallelGroups, padded_vocab: int, weights, *, device, dtype,
-                sequence_parallel: bool = False, recompute: bool = False, fused_kernels: bool = False) -> GPT:
-    """This rank's part of the model, filled from ``weights`` (canonical name -> full tensor)."""
+                sequence_parallel: bool = False, recompute: bool = False, fused_kernels: bool = False,
+                compile: bool = False) -> GPT:
+    """This rank's part of the model, filled from ``weights`` (canonical name -> full tensor).
+
+    ``compile``: each transformer layer goes through ``torch.compile`` (compiled once and
+    reused by every layer: they run the same code on weights of the same shapes). Inside
+    the layers the eager norms and activations are what gets compiled (the compiler fuses
+    them with their neighbours); the Triton kernels stay for what is outside.
+    """
     with torch.device("meta"):
-        model = GPT(spec, padded_vocab, fused_kernels=fused_kernels)
+        model = GPT(spec, padded_vocab, fused_kernels=fused_kernels and not compile)
     parallelize(model, groups, sequence_parallel=sequence_parallel, recompute=recompute)
     materialize(model, device, dtype)
     load_weights(model, weights, groups.layout, groups.tp_rank, groups.pp_stage, groups.ep_rank)
+    if compile:
+        for layer in model.decoder.layers:
+            layer.compile()  # in place: parameter names do not change
     return model
 
 
@@ -135,13 +157,14 @@ class Trainer:
         try:
             self.model = build_model(self.spec, groups, self.padded_vocab_size, weights, device=device,
                                      dtype=self.dtype, sequence_parallel=config.sequence_parallel,
-                                     recompute=config.recompute, fused_kernels=self.fused)
+                                     recompute=config.recompute, fused_kernels=self.fused,
+                                     compile=config.compile)
         finally:
             if resume:
                 resume.close()
         self.optimizer = DistributedAdam(self.model, groups, config.optimizer,
                                          distributed=config.distributed_optimizer,
-                                         sequence_parallel=config.sequence_parallel)
+                                         sequence_parallel=config.sequence_parallel, fused=self.fused)
         self.start_iteration = resume.iteration if resume else 0
         if resume and resume.optimizer_state is not None:
             self.optimizer.load_state_dict(resume.optimizer_state)
@@ -152,6 +175,7 @@ class Trainer:
         self.batches = GlobalBatches(samples, config.batch_size, config.seed)
         self.flops_so_far = 0.0
         self._loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self._last_finished = 0.0
 
     # -- one step ---------------------------------------------------------------------
 
@@ -167,14 +191,22 @@ class Trainer:
         """
         return self._forward_backward(step).item()
 
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # From pageable memory CUDA drains the stream before copying (a host sync per
+            # micro-batch); from pinned memory the copy is queued like a kernel.
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
+
     def _forward_backward(self, step: int) -> torch.Tensor:
         config, groups = self.config, self.groups
-        microbatches = self.batches.microbatches(step, groups.dp_rank, config.dp, config.micro_batch_size)
+        microbatches = [self._to_device(batch) for batch in
+                        self.batches.microbatches(step, groups.dp_rank, config.dp, config.micro_batch_size)]
         tokens_in_batch = config.batch_size * config.seq_length
         self._loss_sum.zero_()
 
         def forward_step(index: int, inputs):
-            batch = microbatches[index].to(self.device, non_blocking=True)
+            batch = microbatches[index]
             output = self.model(batch[:, :-1] if groups.is_first_stage else inputs)
             if not groups.is_last_stage:
                 return output
@@ -195,41 +227,72 @@ class Trainer:
             dist.all_reduce(loss, group=groups.world_group)
         return loss
 
-    def train_step(self, step: int) -> StepRecord:
-        """Run step ``step`` (0-based) and update the weights."""
+    def launch_step(self, step: int) -> PendingStep:
+        """Queue step ``step`` (0-based) on the device, weights update included, without waiting for it.
+
+        Its loss and gradient norm stay device tensors until :meth:`finish_step` reads them,
+        so the host can queue the next step while the device runs this one.
+        """
         started = time.perf_counter()
         loss = self._forward_backward(step)
         lr = learning_rate(step, self.config.optimizer, self.config.steps)
-        grad_norm = self.optimizer.step(lr).item()  # waits for the step to finish on the device
-        loss = loss.item()
-        elapsed = time.perf_counter() - started
+        grad_norm = self.optimizer.step(lr)
         tokens = self.config.batch_size * self.config.seq_length
         self.flops_so_far += tokens * model_flops_per_token(self.spec, self.config.seq_length, self.padded_vocab_size)
-        return StepRecord(step + 1, loss, grad_norm, lr, tokens / elapsed)
+        return PendingStep(step, loss, grad_norm, lr, started)
+
+    def finish_step(self, pending: PendingStep) -> StepRecord:
+        """Wait for a launched step; its record. Tokens/s counts from the step's launch or
+        the previous step's end, whichever came later (steps overlap when launched ahead)."""
+        loss, grad_norm = pending.loss.item(), pending.grad_norm.item()  # the host waits here, and only here
+        finished = time.perf_counter()
+        elapsed = finished - max(pending.started, self._last_finished)
+        self._last_finished = finished
+        tokens = self.config.batch_size * self.config.seq_length
+        return StepRecord(pending.step + 1, loss, grad_norm, pending.lr, tokens / elapsed)
+
+    def train_step(self, step: int) -> StepRecord:
+        """Run step ``step`` (0-based), update the weights and wait for it."""
+        return self.finish_step(self.launch_step(step))
 
     # -- the run ----------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """Train up to ``config.steps``, saving as asked. Step ``k + 1`` is queued before step
+        ``k``'s loss is read, so the device never waits for the host between steps; a step
+        that is saved is finished first."""
         config, groups = self.config, self.groups
         result = TrainResult(start_iteration=self.start_iteration, iteration=self.start_iteration,
                              layout=str(groups.layout),
                              parameters=sum(p.numel() for p in self.model.parameters()))
         log = open(config.log_json, "w") if (config.log_json and groups.rank == 0) else None
+
+        def finish(pending: PendingStep) -> None:
+            record = self.finish_step(pending)
+            result.records.append(record)
+            result.iteration = record.step
+            if log:
+                log.write(json.dumps(asdict(record)) + "\n")
+                log.flush()
+            if config.log_interval and groups.rank == 0 and record.step % config.log_interval == 0:
+                print(f"step {record.step:>6}/{config.steps}  loss {record.loss:.4f}  grad_norm "
+                      f"{record.grad_norm:.3f}  lr {record.lr:.3e}  tokens/s {record.tokens_per_s:,.0f}",
+                      flush=True)
+
         try:
+            pending = None
             for step in range(self.start_iteration, config.steps):
-                record = self.train_step(step)
-                result.records.append(record)
-                result.iteration = record.step
-                if log:
-                    log.write(json.dumps(asdict(record)) + "\n")
-                    log.flush()
-                if config.log_interval and groups.rank == 0 and record.step % config.log_interval == 0:
-                    print(f"step {record.step:>6}/{config.steps}  loss {record.loss:.4f}  grad_norm "
-                          f"{record.grad_norm:.3f}  lr {record.lr:.3e}  tokens/s {record.tokens_per_s:,.0f}",
-                          flush=True)
+                launched = self.launch_step(step)
+                if pending is not None:
+                    finish(pending)
+                pending = launched
                 interval = config.save_interval
-                if config.save and interval and record.step % interval == 0 and record.step != config.steps:
-                    save_checkpoint(config.save, record.step, trainer=self)
+                if config.save and interval and (step + 1) % interval == 0 and step + 1 != config.steps:
+                    finish(pending)
+                    pending = None
+                    save_checkpoint(config.save, step + 1, trainer=self)
+            if pending is not None:
+                finish(pending)
         finally:
             if log:
                 log.close()
@@ -239,17 +302,21 @@ class Trainer:
         return result
 
 
-def run_training(config: TrainConfig, device: torch.device | None = None) -> TrainResult:
-    """One rank's share of ``train`` (torch.distributed already initialised, or a single rank)."""
+def run_training(config: TrainConfig, device: torch.device | str) -> TrainResult:
+    """One rank's share of ``train`` (torch.distributed already initialised, or a single rank).
+
+    ``device``: this rank's device, or the run's device type (``"cpu"``/``"cuda"``).
+    """
     groups = build_groups(Layout(config.tp, config.pp, config.dp, config.ep))
-    return Trainer(config, groups, device or current_device()).run()
+    return Trainer(config, groups, rank_device(device) if isinstance(device, str) else device).run()
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Train as ``config`` says; returns rank 0's view (losses, grad norms, checkpoint path)."""
     config.check_layout()  # before any process starts
     if launched_by_torchrun():
-        return run_training(config, init_from_environment())
+        return run_training(config, init_from_environment(config.device))
+    device = run_device(config.device, config.world_size)
     if config.world_size == 1:
-        return run_training(config)
-    return launch(run_training, config.world_size, config)[0]
+        return run_training(config, device)
+    return launch(run_training, config.world_size, config, device, device=device)[0]
