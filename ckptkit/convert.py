@@ -238,24 +238,50 @@ def hf_to_megatron(source, destination, *, tp=1, pp=1, vpp=1, ep=1, etp=None, dt
                    make_vocab_size_divisible_by=128, format="torch", naming="mcore-local", overwrite=False,
                    strict=False, trust_remote_pickle=False, progress: Progress | None = None,
                    on_start: Callable[[int], None] | None = None, workers: int = 1,
-                   dry_run: bool = False) -> ConvertResult:
+                   dry_run: bool = False, optimizer: str | None = None, dp: int | None = None,
+                   distributed_optimizer: bool | None = None, megatron_args=None) -> ConvertResult:
     """Convert a Hugging Face folder into a Megatron checkpoint at TP/PP(/VPP).
 
     A mixture of experts places ``num_experts / ep`` experts on each of ``ep``
     expert-parallel ranks, each expert cut over ``etp`` ranks (None: TP, Megatron's
     default; per-rank files need ETP = TP).
 
+    ``optimizer="fresh"`` adds a fresh optimizer state (fp32 master copies of the Hugging
+    Face weights at their full precision, zero moments, step 0) for a run at data-parallel
+    size ``dp`` (default 1), with Megatron's distributed optimizer or not
+    (``distributed_optimizer``, default: as ``megatron_args`` say), and writes iteration 0
+    instead of a release, so that Megatron starts training with its optimizer loaded.
+    ``megatron_args`` are the training run's Megatron flags (a string or a list; ``--lr`` at
+    least): the state's parameter groups and LR schedule must be the run's. See
+    :mod:`ckptkit.optimizer.fresh`.
+
     ``workers`` processes write disjoint rank files; under ``torchrun`` every rank takes
     its part of them (see :mod:`ckptkit.parallel`).
 
     >>> hf_to_megatron("hf/llama", "llama-tp2pp2", tp=2, pp=2).target_layout["tp"]
     2
+    >>> hf_to_megatron("hf/llama", "llama-dp4", tp=2, pp=1, dtype="bf16", optimizer="fresh", dp=4,
+    ...                distributed_optimizer=True,
+    ...                megatron_args="--lr 3e-4 --train-iters 1000 --global-batch-size 64").files[-1]
+    'iter_0000000/mp_rank_01/distrib_optim.pt'
     """
+    if optimizer not in (None, "none", "fresh"):
+        raise BadInput(f"unknown optimizer state {optimizer!r} for hf-to-megatron (available: fresh)")
+    fresh = optimizer == "fresh"
+    if not fresh and (dp is not None or distributed_optimizer is not None or megatron_args is not None):
+        raise BadInput("--dp, --distributed-optimizer and --megatron-args describe a fresh optimizer state: "
+                       "add --optimizer fresh")
+    training_run = None
+    if fresh:
+        from .optimizer.fresh import TrainingRun
+
+        training_run = TrainingRun.from_megatron_args(megatron_args)
     return _to_megatron(source, destination, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, dtype=dtype,
                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=format, naming=naming,
                         overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
                         progress=progress, on_start=on_start, keep_training_state=False, workers=workers,
-                        dry_run=dry_run)
+                        dry_run=dry_run, dp=dp, distributed_optimizer=distributed_optimizer,
+                        fresh_optimizer=training_run)
 
 
 def reshard(source, destination, *, tp, pp, vpp=1, ep=None, etp=None, dtype=None, format=None, naming=None,
@@ -297,7 +323,7 @@ def _expert_sizes(meta, ep: int | None, etp: int | None) -> tuple[int, int | Non
 def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_divisible_by, format, naming,
                  overwrite, strict, trust_remote_pickle, progress, on_start, keep_training_state,
                  workers=1, dry_run=False, ep=None, etp=None, optimizer=False, dp=None,
-                 distributed_optimizer=None) -> ConvertResult:
+                 distributed_optimizer=None, fresh_optimizer=None) -> ConvertResult:
     if make_vocab_size_divisible_by is not None and make_vocab_size_divisible_by < 1:
         raise BadInput("--make-vocab-size-divisible-by must be a positive integer "
                        f"(got {make_vocab_size_divisible_by})")
@@ -328,7 +354,16 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
             iteration=meta.iteration if keep_training_state else None,
             release=(meta.release or meta.iteration is None) if keep_training_state else True,
         )
+        if fresh_optimizer is not None:  # Megatron loads no optimizer from a release: iteration 0
+            target = replace(target, iteration=0, release=False)
         weights = MEGATRON_WRITERS[target_format](target, keep_source_args=keep_training_state)
+        if fresh_optimizer is not None:
+            from .optimizer.fresh import with_fresh_optimizer_state
+
+            writer, fresh_notes = with_fresh_optimizer_state(weights, target, reader, fresh_optimizer, dp=dp,
+                                                             distributed=distributed_optimizer)
+            notes.extend(fresh_notes)
+            return writer
         if not (keep_training_state and optimizer):
             return weights
         from .optimizer.carry import with_optimizer_state

@@ -169,18 +169,34 @@ def megatron_target_options(command):
               help="Pad the vocabulary to a multiple of this times TP (Megatron's rule).")
 @click.option("--format", "target_format", type=click.Choice(["torch", "torch_dist"]), default="torch",
               show_default=True, help="Per-rank files (torch) or Megatron-Core distributed (torch_dist).")
+@click.option("--optimizer", type=click.Choice(["none", "fresh"]), default="none", show_default=True,
+              help="fresh: add a fresh optimizer state (fp32 masters of the weights at full precision, zero moments, "
+                   "step 0) at iteration 0, so Megatron trains without --no-load-optim/--finetune.")
+@click.option("--dp", type=click.IntRange(min=1), help="With --optimizer fresh: data-parallel size of the run "
+              "(default 1).")
+@click.option("--distributed-optimizer/--no-distributed-optimizer", default=None,
+              help="With --optimizer fresh: state for Megatron's distributed optimizer or the plain one "
+                   "(default: --use-distributed-optimizer in --megatron-args, else plain).")
+@click.option("--megatron-args", metavar="'--lr 3e-4 ...'",
+              help="With --optimizer fresh: the training run's Megatron flags (--lr at least; the LR schedule, "
+                   "Adam's betas and eps, bucket settings); the whole command line may be pasted.")
 @dry_run_option
 @source_options
 @handle_errors
 def hf_to_megatron_command(source, destination, tp, pp, vpp, ep, etp, dtype, naming, overwrite, workers,
-                           make_vocab_size_divisible_by, target_format, dry_run, strict, trust_remote_pickle,
-                           as_json):
+                           make_vocab_size_divisible_by, target_format, optimizer, dp, distributed_optimizer,
+                           megatron_args, dry_run, strict, trust_remote_pickle, as_json):
     """Convert a Hugging Face folder to a Megatron checkpoint at any TP/PP (and EP for experts).
+
+    With --optimizer fresh the output is iteration 0 with a fresh optimizer state for the run
+    that --megatron-args describe; start that run with --no-load-rng.
 
     \b
     Example:
       ckptkit hf-to-megatron llama-hf/ megatron-llama/ --tp 2 --pp 2 --dtype bf16
       ckptkit hf-to-megatron mixtral-hf/ megatron-mixtral/ --tp 2 --pp 2 --ep 4
+      ckptkit hf-to-megatron llama-hf/ megatron-llama/ --tp 2 --pp 1 --dtype bf16 --optimizer fresh --dp 4 \\
+          --distributed-optimizer --megatron-args "--lr 3e-4 --min-lr 3e-5 --train-iters 5000 --global-batch-size 256"
     """
     from ..convert import hf_to_megatron
 
@@ -190,7 +206,8 @@ def hf_to_megatron_command(source, destination, tp, pp, vpp, ep, etp, dtype, nam
                                 make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=target_format,
                                 naming=naming or "mcore-local", overwrite=overwrite, strict=strict,
                                 trust_remote_pickle=trust_remote_pickle, progress=progress.advance,
-                                on_start=progress.start, workers=workers, dry_run=dry_run)
+                                on_start=progress.start, workers=workers, dry_run=dry_run, optimizer=optimizer,
+                                dp=dp, distributed_optimizer=distributed_optimizer, megatron_args=megatron_args)
     render_conversion(result, as_json, dry_run)
 
 

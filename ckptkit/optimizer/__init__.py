@@ -8,7 +8,9 @@ through that layout; :mod:`.per_rank` turns a per-rank checkpoint's optimizer st
 fp32 ``param``, ``exp_avg`` and ``exp_avg_sq``; :mod:`.write` writes canonical state as
 Megatron lays it out for any TP/PP/VPP/DP, distributed or not.
 
-:mod:`.carry` wraps a per-rank weight writer so that a conversion carries the state.
+:mod:`.carry` wraps a per-rank weight writer so that a conversion carries the state;
+:mod:`.fresh` makes the state of an optimizer before its first step from the weights
+(``hf-to-megatron --optimizer fresh``).
 
 Entry points: :func:`read_optimizer_state`, :func:`write_optimizer_state` and
 :class:`OptimizerTarget`; for conversions, :class:`.carry.WithOptimizerState`.

@@ -39,11 +39,15 @@ def optimizer_state_absence(reader: CheckpointReader) -> str | None:
 
 @dataclass
 class WithOptimizerState(CheckpointWriter):
-    """The weights as ``weights`` writes them, plus the source's optimizer state at ``target``."""
+    """The weights as ``weights`` writes them, plus the source's optimizer state (or
+    ``state_of(reader)``) at ``target``."""
 
     weights: CheckpointWriter
     target: OptimizerTarget
     spec: object = field(default=None, compare=False)  # the model, kept by plan() for check()
+    # the state to write, from the open source reader: its own (None) or another, such as a
+    # fresh optimizer's (:class:`.fresh.FreshStateOf`); picklable, as the writer goes to workers
+    state_of: object = None
 
     def plan(self, reader: CheckpointReader) -> Plan:
         plan = self.weights.plan(reader)
@@ -63,7 +67,7 @@ class WithOptimizerState(CheckpointWriter):
         from . import read_optimizer_state
 
         finished = self.weights.finish(reader, plan, out)
-        with read_optimizer_state(reader) as state:
+        with (self.state_of or read_optimizer_state)(reader) as state:
             written = write_optimizer_state(state, Path(out), self.target)
         data_files = {planned.path for planned in plan.files}
         return finished + [path for path in written if path not in data_files and path not in finished]
