@@ -1,5 +1,5 @@
 """What a checkpoint is: layout, family, parallel sizes, iteration, dtype, how each tensor is cut,
-and for a mixture of experts which experts each expert-parallel rank holds."""
+for a mixture of experts which experts each expert-parallel rank holds, and its optimizer state."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from .bridges import BRIDGES
 from .layouts import open_checkpoint
+from .optimizer.summary import OptimizerSummary, describe_optimizer_state
 from .spec import canonical_tensors, rule_for
 
 
@@ -30,11 +31,13 @@ class InspectResult:
     tensors: list[TensorInfo] = field(default_factory=list)
     # a mixture of experts: the global experts of each expert-parallel rank, [first, last]
     experts_per_ep_rank: list[list[int]] = field(default_factory=list)
+    optimizer: OptimizerSummary | None = None  # the optimizer state: kind, sharding, step, DP size, dtypes
 
     def to_dict(self) -> dict:
         return {"path": self.path, "layout": self.layout, "family": self.family,
                 "architecture": self.architecture, "spec": self.spec, "num_parameters": self.num_parameters,
                 "experts_per_ep_rank": self.experts_per_ep_rank,
+                "optimizer": self.optimizer.to_dict() if self.optimizer else None,
                 "tensors": [{"name": t.name, "shape": list(t.shape), "rule": t.rule,
                              "shard_shape": list(t.shard_shape), "ep_rank": t.ep_rank} for t in self.tensors]}
 
@@ -45,6 +48,8 @@ def inspect_checkpoint(path, **options) -> InspectResult:
     >>> info = inspect_checkpoint("checkpoints/gpt2")
     >>> info.layout["tp"], info.family, info.num_parameters
     (2, 'gpt2', 773376)
+    >>> info.optimizer.kind
+    'fresh-empty'
     """
     with open_checkpoint(path, **options) as reader:
         spec, meta = reader.spec, reader.meta
@@ -62,4 +67,4 @@ def inspect_checkpoint(path, **options) -> InspectResult:
         architecture = BRIDGES[spec.family].architecture if spec.family in BRIDGES else None
         experts = [[rank * per_rank, (rank + 1) * per_rank - 1] for rank in range(meta.ep)] if per_rank else []
         return InspectResult(str(path), meta.summary(), spec.family, architecture, spec.to_dict(), count, tensors,
-                             experts)
+                             experts, describe_optimizer_state(reader))

@@ -13,7 +13,7 @@ from .shell import emit_json, handle_errors, source_options, stdout
 @source_options
 @handle_errors
 def inspect_command(checkpoint, tensors, strict, trust_remote_pickle, as_json):
-    """Show a checkpoint's layout, family, parallel sizes, iteration, dtype and tensors.
+    """Show a checkpoint's layout, family, parallel sizes, iteration, dtype, optimizer state and tensors.
 
     \b
     Example:
@@ -34,7 +34,8 @@ def inspect_command(checkpoint, tensors, strict, trust_remote_pickle, as_json):
                        ("iteration", "release" if layout.get("release") else layout.get("iteration")),
                        ("checkpoint_version", layout.get("checkpoint_version")), ("dtype", layout["dtype"]),
                        ("parameters", f"{info.num_parameters:,}"),
-                       ("padded vocab", layout.get("padded_vocab_size"))]:
+                       ("padded vocab", layout.get("padded_vocab_size")),
+                       ("optimizer", info.optimizer.describe() if info.optimizer else None)]:
         if value is not None:
             summary.add_row(key, str(value))
     spec = info.spec

@@ -10,7 +10,8 @@ Megatron lays it out for any TP/PP/VPP/DP, distributed or not.
 
 :mod:`.carry` wraps a per-rank weight writer so that a conversion carries the state;
 :mod:`.fresh` makes the state of an optimizer before its first step from the weights
-(``hf-to-megatron --optimizer fresh``).
+(``hf-to-megatron --optimizer fresh``); :mod:`.summary` says what state a checkpoint
+holds (``inspect``) and :mod:`.verify` checks it against the weights (``verify DIR``).
 
 Entry points: :func:`read_optimizer_state`, :func:`write_optimizer_state` and
 :class:`OptimizerTarget`; for conversions, :class:`.carry.WithOptimizerState`.
