@@ -1,0 +1,120 @@
+"""Inputs and comparison for tools/megatron_check_moe.sh: real Megatron-LM loads the
+mixture-of-experts checkpoints ckptkit writes and computes the same logits.
+
+    python3 tools/megatron_moe.py prepare .devdata/moecheck      # here, on the CPU
+    bash tools/megatron_check_moe.sh                              # on 2 GPUs, with Megatron-LM
+    python3 tools/megatron_moe.py compare .devdata/moecheck RESULTS_DIR
+
+``prepare`` makes, under DIR, from the real Megatron MoE fixtures (tools/make_megatron_moe_fixtures.sh):
+
+- ``qwen2_torch``: ``moe_qwen2_ep2_torch/torch`` (per-rank, EP2; shared expert with a gate,
+  QKV bias, layer 0 dense) -> ``megatron-to-hf`` -> ``hf-to-megatron --tp 1 --pp 1 --ep 2``
+  (per-rank files ``mp_rank_00_000`` and ``mp_rank_00_001``), loaded at EP2 on 2 GPUs.
+- ``mixtral_dist``: ``moe_mixtral_ep2_torch/torch`` (per-rank, EP2) -> ``megatron-to-hf`` ->
+  ``hf-to-megatron --tp 1 --pp 1 --ep 2 --format torch_dist``, loaded at EP1 on 1 GPU.
+- ``qwen3_torch``: ``moe_qwen3_tp1ep2/dist`` (torch_dist) -> ``reshard --format torch --tp 1
+  --pp 1 --ep 2`` (per-rank, EP2), loaded at EP2 on 2 GPUs.
+
+Each run's reference is the logits Megatron itself computed for the fixture (``logits.pt``);
+``RUN_tokens.pt`` holds its tokens. ``compare`` reads ``RUN_logits.pt`` (tools/megatron_logits.py)
+and prints max / mean |Megatron - reference| over the 1000 real vocabulary columns.
+
+ckptkit runs as ``ckptkit.cli:main`` from ``CKPTKIT_PATH`` when set (a clean
+``git archive`` copy), else from the installed package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+# run -> (fixture, how it was made)
+RUNS = {
+    "qwen2_torch": ("moe_qwen2_ep2_torch", "megatron-to-hf, hf-to-megatron --tp 1 --pp 1 --ep 2 (per-rank)"),
+    "mixtral_dist": ("moe_mixtral_ep2_torch", "megatron-to-hf, hf-to-megatron --tp 1 --pp 1 --ep 2 --format torch_dist"),
+    "qwen3_torch": ("moe_qwen3_tp1ep2", "reshard --format torch --tp 1 --pp 1 --ep 2 (per-rank)"),
+}
+
+
+def ckptkit(*args: str) -> None:
+    env = dict(os.environ)
+    if os.environ.get("CKPTKIT_PATH"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["CKPTKIT_PATH"], env.get("PYTHONPATH")]))
+    command = [sys.executable, "-c", "from ckptkit.cli import main; main()", *args]
+    print("$ ckptkit", " ".join(args), flush=True)
+    subprocess.run(command, check=True, env=env, cwd="/")
+
+
+def prepare(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fixture in (("qwen2", "moe_qwen2_ep2_torch"), ("mixtral", "moe_mixtral_ep2_torch")):
+        ckptkit("megatron-to-hf", str(FIXTURES / fixture / "torch"), str(out / f"{name}_hf"), "--overwrite")
+    ckptkit("hf-to-megatron", str(out / "qwen2_hf"), str(out / "qwen2_torch"), "--tp", "1", "--pp", "1",
+            "--ep", "2", "--overwrite")
+    ckptkit("hf-to-megatron", str(out / "mixtral_hf"), str(out / "mixtral_dist"), "--tp", "1", "--pp", "1",
+            "--ep", "2", "--format", "torch_dist", "--overwrite")
+    ckptkit("reshard", str(FIXTURES / "moe_qwen3_tp1ep2" / "dist"), str(out / "qwen3_torch"),
+            "--format", "torch", "--tp", "1", "--pp", "1", "--ep", "2", "--overwrite")
+    for run, (fixture, _) in RUNS.items():
+        reference = torch.load(FIXTURES / fixture / "logits.pt", weights_only=False)
+        torch.save({"tokens": reference["tokens"]}, out / f"{run}_tokens.pt")
+        files = sorted(str(p.relative_to(out)) for p in (out / run).rglob("*") if p.is_file())
+        print(run, files)
+
+
+def compare(out: Path, results: Path) -> list[dict]:
+    rows = []
+    for run, (fixture, how) in RUNS.items():
+        reference = torch.load(FIXTURES / fixture / "logits.pt", weights_only=False)
+        path = results / f"{run}_logits.pt"
+        log = results / f"{run}.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        row = {"run": run, "fixture": fixture, "how": how, "load_return": "load_return" in text}
+        if not path.exists():
+            row["error"] = "no logits (Megatron run failed)"
+            rows.append(row)
+            continue
+        ours = torch.load(path, weights_only=True)
+        assert torch.equal(ours["tokens"], reference["tokens"]), run
+        logits, ref = ours["logits"].float(), reference["logits"].float()
+        if logits.shape != ref.shape and logits.transpose(0, 1).shape == ref.shape:
+            logits = logits.transpose(0, 1)
+        vocab = reference.get("vocab", 1000)
+        diff = (logits[..., :vocab] - ref[..., :vocab]).abs()
+        row.update(shape=list(logits.shape), max_abs=diff.max().item(), mean_abs=diff.mean().item())
+        rows.append(row)
+    for row in rows:
+        if "error" in row:
+            print(f"{row['run']:14s} {row['error']}")
+        else:
+            print(f"{row['run']:14s} max {row['max_abs']:.3g}  mean {row['mean_abs']:.3g}  shape {row['shape']}"
+                  f"  load_return {'PRESENT' if row['load_return'] else 'absent'}  vs {row['fixture']}/logits.pt")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare").add_argument("dir", type=Path)
+    cmp = sub.add_parser("compare")
+    cmp.add_argument("dir", type=Path)
+    cmp.add_argument("results", type=Path)
+    cmp.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.dir.resolve())
+    else:
+        rows = compare(args.dir, args.results)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
