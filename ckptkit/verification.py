@@ -2,8 +2,11 @@
 
 Any two layouts compare: a Megatron TP2 PP2 checkpoint against its Hugging Face
 conversion, a reshard against its source. Vocabulary tensors are compared on the
-real vocabulary rows (padding differs legitimately between TP sizes). With one
-path, the checkpoint is checked alone: files, index coverage, headers, shapes.
+real vocabulary rows (padding differs legitimately between TP sizes). With
+``optimizer=True`` the optimizer states are compared too, per canonical tensor (its
+fp32 master copy, ``exp_avg`` and ``exp_avg_sq``), whatever their layouts and kinds.
+With one path, the checkpoint is checked alone: files, index coverage, headers, shapes,
+and that every fp32 master copy of its optimizer state rounds to its stored weight.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput
+from .errors import BadInput, Unsupported
 from .layouts import open_checkpoint
 from .layouts import hf as hf_layout
 from .layouts.megatron_legacy import TRACKER
+from .optimizer.verify import master_copy_problems
 
 
 @dataclass
@@ -43,11 +47,14 @@ class VerifyResult:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     max_abs_diff: float = 0.0
+    # with optimizer=True: one row per canonical tensor and state key, named "NAME [exp_avg]"
+    optimizer: list[TensorComparison] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "equivalent": self.equivalent, "max_abs_diff": self.max_abs_diff,
                 "problems": self.problems, "notes": self.notes,
-                "tensors": [dict(t.__dict__) for t in self.tensors]}
+                "tensors": [dict(t.__dict__) for t in self.tensors],
+                "optimizer": [dict(t.__dict__) for t in self.optimizer]}
 
 
 _SPEC_FIELDS_THAT_MATTER = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -55,11 +62,14 @@ _SPEC_FIELDS_THAT_MATTER = ("num_layers", "hidden_size", "num_attention_heads", 
                             "activation", "tied_embeddings", "norm_epsilon", "rope_theta")
 
 
-def verify(a, b=None, *, atol: float = 0.0, ignore_dtype: bool = False, **options) -> VerifyResult:
+def verify(a, b=None, *, atol: float = 0.0, ignore_dtype: bool = False, optimizer: bool = False,
+           **options) -> VerifyResult:
     """Compare checkpoints ``a`` and ``b`` (any layouts); ``b=None`` checks ``a`` alone.
 
     Equivalent means: same architecture, same tensor set, same shapes, same dtypes
-    (unless ``ignore_dtype``) and every element within ``atol`` (0: bit-identical).
+    (unless ``ignore_dtype``) and every element within ``atol`` (0: bit-identical); with
+    ``optimizer``, also the same optimizer state (step, parameter groups, LR schedule, and
+    per canonical tensor its master copy and moments within ``atol``) in any layout.
 
     >>> from ckptkit.convert import megatron_to_hf
     >>> _ = megatron_to_hf("checkpoints/gpt2", "gpt2-hf")
@@ -86,7 +96,9 @@ def verify(a, b=None, *, atol: float = 0.0, ignore_dtype: bool = False, **option
                 continue
             result.tensors.append(_compare(name, reader_a, reader_b, atol, ignore_dtype))
         result.max_abs_diff = max((t.max_abs_diff or 0.0 for t in result.tensors), default=0.0)
-        result.equivalent = not result.problems and all(t.ok for t in result.tensors)
+        if optimizer:
+            _compare_optimizer_states(reader_a, reader_b, atol, result)
+        result.equivalent = not result.problems and all(t.ok for t in result.tensors + result.optimizer)
         return result
 
 
@@ -99,6 +111,10 @@ def _real_rows(name: str, tensor: torch.Tensor, vocab_size: int) -> torch.Tensor
 def _compare(name, reader_a, reader_b, atol, ignore_dtype) -> TensorComparison:
     tensor_a = _real_rows(name, reader_a.tensor(name), reader_a.spec.vocab_size)
     tensor_b = _real_rows(name, reader_b.tensor(name), reader_b.spec.vocab_size)
+    return _compare_tensors(name, tensor_a, tensor_b, atol, ignore_dtype)
+
+
+def _compare_tensors(name, tensor_a, tensor_b, atol, ignore_dtype) -> TensorComparison:
     row = TensorComparison(name, "equal", tuple(tensor_a.shape), tuple(tensor_b.shape),
                            str(tensor_a.dtype).removeprefix("torch."), str(tensor_b.dtype).removeprefix("torch."))
     if tensor_a.shape != tensor_b.shape:
@@ -120,8 +136,46 @@ def _compare(name, reader_a, reader_b, atol, ignore_dtype) -> TensorComparison:
     return row
 
 
+def _compare_optimizer_states(reader_a, reader_b, atol: float, result: VerifyResult) -> None:
+    """The two checkpoints' optimizer states, one canonical tensor at a time (vocabulary
+    tensors on their real rows: added padding rows get zero state)."""
+    from .optimizer import STATE_KEYS, read_optimizer_state
+
+    states = {}
+    try:
+        for label, reader in (("A", reader_a), ("B", reader_b)):
+            try:
+                states[label] = read_optimizer_state(reader)
+            except (BadInput, Unsupported) as error:
+                result.problems.append(f"optimizer state of {label} not read: {error}")
+        if len(states) < 2:
+            return
+        info_a, info_b = states["A"].info, states["B"].info
+        for what, value_a, value_b in [("step", float(info_a.step), float(info_b.step)),
+                                       ("parameter groups", info_a.param_groups, info_b.param_groups),
+                                       ("LR schedule (opt_param_scheduler)", info_a.opt_param_scheduler,
+                                        info_b.opt_param_scheduler),
+                                       ("grad scaler", info_a.grad_scaler, info_b.grad_scaler)]:
+            if value_a != value_b:
+                result.problems.append(f"optimizer {what} differs: {value_a!r} in A, {value_b!r} in B")
+        names_b = {tensor.name for tensor in states["B"].canonical()}
+        for canonical in states["A"].canonical():
+            if canonical.name not in names_b:
+                continue  # the weights' comparison reports the tensor missing
+            values_a, values_b = states["A"].tensor(canonical.name), states["B"].tensor(canonical.name)
+            for key in STATE_KEYS:
+                result.optimizer.append(_compare_tensors(
+                    f"{canonical.name} [{key}]", _real_rows(canonical.name, values_a[key], reader_a.spec.vocab_size),
+                    _real_rows(canonical.name, values_b[key], reader_b.spec.vocab_size), atol, False))
+            del values_a, values_b
+    finally:
+        for state in states.values():
+            state.close()
+
+
 def check_alone(path, **options) -> VerifyResult:
-    """Integrity of one checkpoint: every file present and readable, index coverage, shapes."""
+    """Integrity of one checkpoint: every file present and readable, index coverage, shapes,
+    and the optimizer state's master copies against the weights."""
     result = VerifyResult(str(path), None, True)
     folder = Path(path)
     try:
@@ -134,6 +188,10 @@ def check_alone(path, **options) -> VerifyResult:
                 tensor = reader.tensor(canonical.name)
                 result.tensors.append(TensorComparison(canonical.name, "equal", tuple(tensor.shape), None,
                                                        str(tensor.dtype).removeprefix("torch.")))
+            try:
+                result.problems += master_copy_problems(reader)
+            except Unsupported as error:
+                result.notes.append(f"optimizer state not checked: {error}")
     except BadInput as error:
         result.problems.append(str(error))
     result.equivalent = not result.problems

@@ -3,7 +3,8 @@
 Megatron copies each fp32 master into its weight after every step (rounded to the
 weight's dtype), so every master, rounded so, equals its stored weight bit for bit. State
 read through a wrong layout (another parameter order, other offsets or padding) fails
-this at once: it is how the layout was proven on the real fixture.
+this at once: it is how the layout was proven on the real fixture, and what ``verify DIR``
+checks (:func:`master_copy_problems`).
 
 >>> from ckptkit.layouts import open_checkpoint
 >>> from ckptkit.optimizer import read_optimizer_state
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layouts.base import CheckpointReader
 from .state import OptimizerState
 
 
@@ -32,3 +34,16 @@ def masters_match_weights(state: OptimizerState, weights) -> list[str]:
             mismatches.append(f"{canonical.name}: {differing} of {weight[:rows].numel()} master values do not round "
                               f"to the stored {str(weight.dtype).removeprefix('torch.')} weight")
     return mismatches
+
+
+def master_copy_problems(weights: CheckpointReader) -> list[str]:
+    """:func:`masters_match_weights` for the optimizer state of the checkpoint ``weights``
+    reads, each line naming the checkpoint; empty where it holds no state (none, or an
+    optimizer saved before its first step). ``verify DIR`` reports these."""
+    from . import read_optimizer_state
+    from .summary import describe_optimizer_state
+
+    if describe_optimizer_state(weights).kind in ("none", "fresh-empty"):
+        return []
+    with read_optimizer_state(weights) as state:
+        return [f"{weights.meta.path}: optimizer master copy of {line}" for line in masters_match_weights(state, weights)]
