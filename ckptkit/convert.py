@@ -360,7 +360,7 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
         if fresh_optimizer is not None:
             from .optimizer.fresh import with_fresh_optimizer_state
 
-            writer, fresh_notes = with_fresh_optimizer_state(weights, target, reader, fresh_optimizer, dp=dp,
+            writer, fresh_notes = with_fresh_optimizer_state(weights, target, fresh_optimizer, dp=dp,
                                                              distributed=distributed_optimizer)
             notes.extend(fresh_notes)
             return writer

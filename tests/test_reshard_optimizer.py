@@ -64,3 +64,15 @@ def test_dry_run_plans_the_optimizer_files(tmp_path):
     assert plan["target"]["optimizer"] == {"distributed": True, "dp": 4}
     assert {f"iter_0000010/mp_rank_00_00{stage}/distrib_optim.pt" for stage in range(2)} <= set(plan["finish_files"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_target_naming_without_a_known_parameter_order_is_refused_before_anything_is_written(tmp_path):
+    result = CliRunner().invoke(main, ["reshard", str(fixture_path(*DISTRIBUTED)), str(tmp_path / "te"), "--tp", "1",
+                                       "--pp", "1", "--naming", "mcore-te"])
+    assert result.exit_code == 2 and "optimizer state for the mcore-te naming" in result.output
+    assert not (tmp_path / "te").exists()
+    planned = CliRunner().invoke(main, ["reshard", str(fixture_path(*DISTRIBUTED)), str(tmp_path / "te"), "--tp", "1",
+                                        "--pp", "1", "--naming", "mcore-te", "--dry-run"])
+    assert planned.exit_code == 2  # the plan, made before any file is written, refuses it
+    ckptkit("reshard", fixture_path(*DISTRIBUTED), tmp_path / "te", "--tp", 1, "--pp", 1, "--naming", "mcore-te",
+            "--no-optimizer")

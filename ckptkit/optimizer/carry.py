@@ -22,6 +22,7 @@ from ..layouts.base import CheckpointReader, CheckpointWriter
 from ..plan import Plan
 from ..safe_load import safe_torch_load
 from .distrib_optim import FILE_NAME, DistribOptimFile, rank_layout
+from .parameters import ChunkPlace, chunk_parameters
 from .write import OptimizerTarget, output_files, write_optimizer_state
 
 
@@ -55,6 +56,9 @@ class WithOptimizerState(CheckpointWriter):
             raise Unsupported("optimizer state in torch_dist checkpoints is not written yet; write per-rank "
                               "files (--format torch) or drop the optimizer state")
         self.spec = reader.spec
+        target = self.target  # refused before any file is written where Megatron's parameter order is not known
+        chunk_parameters(reader.spec, ChunkPlace(target.tp, 0, target.pp, 0, target.vpp, 0),
+                         target.padded_vocab(reader.spec), naming=target.naming)
         added = [path for path in _optimizer_files(self.target) if path not in {f.path for f in plan.files}]
         plan.finish_files = [*plan.finish_files, *added]
         plan.target = {**plan.target, "optimizer": {"distributed": self.target.distributed, "dp": self.target.dp}}

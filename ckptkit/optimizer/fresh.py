@@ -40,7 +40,6 @@ import torch
 from ..errors import BadInput, Unsupported
 from ..layouts.base import CheckpointReader, CheckpointWriter
 from ..spec import rule_for
-from .parameters import ChunkPlace, chunk_parameters
 from .state import STATE_KEYS, OptimizerInfo, OptimizerState
 
 
@@ -223,9 +222,8 @@ class FreshStateOf:
         return FreshOptimizerState(reader, self.run, distributed=self.distributed, dp=self.dp)
 
 
-def with_fresh_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointReader, run: TrainingRun, *,
-                               dp: int | None = None, distributed: bool | None = None
-                               ) -> tuple[CheckpointWriter, list[str]]:
+def with_fresh_optimizer_state(weights: CheckpointWriter, layout, run: TrainingRun, *, dp: int | None = None,
+                               distributed: bool | None = None) -> tuple[CheckpointWriter, list[str]]:
     """``weights`` (the weight writer of a conversion to ``layout``, a ``TargetLayout`` at an
     iteration) made to write a fresh optimizer state for ``run`` at DP size ``dp`` (default 1),
     distributed or not (default: ``--use-distributed-optimizer`` among the run's flags), and
@@ -237,9 +235,6 @@ def with_fresh_optimizer_state(weights: CheckpointWriter, layout, reader: Checkp
     if distributed is None:
         distributed = run.flags.use_distributed_optimizer
     target = OptimizerTarget.from_layout(layout, dp=dp, distributed=distributed, args=run.flags)
-    # refused before any weight is written where ckptkit has no Megatron parameter order (MoE, TE naming)
-    chunk_parameters(reader.spec, ChunkPlace(target.tp, 0, target.pp, 0, target.vpp, 0), target.padded_vocab(reader.spec),
-                     naming=target.naming)
     notes = ["fresh optimizer state at iteration 0: start Megatron with --no-load-rng (no RNG state is written; "
              "Megatron seeds from --seed as for a new run)"]
     if not run.knows_schedule(dp):
