@@ -16,8 +16,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ckptkit.errors import BadInput, Unsupported
+from ckptkit.convert import reshard
+from ckptkit.errors import BadInput
 from ckptkit.layouts import open_checkpoint
+from ckptkit.safe_load import safe_torch_load
 from ckptkit.spec import ModelSpec, canonical_tensors
 from ckptkit.train import TrainConfig, train
 from ckptkit.train.command import train as train_command
@@ -269,10 +271,37 @@ def test_expert_parallelism_of_a_dense_model_is_refused():
         dataclasses.replace(base_config(), model=dense, dp=2, ep=2).check(dense)
 
 
-def test_saving_a_moe_run_is_refused_before_training(tmp_path):
-    with pytest.raises(Unsupported, match="saving a mixture-of-experts run"):
-        train(dataclasses.replace(base_config(), save=str(tmp_path / "run")))
-    assert not (tmp_path / "run").exists()
+# ---------------------------------------------------------------------------- checkpoints
+
+def test_a_moe_run_saves_its_optimizer_state_in_the_trainers_own_entry_and_says_so(tmp_path):
+    run = dataclasses.replace(base_config(), save=str(tmp_path / "run"), save_interval=1)
+    with pytest.warns(UserWarning, match="trainer's own entry .*mixture-of-experts"):  # ckptkit.optimizer refuses MoE
+        full = train(run)
+    state = safe_torch_load(tmp_path / "run" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt")
+    adam = state["optimizer"]["ckptkit_adam"]
+    assert adam["step"] == 1 and "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight" in adam["params"]
+    resumed = train(dataclasses.replace(base_config(), load=str(tmp_path / "run" / "iter_0000001")))
+    assert resumed.losses == full.losses[1:]  # same layout: the trainer's own entry, restored bit for bit
+    notes = reshard(tmp_path / "run", tmp_path / "tp2", tp=2, pp=1).notes  # the weights, and a word on the rest
+    assert any(note.startswith("no optimizer state carried: optimizer state of mixture-of-experts") for note in notes)
+
+
+def test_an_expert_parallel_run_saves_a_folder_per_ep_rank_and_resumes_exactly(tmp_path):
+    run = dataclasses.replace(base_config(), **LAYOUTS["DP2-EP2-distributed-optimizer"], save=str(tmp_path / "run"),
+                              save_interval=1)
+    full = train(run)
+    saved = tmp_path / "run" / "iter_0000003"
+    assert sorted(path.name for path in saved.iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
+    experts = safe_torch_load(saved / "mp_rank_00_001" / "model_optim_rng.pt")["model"]
+    assert sorted({name.split(".")[6] for name in experts if ".local_experts." in name}) == ["0", "1"]  # local
+    with open_checkpoint(tmp_path / "run") as reader:
+        assert (reader.meta.ep, reader.meta.iteration) == (2, 3) and reader.validate() == []
+        # global expert 3 lives on EP rank 1 as local expert 1: the EP1 run's expert after three steps
+        ep1 = canonical([reference()], base_config(), "weights")
+        assert max_difference({name: reader.tensor(name) for name in ep1}, ep1) < WEIGHT_ATOL
+    resumed = train(dataclasses.replace(run, load=str(tmp_path / "run" / "iter_0000001"), save=None))
+    assert resumed.losses == full.losses[1:]
+    assert [r.grad_norm for r in resumed.records] == [r.grad_norm for r in full.records[1:]]
 
 
 def test_train_command_passes_ep_and_refuses_it_before_starting_workers(tmp_path):

@@ -1,22 +1,33 @@
-"""Saving and resuming training runs as Megatron-LM per-rank checkpoints.
+"""Saving and resuming training runs as Megatron-LM per-rank checkpoints, optimizer included.
 
 A save writes what Megatron writes with ``--ckpt-format torch``::
 
     SAVE/latest_checkpointed_iteration.txt
-    SAVE/iter_0000020/mp_rank_TT[_PPP]/model_optim_rng.pt
+    SAVE/iter_0000020/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt
+    SAVE/iter_0000020/mp_rank_TT[_PPP]/distrib_optim.pt          with --distributed-optimizer
 
-each file holding ``args``, ``checkpoint_version``, ``iteration``, ``model`` (this
-rank's parameters under Megatron-Core names, layer indices local to the stage),
-``optimizer``, ``opt_param_scheduler``, ``rng_state`` and
-``num_floating_point_operations_so_far``. Data-parallel rank 0 of each model-parallel
-rank writes; the Adam state is first gathered over DP, so a file does not depend on
-the DP size. Our ``optimizer`` entry is ``{"ckptkit_adam": {"step", "params": {name:
-{"master", "exp_avg", "exp_avg_sq"}}}}``, not Megatron's: load these checkpoints into
-Megatron-LM with ``--no-load-optim`` (and ``--no-load-rng`` to be safe).
+each ``model_optim_rng.pt`` holding ``args``, ``checkpoint_version``, ``iteration``,
+``model`` (this rank's parameters under Megatron-Core names, layer and expert indices
+local to the stage and EP rank), ``optimizer``, ``opt_param_scheduler``, ``rng_state``
+and ``num_floating_point_operations_so_far``. The optimizer state is Megatron's
+(:mod:`.optimizer_state`): ``distrib_optim.pt`` laid out for the run's DP size, or
+Adam's state dict in ``optimizer``, so Megatron-LM resumes from it and ``ckptkit
+reshard`` carries it to another layout.
+
+Mixture-of-experts runs write one folder per expert-parallel rank (``_EEE``), holding
+the stage's tensors and that EP rank's experts under local indices. ckptkit's optimizer
+module does not write their state in Megatron's format yet (experts sit in buffers and
+optimizers of their own), so it goes into the trainer's own entry,
+``optimizer = {"ckptkit_adam": {"step", "params": {local name: {"master", "exp_avg",
+"exp_avg_sq"}}}}``, which only this trainer reads, at the same TP, PP and EP (load it
+into Megatron-LM with ``--no-load-optim``). Older trainer checkpoints of dense models
+have that entry too and load the same way.
 
 Resuming reads the weights of *any* checkpoint ckptkit opens (another TP/PP layout,
-Hugging Face, ...) through the canonical tensors. The optimizer and RNG state come
-back only from per-rank files this trainer wrote at the same TP and PP; otherwise a
+Hugging Face, ...) through the canonical tensors, and Megatron's optimizer state of a
+per-rank checkpoint at any TP/PP/VPP/DP through
+:func:`ckptkit.optimizer.read_optimizer_state`. RNG state comes back only at the same
+TP/PP/EP layout (it belongs to each rank). Where there is no optimizer state to read a
 warning says a fresh optimizer starts. The data position needs nothing saved: the
 global batch of a step depends only on the step.
 """
@@ -33,10 +44,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import Unsupported
+from ..errors import BadInput, Unsupported
 from ..layouts import megatron_legacy, open_checkpoint
 from ..megatron_args import megatron_args
+from ..optimizer import OptimizerState, read_optimizer_state
 from ..spec import ModelSpec
+from .optimizer_state import (megatron_format_refusal, megatron_optimizer_info, pieces_path, rank_adam_state,
+                              write_megatron_optimizer_state, write_rank_pieces)
+from .parallel.groups import Layout
 from .weights import megatron_state_dict
 
 OPTIMIZER_KEY = "ckptkit_adam"
@@ -62,33 +77,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda_rng_state"])
 
 
-def _write_rank_file(path: Path, *, model_state: dict, args, iteration: int, extra: dict | None = None) -> None:
-    writer = getattr(megatron_legacy, "write_rank_file", None)
-    if writer is not None:
-        writer(path, model_state=model_state, args=args, iteration=iteration, extra=extra)
-        return
-    # Same content as megatron_legacy.write_rank_file, for versions of ckptkit without it.
-    state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model_state}
-    state.update(extra or {})
+def _write_rank_file(path: Path, entries: dict) -> None:
+    """``model_optim_rng.pt``, put in place whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
+    torch.save(entries, partial)
     os.replace(partial, path)
 
 
-def _finalize(root: Path, iteration: int) -> None:
-    finalize = getattr(megatron_legacy, "finalize_checkpoint_dir", None)
-    if finalize is not None:
-        finalize(root, iteration)
-        return
+def _write_tracker(root: Path, iteration: int) -> None:
+    """``latest_checkpointed_iteration.txt``, last: Megatron loads the iteration it names."""
     partial = root / (megatron_legacy.TRACKER + ".partial")
     partial.write_text(str(iteration))
     os.replace(partial, root / megatron_legacy.TRACKER)
 
 
-def rank_file(root: str | Path, iteration: int, tp_rank: int, pp_stage: int, pp: int) -> Path:
+def rank_file(root: str | Path, iteration: int, tp_rank: int, pp_stage: int, pp: int, ep_rank: int = 0,
+              ep: int = 1) -> Path:
+    """``root/iter_N/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt``."""
     return (Path(root) / megatron_legacy.iteration_dir_name(iteration)
-            / megatron_legacy.rank_dir_name(tp_rank, pp_stage, pp) / megatron_legacy.RANK_FILE)
+            / megatron_legacy.rank_dir_name(tp_rank, pp_stage, pp, ep_rank, ep) / megatron_legacy.RANK_FILE)
 
 
 def _barrier():
@@ -96,59 +104,71 @@ def _barrier():
         dist.barrier()
 
 
-def check_can_save(spec: ModelSpec, config) -> None:
-    """Refuse, before training, a run whose checkpoint ckptkit could not write or read back.
+def optimizer_saving_note(spec: ModelSpec, config, padded_vocab_size: int) -> str | None:
+    """What a save of this run will not do as Megatron does, or None: the optimizer state of
+    a model ckptkit cannot write in Megatron's format goes into the trainer's own entry."""
+    refusal = megatron_format_refusal(spec, config.tp, config.pp, padded_vocab_size)
+    if refusal is None:
+        return None
+    return (f"the optimizer state is saved in the trainer's own entry (optimizer.{OPTIMIZER_KEY}), not in "
+            f"Megatron's format ({refusal}): this trainer resumes it at the same TP, PP and EP, Megatron-LM "
+            "needs --no-load-optim, and ckptkit reshard carries the weights only")
 
-    Mixture-of-experts checkpoints need the Megatron layouts' expert parallelism: a
-    folder per expert-parallel rank (``mp_rank_TT[_PPP]_EEE``) holding that rank's
-    experts under local indices, and a reader that maps them back to global experts.
-    The layouts do not have it yet, so such a run could not be resumed, converted or
-    checked with ``verify --logits``.
-    """
-    if spec.num_experts:
-        raise Unsupported(f"saving a mixture-of-experts run ({spec.num_experts} experts, EP={config.ep}) is not "
-                          "supported yet: the Megatron checkpoint layouts do not write or read experts per "
-                          "expert-parallel rank; train it without --save for now")
+
+def training_args(trainer, iteration: int):
+    """The ``args`` Megatron would save for this run (architecture, layout, batch, schedule)."""
+    config, adam, batch = trainer.config, trainer.config.optimizer, trainer.config.batch_size
+    return megatron_args(
+        trainer.spec, tp=config.tp, pp=config.pp, ep=config.ep, dtype=trainer.dtype,
+        padded_vocab=trainer.padded_vocab_size, make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
+        iteration=iteration,
+        extra_fields=dict(
+            data_parallel_size=config.dp, world_size=config.world_size,
+            micro_batch_size=config.micro_batch_size, global_batch_size=batch, seq_length=config.seq_length,
+            train_iters=config.steps, consumed_train_samples=iteration * batch, seed=config.seed,
+            lr=adam.lr, min_lr=adam.min_lr, lr_warmup_iters=adam.warmup_steps,
+            lr_decay_iters=adam.decay_steps or config.steps, lr_decay_style="cosine",
+            weight_decay=adam.weight_decay, adam_beta1=adam.beta1, adam_beta2=adam.beta2, adam_eps=adam.eps,
+            clip_grad=adam.clip_grad, optimizer="adam", use_distributed_optimizer=config.distributed_optimizer,
+            sequence_parallel=config.sequence_parallel,
+            recompute_granularity="full" if config.recompute else None, hidden_dropout=0.0,
+            attention_dropout=0.0, init_method_std=0.02, tokenizer_type="NullTokenizer",
+        ))
 
 
 def save_checkpoint(root, iteration: int, *, trainer) -> Path:
-    """Write iteration ``iteration`` of a run (collective: every rank calls it)."""
+    """Write iteration ``iteration`` of a run (collective: every rank calls it).
+
+    Expert-DP rank 0 of each (TP rank, stage, EP rank) writes its rank file (DP rank 0
+    without experts). The optimizer state goes in Megatron's format: each model-parallel
+    rank's state, gathered over DP, is set down beside the weights and rank 0 writes it
+    for the run's layout (:mod:`.optimizer_state`); where ckptkit cannot write it so
+    (:func:`optimizer_saving_note`), each rank file gets the trainer's own entry.
+    """
     root = Path(root)
     config, groups, spec = trainer.config, trainer.groups, trainer.spec
-    check_can_save(spec, config)
-    optimizer_state = trainer.optimizer.state_dict()  # gathered over DP: every DP rank takes part
-    if groups.dp_rank == 0:
-        batch = config.batch_size
-        adam = config.optimizer
-        decay_steps = adam.decay_steps or config.steps
-        args = megatron_args(
-            spec, tp=config.tp, pp=config.pp, dtype=trainer.dtype, padded_vocab=trainer.padded_vocab_size,
-            make_vocab_size_divisible_by=config.make_vocab_size_divisible_by, iteration=iteration,
-            extra_fields=dict(
-                data_parallel_size=config.dp, world_size=config.world_size,
-                micro_batch_size=config.micro_batch_size, global_batch_size=batch, seq_length=config.seq_length,
-                train_iters=config.steps, consumed_train_samples=iteration * batch, seed=config.seed,
-                lr=adam.lr, min_lr=adam.min_lr, lr_warmup_iters=adam.warmup_steps, lr_decay_iters=decay_steps,
-                lr_decay_style="cosine", weight_decay=adam.weight_decay, adam_beta1=adam.beta1,
-                adam_beta2=adam.beta2, adam_eps=adam.eps, clip_grad=adam.clip_grad, optimizer="adam",
-                use_distributed_optimizer=config.distributed_optimizer, sequence_parallel=config.sequence_parallel,
-                recompute_granularity="full" if config.recompute else None, hidden_dropout=0.0,
-                attention_dropout=0.0, init_method_std=0.02, tokenizer_type="NullTokenizer",
-            ))
-        scheduler = {  # Megatron counts these in samples
-            "max_lr": adam.lr, "min_lr": adam.min_lr, "lr_warmup_steps": adam.warmup_steps * batch,
-            "num_steps": iteration * batch, "lr_decay_style": "cosine", "lr_decay_steps": decay_steps * batch,
-            "start_wd": adam.weight_decay, "end_wd": adam.weight_decay, "wd_incr_style": "constant",
-            "wd_incr_steps": decay_steps * batch,
-        }
-        extra = {"optimizer": {OPTIMIZER_KEY: optimizer_state}, "opt_param_scheduler": scheduler,
-                 "rng_state": [rng_state()], "num_floating_point_operations_so_far": trainer.flops_so_far}
-        _write_rank_file(rank_file(root, iteration, groups.tp_rank, groups.pp_stage, config.pp),
-                         model_state=megatron_state_dict(trainer.model), args=args, iteration=iteration,
-                         extra=extra)
+    adam_state = trainer.optimizer.state_dict()  # gathered over DP and expert-DP: every rank takes part
+    own_entry = optimizer_saving_note(spec, config, trainer.padded_vocab_size) is not None
+    info = megatron_optimizer_info(config, step=adam_state["step"], iteration=iteration, dtype=trainer.dtype,
+                                   flops=trainer.flops_so_far)
+    if groups.expert_dp_rank == 0:
+        entries = {"args": training_args(trainer, iteration), "checkpoint_version": CHECKPOINT_VERSION,
+                   "iteration": iteration, "model": megatron_state_dict(trainer.model)}
+        if own_entry:
+            entries.update({"optimizer": {OPTIMIZER_KEY: adam_state}, "opt_param_scheduler": info.opt_param_scheduler,
+                            "rng_state": [rng_state()], **info.training})
+        else:
+            write_rank_pieces(pieces_path(root, iteration, groups.tp_rank, groups.pp_stage, config.pp), adam_state,
+                              [rng_state()])
+        _write_rank_file(rank_file(root, iteration, groups.tp_rank, groups.pp_stage, config.pp, groups.ep_rank,
+                                   config.ep), entries)
     _barrier()
     if groups.rank == 0:
-        _finalize(root, iteration)
+        if not own_entry:
+            write_megatron_optimizer_state(root, iteration, config=config, spec=spec,
+                                           padded_vocab_size=trainer.padded_vocab_size, dtype=trainer.dtype,
+                                           info=info)
+        _write_tracker(root, iteration)
     _barrier()
     return root
 
@@ -161,31 +181,63 @@ class Resume:
     padded_vocab_size: int | None  # the checkpoint's (None for Hugging Face folders)
     iteration: int
     weights: Callable[[str], torch.Tensor]  # canonical name -> full tensor
-    optimizer_state: dict | None
-    rng_state: dict | None
     reader: object
+    optimizer: OptimizerState | None = None  # Megatron's optimizer state, canonical (any layout)
+    trainer_optimizer: dict | None = None  # this rank's entry in the trainer's own format (same layout)
+    rng_state: dict | None = None
+    flops_so_far: float = 0.0  # Megatron's num_floating_point_operations_so_far
+
+    def adam_state(self, model, layout: Layout, tp_rank: int, pp_stage: int, ep_rank: int = 0) -> dict | None:
+        """This rank's optimizer state as :meth:`DistributedAdam.load_state_dict` takes it, or None."""
+        if self.trainer_optimizer is not None:
+            return self.trainer_optimizer
+        if self.optimizer is not None:
+            return rank_adam_state(self.optimizer, model, layout, tp_rank, pp_stage, ep_rank)
+        return None
 
     def close(self):
+        if self.optimizer is not None:
+            self.optimizer.close()
         self.reader.close()
 
 
-def open_resume(path, *, tp: int, pp: int, tp_rank: int, pp_stage: int) -> Resume:
-    """Open ``path`` for this rank; optimizer and RNG state only from our own files at the same TP/PP."""
+def _trainer_entry(reader, tp_rank: int, pp_stage: int, ep_rank: int = 0) -> dict | None:
+    optimizer = reader.rank_state(tp_rank, pp_stage, ep_rank).get("optimizer")
+    return optimizer.get(OPTIMIZER_KEY) if isinstance(optimizer, dict) else None
+
+
+def open_resume(path, *, layout: Layout, tp_rank: int, pp_stage: int, ep_rank: int = 0,
+                announce: bool = True) -> Resume:
+    """Open ``path`` for this rank: its weights, its optimizer state (Megatron's at any
+    layout, the trainer's own entry at the same TP/PP/EP) and, at the same layout, its
+    RNG state. ``announce``: this rank warns when a fresh optimizer starts."""
     reader = open_checkpoint(path)
-    meta = reader.meta
-    iteration = int(meta.iteration or 0)
-    optimizer_state = rng = None
-    same_layout = meta.layout == megatron_legacy.NAME and (meta.tp, meta.pp, meta.vpp) == (tp, pp, 1)
-    if same_layout:
-        state = reader.rank_state(tp_rank, pp_stage)
-        optimizer = state.get("optimizer")
-        if isinstance(optimizer, dict) and OPTIMIZER_KEY in optimizer:
-            optimizer_state = optimizer[OPTIMIZER_KEY]
-            rng_states = state.get("rng_state")
-            rng = rng_states[0] if isinstance(rng_states, list) and rng_states else None
-    if optimizer_state is None and tp_rank == 0 and pp_stage == 0:
-        why = (f"it is a {meta.layout} checkpoint at TP{meta.tp} PP{meta.pp}" if not same_layout else
-               "it holds no optimizer state written by ckptkit's trainer")
-        warnings.warn(f"{path}: loading the weights only and starting a fresh optimizer ({why}; "
-                      f"this run is TP{tp} PP{pp})", stacklevel=2)
-    return Resume(reader.spec, meta.padded_vocab_size, iteration, reader.tensor, optimizer_state, rng, reader)
+    try:
+        meta = reader.meta
+        per_rank = meta.layout == megatron_legacy.NAME
+        same_layout = per_rank and (meta.tp, meta.pp, meta.vpp, meta.ep) == (layout.tp, layout.pp, 1, layout.ep)
+        resume = Resume(reader.spec, meta.padded_vocab_size, int(meta.iteration or 0), reader.tensor, reader)
+        why = None
+        if per_rank:
+            resume.flops_so_far = float(reader.rank_state(0, 0).get("num_floating_point_operations_so_far") or 0.0)
+        if per_rank and _trainer_entry(reader, 0, 0) is not None:
+            if same_layout:
+                resume.trainer_optimizer = _trainer_entry(reader, tp_rank, pp_stage, ep_rank)
+            else:
+                why = (f"its optimizer state is the trainer's own entry, read only at the layout that wrote it, "
+                       f"TP{meta.tp} PP{meta.pp} EP{meta.ep}")
+        else:
+            try:
+                resume.optimizer = read_optimizer_state(reader)
+            except (BadInput, Unsupported) as error:
+                why = str(error)
+        if same_layout and why is None:
+            rng_states = reader.rank_state(tp_rank, pp_stage, ep_rank).get("rng_state")
+            resume.rng_state = rng_states[0] if isinstance(rng_states, list) and rng_states else None
+    except BaseException:
+        reader.close()
+        raise
+    if why is not None and announce:
+        warnings.warn(f"{path}: loading the weights only and starting a fresh optimizer ({why}; this run is "
+                      f"{layout})", stacklevel=2)
+    return resume

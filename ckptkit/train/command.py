@@ -18,7 +18,7 @@ Examples:
   # 20 steps of a small Llama-style model on 4 CPU processes (TP2 x PP2), saved as Megatron files
   ckptkit train --model llama --tp 2 --pp 2 --steps 20 --save runs/llama
 \b
-  # go on to step 40 from there, on another layout (fresh optimizer), logging JSON lines
+  # go on to step 40 from there on another layout, optimizer state included, logging JSON lines
   ckptkit train --load runs/llama --tp 1 --pp 2 --dp 2 --steps 40 --save runs/llama2 --log-json log.jsonl
 \b
   # on 8 GPUs: torchrun starts the ranks, ckptkit joins them (NCCL, bf16)
@@ -66,7 +66,9 @@ Examples:
               help="torch.compile each transformer layer (TP 1 and EP 1 only; the first step compiles).")
 @click.option("--save", type=click.Path(file_okay=False), help="Folder for Megatron per-rank checkpoints.")
 @click.option("--save-interval", type=int, help="Also save every N iterations (always at the end).")
-@click.option("--load", type=click.Path(exists=True), help="Any checkpoint ckptkit reads (Megatron, HF) to start from.")
+@click.option("--load", type=click.Path(exists=True),
+              help="Any checkpoint ckptkit reads (Megatron, HF) to start from; Megatron's optimizer state of "
+                   "per-rank files is restored at any layout.")
 @click.option("--log-json", type=click.Path(dir_okay=False), help="Write one JSON line per step.")
 @click.option("--log-interval", default=1, show_default=True, help="Print a line every N steps (0: quiet).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ import torch.distributed as dist
 
 from .. import kernels
 from ..spec import ModelSpec, padded_vocab_size
-from .checkpoint import check_can_save, open_resume, save_checkpoint, set_rng_state
+from .checkpoint import open_resume, optimizer_saving_note, save_checkpoint, set_rng_state
 from .config import MODEL_PRESETS, TrainConfig
 from .data import GlobalBatches, open_samples
 from .launch import init_from_environment, launch, launched_by_torchrun, rank_device, run_device
@@ -143,39 +144,46 @@ class Trainer:
             else config.fused_kernels
         resume = None
         if config.load:
-            resume = open_resume(config.load, tp=config.tp, pp=config.pp, tp_rank=groups.tp_rank,
-                                 pp_stage=groups.pp_stage)
+            resume = open_resume(config.load, layout=groups.layout, tp_rank=groups.tp_rank, pp_stage=groups.pp_stage,
+                                 ep_rank=groups.ep_rank, announce=groups.rank == 0)
             self.spec = resume.spec
         else:
             self.spec = config.model or MODEL_PRESETS["gpt2"]
-        config.check(self.spec)
-        if config.save:
-            check_can_save(self.spec, config)
-        self.padded_vocab_size = padded_vocab_size(self.spec.vocab_size, config.make_vocab_size_divisible_by,
-                                                   config.tp)
-        weights = resume.weights if resume else initial_weights(self.spec, config.seed)
         try:
-            self.model = build_model(self.spec, groups, self.padded_vocab_size, weights, device=device,
-                                     dtype=self.dtype, sequence_parallel=config.sequence_parallel,
-                                     recompute=config.recompute, fused_kernels=self.fused,
-                                     compile=config.compile)
+            self._build(config, groups, device, resume)
         finally:
             if resume:
                 resume.close()
+        samples = open_samples(config.data, seq_length=config.seq_length, vocab_size=self.spec.vocab_size,
+                               seed=config.seed, tokenizer=config.tokenizer)
+        self.batches = GlobalBatches(samples, config.batch_size, config.seed)
+        self._loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self._last_finished = 0.0
+
+    def _build(self, config: TrainConfig, groups: ParallelGroups, device: torch.device, resume) -> None:
+        """The model, from the checkpoint's weights or a fresh initialisation, and its optimizer,
+        from the checkpoint's state where it has one."""
+        config.check(self.spec)
+        self.padded_vocab_size = padded_vocab_size(self.spec.vocab_size, config.make_vocab_size_divisible_by,
+                                                   config.tp)
+        note = optimizer_saving_note(self.spec, config, self.padded_vocab_size) if config.save else None
+        if note and groups.rank == 0:
+            warnings.warn(f"{config.save}: {note}", stacklevel=3)
+        weights = resume.weights if resume else initial_weights(self.spec, config.seed)
+        self.model = build_model(self.spec, groups, self.padded_vocab_size, weights, device=device, dtype=self.dtype,
+                                 sequence_parallel=config.sequence_parallel, recompute=config.recompute,
+                                 fused_kernels=self.fused, compile=config.compile)
         self.optimizer = DistributedAdam(self.model, groups, config.optimizer,
                                          distributed=config.distributed_optimizer,
                                          sequence_parallel=config.sequence_parallel, fused=self.fused)
         self.start_iteration = resume.iteration if resume else 0
-        if resume and resume.optimizer_state is not None:
-            self.optimizer.load_state_dict(resume.optimizer_state)
-            if resume.rng_state is not None:
-                set_rng_state(resume.rng_state)
-        samples = open_samples(config.data, seq_length=config.seq_length, vocab_size=self.spec.vocab_size,
-                               seed=config.seed, tokenizer=config.tokenizer)
-        self.batches = GlobalBatches(samples, config.batch_size, config.seed)
-        self.flops_so_far = 0.0
-        self._loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        self._last_finished = 0.0
+        self.flops_so_far = resume.flops_so_far if resume else 0.0
+        adam_state = resume.adam_state(self.model, groups.layout, groups.tp_rank, groups.pp_stage,
+                                       groups.ep_rank) if resume else None
+        if adam_state is not None:
+            self.optimizer.load_state_dict(adam_state)
+        if resume and resume.rng_state is not None:
+            set_rng_state(resume.rng_state)
 
     # -- one step ---------------------------------------------------------------------
 

@@ -90,24 +90,32 @@ def materialize(model: GPT, device, dtype: torch.dtype) -> GPT:
     return model
 
 
+def rank_parameters(model: GPT, layout: Layout, tp_rank: int, pp_stage: int, ep_rank: int = 0):
+    """Each parameter of this rank with the canonical tensor it is a piece of:
+    ``(local name, parameter, canonical name, rule)``, where ``rule.shard(full, layout.tp,
+    tp_rank)`` of the full canonical tensor is the parameter's value (experts: only the
+    global experts of expert-parallel rank ``ep_rank``)."""
+    spec = model.spec
+    table = canonical_table(spec)
+    for local_name, parameter in model.named_parameters():
+        name = canonical_name(spec, local_name, pp_stage, layout.pp, ep_rank, layout.ep)
+        if name not in table:
+            raise KeyError(f"{local_name}: no canonical tensor {name} in the {spec.family} table")
+        yield local_name, parameter, name, rule_for(spec, table[name].rule, model.padded_vocab_size)
+
+
 @torch.no_grad()
 def load_weights(model: GPT, full_tensor: Callable[[str], torch.Tensor], layout: Layout, tp_rank: int,
                  pp_stage: int, ep_rank: int = 0) -> None:
     """Fill every parameter with its piece of the canonical tensor ``full_tensor(name)``
     (experts: only the global experts of expert-parallel rank ``ep_rank``)."""
-    spec = model.spec
-    table = canonical_table(spec)
     cache: dict[str, torch.Tensor] = {}
-    for local_name, parameter in model.named_parameters():
-        name = canonical_name(spec, local_name, pp_stage, layout.pp, ep_rank, layout.ep)
-        if name not in table:
-            raise KeyError(f"{local_name}: no canonical tensor {name} in the {spec.family} table")
+    for local_name, parameter, name, rule in rank_parameters(model, layout, tp_rank, pp_stage, ep_rank):
         if name not in cache:
             cache[name] = full_tensor(name)
-        rule = rule_for(spec, table[name].rule, model.padded_vocab_size)
-        piece = rule.split(cache[name], layout.tp)[tp_rank]
+        piece = rule.shard(cache[name], layout.tp, tp_rank)
         if tuple(piece.shape) != tuple(parameter.shape):
-            raise ValueError(f"{local_name}: the {table[name].rule} piece of {name} for TP rank {tp_rank} "
+            raise ValueError(f"{local_name}: the {rule.name} piece of {name} for TP rank {tp_rank} "
                              f"has shape {tuple(piece.shape)}; the parameter is {tuple(parameter.shape)}")
         parameter.copy_(piece)
 
