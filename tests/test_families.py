@@ -55,19 +55,22 @@ def round_trip(hf_dir, tmp_path):
     return tmp_path / "back"
 
 
+def assert_same_model(original, back):
+    """The same class, architecture fields, bit-identical tensors and equal logits."""
+    original_config = json.loads((original / "config.json").read_text())
+    assert json.loads((back / "config.json").read_text())["architectures"] == original_config["architectures"]
+    assert architecture_fields(back) == architecture_fields(original)
+    assert_same_state(hf_state(original), hf_state(back))
+    # 8 tokens: longer than the 3-token sliding windows, so a lost window changes the logits
+    tokens = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hf_logits(original, tokens), hf_logits(back, tokens))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_family_round_trip_keeps_class_config_tensors_and_logits(case, tmp_path):
     model_type, fields = CASES[case]
     hf_dir = make_hf_model(tmp_path / "hf", model_type, **fields)
-    back = round_trip(hf_dir, tmp_path)
-
-    original_config = json.loads((hf_dir / "config.json").read_text())
-    assert json.loads((back / "config.json").read_text())["architectures"] == original_config["architectures"]
-    assert architecture_fields(back) == architecture_fields(hf_dir)
-    assert_same_state(hf_state(hf_dir), hf_state(back))
-    # 8 tokens: longer than the 3-token sliding windows, so a lost window changes the logits
-    tokens = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(hf_logits(hf_dir, tokens), hf_logits(back, tokens))
+    assert_same_model(hf_dir, round_trip(hf_dir, tmp_path))
 
 
 MOE_CASES = {
@@ -93,14 +96,7 @@ def moe_round_trip(hf_dir, tmp_path):
 def test_moe_family_round_trip_with_expert_parallelism_keeps_class_config_tensors_and_logits(case, tmp_path):
     model_type, fields = MOE_CASES[case]
     hf_dir = make_hf_model(tmp_path / "hf", model_type, **fields)
-    back = moe_round_trip(hf_dir, tmp_path)
-
-    original_config = json.loads((hf_dir / "config.json").read_text())
-    assert json.loads((back / "config.json").read_text())["architectures"] == original_config["architectures"]
-    assert architecture_fields(back) == architecture_fields(hf_dir)
-    assert_same_state(hf_state(hf_dir), hf_state(back))
-    tokens = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(hf_logits(hf_dir, tokens), hf_logits(back, tokens))
+    assert_same_model(hf_dir, moe_round_trip(hf_dir, tmp_path))
 
 
 def test_every_registered_bridge_has_a_round_trip_case():
