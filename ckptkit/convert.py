@@ -10,6 +10,7 @@ stops after the plan.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,14 +58,7 @@ class ConvertResult:
 
 
 def parameter_count(reader: CheckpointReader) -> int:
-    return sum(_numel(tensor.shape) for tensor in canonical_tensors(reader.spec))
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+    return sum(math.prod(tensor.shape) for tensor in canonical_tensors(reader.spec))
 
 
 def _bytes_in(folder: Path) -> int:
