@@ -4,7 +4,8 @@
 :mod:`.buffers` computes the distributed optimizer's flat buffers from that list (bucket
 order and padding); :mod:`.distrib_optim` reads the per-rank ``distrib_optim.pt`` files
 through that layout; :mod:`.per_rank` turns a per-rank checkpoint's optimizer state
-(distributed or not) into canonical form (:mod:`.state`): per canonical tensor, full
+(distributed or not) and :mod:`.torch_dist` a ``torch_dist`` checkpoint's (distributed
+optimizer, ``dp_reshardable`` or ``fully_reshardable``) into canonical form (:mod:`.state`): per canonical tensor, full
 fp32 ``param``, ``exp_avg`` and ``exp_avg_sq``; :mod:`.write` writes canonical state as
 Megatron lays it out for any TP/PP/VPP/DP, distributed or not.
 
@@ -44,8 +45,9 @@ def read_optimizer_state(source, *, trust_remote_pickle: bool = False) -> Optimi
         if layout == megatron_legacy.NAME:
             state = PerRankOptimizerState(weights, trust_remote_pickle=trust_remote_pickle)
         elif layout == "torch_dist":
-            raise Unsupported(f"{weights.meta.path}: reading optimizer state from torch_dist checkpoints is not "
-                              "supported yet")
+            from .torch_dist import TorchDistOptimizerState
+
+            state = TorchDistOptimizerState(weights, trust_remote_pickle=trust_remote_pickle)
         else:
             raise BadInput(f"{weights.meta.path}: a {layout} checkpoint holds no optimizer state")
     except BaseException:

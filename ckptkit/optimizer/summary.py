@@ -108,7 +108,16 @@ def _torch_dist(reader) -> OptimizerSummary:
     content = (getattr(reader, "common_state", None) or {}).get("content_metadata") or {}
     distributed = bool(getattr(args, "use_distributed_optimizer", False))
     sharding = f"torch_dist {content.get('distrib_optim_sharding_type') or ('distributed' if distributed else '')}"
-    return OptimizerSummary("unread", sharding.strip(), dp=_data_parallel_size(args),
-                            dtypes={"weights": str(reader.meta.dtype).removeprefix("torch.")},
-                            note=f"{len(keys)} optimizer entries; reading torch_dist optimizer state is not "
-                                 "supported yet")
+    from . import read_optimizer_state
+
+    weights = str(reader.meta.dtype).removeprefix("torch.")
+    try:
+        with read_optimizer_state(reader) as state:
+            info, settings = state.info, state.settings
+    except (BadInput, Unsupported) as error:
+        return OptimizerSummary("unread", sharding.strip(), dp=_data_parallel_size(args), dtypes={"weights": weights},
+                                note=f"{len(keys)} optimizer entries: {error}")
+    dtypes = {"weights": weights, "master params": "float32", "moments": "float32",
+              "grad buffers": str(settings.grad_dtype).removeprefix("torch.")}
+    return OptimizerSummary(info.kind, sharding.strip(), info.step, info.source.get("dp") or _data_parallel_size(args),
+                            dtypes)

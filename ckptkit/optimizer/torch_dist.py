@@ -1,0 +1,204 @@
+"""Optimizer state in Megatron's ``torch_dist`` checkpoints (distributed optimizer).
+
+The sharding type is the common state's ``content_metadata["distrib_optim_sharding_type"]``
+(also ``optimizer["param_state_sharding_type"]``). Both types Megatron writes by default
+or on request are read, checked on real Megatron-LM checkpoints
+(``tests/fixtures/gpt2do_dist_tp1dp2``):
+
+* ``dp_reshardable`` (the default, ``sharded_param_state_dp_reshardable``): per model-parallel
+  domain ``G`` (the rank in the TP x PP group), model chunk ``i`` and bucket ``b``, one global
+  1-D tensor per state key::
+
+      optimizer.distributed.dp_group_idx_G.gbuf_idx_i.dtype_(PARAM, GRAD).bucket_idx_b.{param,exp_avg,exp_avg_sq}
+
+  of the bucket's ``numel_unpadded`` elements, each parameter at its place in the bucket
+  (:mod:`.buffers`: 64-element aligned starts, reverse order; the gaps hold no data worth
+  keeping), chunked per parameter and per DP shard. Bytes entries
+  ``optimizer.distributed.dp_group_idx_G.{optimizer,per_bucket_numel,per_bucket_numel_unpadded}``
+  hold the param groups (with the step) and the bucket sizes, which are checked against
+  the layout computed from the args.
+* ``fully_reshardable`` (``--dist-ckpt-optim-fully-reshardable``): model space,
+  ``optimizer.state.{param,exp_avg,exp_avg_sq}.MODEL_KEY`` with the model key's global
+  shape and chunks (stacked over layers); the param groups are in the common state's
+  ``optimizer["optimizer"]``.
+
+Every canonical tensor is read alone, as region reads of the entries above.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import BadInput, Unsupported
+from ..spec import canonical_tensors
+from .buffers import BufferSettings
+from .distrib_optim import rank_layout
+from .state import RESUME_CHECKED_ARGS, STATE_KEYS, OptimizerInfo, OptimizerState
+
+SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
+DP_PREFIX = "optimizer.distributed.dp_group_idx_{group}"
+
+
+def sharding_type(common_state: dict) -> str | None:
+    content = common_state.get("content_metadata") or {}
+    kind = content.get("distrib_optim_sharding_type") if isinstance(content, dict) else None
+    optimizer = common_state.get("optimizer")
+    if kind is None and isinstance(optimizer, dict):
+        kind = optimizer.get("param_state_sharding_type")
+    return kind
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype)
+
+
+def bucket_key(group: int, chunk: int, buffer_key, bucket: int) -> str:
+    """The stored key (without ``.{state key}``) of one bucket in ``dp_reshardable``."""
+    param_dtype, grad_dtype = buffer_key
+    return (f"{DP_PREFIX.format(group=group)}.gbuf_idx_{chunk}.dtype_({_dtype_name(param_dtype)}, "
+            f"{_dtype_name(grad_dtype)}).bucket_idx_{bucket}")
+
+
+class TorchDistOptimizerState(OptimizerState):
+    """The canonical optimizer state of a Megatron ``torch_dist`` checkpoint, read through its
+    weight reader (a :class:`ckptkit.layouts.torch_dist.TorchDistReader`)."""
+
+    owns_weights = False
+
+    def __init__(self, weights, *, trust_remote_pickle: bool = False):
+        from ..layouts.torch_dist import load_pickled_bytes
+        from ..layouts.torch_dist.regions import _read_regions
+
+        self._read_regions = _read_regions
+        meta = weights.meta
+        self.weights, self.spec, self.padded_vocab_size = weights, weights.spec, meta.padded_vocab_size
+        self.folder = weights.folder
+        self.trust_remote_pickle = trust_remote_pickle
+        self.stored = weights.metadata.state_dict_metadata
+        self._canonical = {tensor.name: tensor for tensor in canonical_tensors(self.spec)}
+        common = weights.common_state
+        optimizer_keys = [key for key in self.stored if key.startswith("optimizer.")]
+        if not optimizer_keys:
+            raise BadInput(f"{self.folder}: no optimizer state (saved with --no-save-optim)")
+        self.sharding = sharding_type(common)
+        if self.sharding not in SHARDING_TYPES:
+            raise Unsupported(f"{self.folder}: distributed optimizer sharding type {self.sharding!r}; ckptkit reads "
+                              f"{' and '.join(SHARDING_TYPES)}")
+        if self.spec.num_experts:
+            raise Unsupported(f"{self.folder}: optimizer state of mixtures of experts is not supported")
+        self.settings = BufferSettings.from_args(meta.args, param_dtype=meta.dtype)
+        where = f"{self.folder}: {self.sharding} optimizer state"
+        if self.sharding == "dp_reshardable":
+            if meta.tp * meta.pp * meta.vpp != 1:
+                raise Unsupported(f"{where} at TP={meta.tp} PP={meta.pp} VPP={meta.vpp}: only TP1 PP1 is read so far "
+                                  "(the model-parallel domain numbering is not checked on a real checkpoint)")
+            prefix = DP_PREFIX.format(group=0)
+            byte_keys = {name: self._bytes_key(f"{prefix}.{name}")
+                         for name in ("optimizer", "per_bucket_numel", "per_bucket_numel_unpadded")}
+            raw = _read_regions(weights.files, [], list(byte_keys.values()))
+            loaded = {name: _unwrap(load_pickled_bytes(raw[key], f"{self.folder}: {key}",
+                                                       trust_remote_pickle=trust_remote_pickle))
+                      for name, key in byte_keys.items()}
+            groups = loaded["optimizer"].get("param_groups") if isinstance(loaded["optimizer"], dict) else None
+            layout = rank_layout(self.spec, tp=1, tp_rank=0, pp=1, pp_stage=0, vpp=1,
+                                 padded_vocab_size=self.padded_vocab_size, settings=self.settings, naming=meta.naming)
+            self._layout = layout.buffers[0]
+            self._check_buckets(loaded["per_bucket_numel"], loaded["per_bucket_numel_unpadded"], where)
+            self._slots = {slot.parameter.canonical: slot for slot in self._layout.slots
+                           if not slot.parameter.tied_copy}
+        else:
+            entry = common.get("optimizer")
+            inner = entry.get("optimizer") if isinstance(entry, dict) else None
+            groups = inner.get("param_groups") if isinstance(inner, dict) else None
+        if not isinstance(groups, list) or not groups:
+            raise BadInput(f"{where}: no param_groups")
+        groups = [dict(group) for group in groups]
+        steps = {group.pop("step", None) for group in groups}
+        for group in groups:
+            group.pop("params", None)
+        steps.discard(None)
+        if len(steps) != 1:
+            raise BadInput(f"{where}: optimizer steps {sorted(steps)}; expected one common step")
+        self.info = OptimizerInfo(
+            kind="distributed", step=steps.pop(), param_groups=groups, grad_scaler=None,
+            opt_param_scheduler=common.get("opt_param_scheduler"),
+            training={key: common[key] for key in ("num_floating_point_operations_so_far",) if key in common},
+            source={"format": "torch_dist", "sharding": self.sharding, "tp": meta.tp, "pp": meta.pp, "vpp": meta.vpp,
+                    "dp": self.settings.dp, "param_dtype": str(self.settings.param_dtype).removeprefix("torch.")},
+            resume_args={name: getattr(meta.args, name) for name in RESUME_CHECKED_ARGS
+                         if getattr(meta.args, name, None) is not None})
+
+    def _bytes_key(self, key: str) -> str:
+        found = [stored for stored in self.stored if stored.split("/shard_")[0] == key]
+        if len(found) != 1:
+            raise BadInput(f"{self.folder}: expected one bytes entry {key}/shard_*, found {len(found)}")
+        return found[0]
+
+    def _check_buckets(self, numel, unpadded, where: str) -> None:
+        key = self.settings.buffer_key
+        expected_unpadded = [bucket.numel_unpadded for bucket in self._layout.buckets]
+        expected_numel = [bucket.numel for bucket in self._layout.buckets]
+        try:
+            found_unpadded = list(unpadded[0][key])
+            found_numel = list(numel[0][key])
+        except (KeyError, IndexError, TypeError):
+            raise BadInput(f"{where}: per_bucket_numel has no buffer {key} of model chunk 0 "
+                           f"(found {unpadded!r:.200})") from None
+        if found_unpadded != expected_unpadded or found_numel != expected_numel:
+            raise BadInput(f"{where}: buckets of {found_numel} elements ({found_unpadded} unpadded); the args give "
+                           f"{expected_numel} ({expected_unpadded})")
+        for bucket in self._layout.buckets:
+            for state_key in STATE_KEYS:
+                name = f"{bucket_key(0, 0, key, bucket.index)}.{state_key}"
+                entry = self.stored.get(name)
+                if entry is None or tuple(getattr(entry, "size", ())) != (bucket.numel_unpadded,):
+                    found = "missing" if entry is None else f"of shape {tuple(getattr(entry, 'size', ()))}"
+                    raise BadInput(f"{where}: {name} {found}; expected ({bucket.numel_unpadded},)")
+
+    def tensor(self, name: str, keys: tuple[str, ...] = STATE_KEYS) -> dict[str, torch.Tensor]:
+        from ..layouts.torch_dist.regions import _Region
+
+        if name not in self._canonical:
+            raise BadInput(f"{self.folder}: no canonical tensor {name}")
+        regions, out = [], {}
+        if self.sharding == "dp_reshardable":
+            slot = self._slots.get(name)
+            if slot is None:
+                raise BadInput(f"{self.folder}: {name} is not in the optimizer's buffer")
+            bucket = self._layout.buckets[slot.bucket]
+            for key in keys:
+                target = torch.empty(slot.parameter.numel, dtype=torch.float32)
+                regions.append(_Region(f"{bucket_key(0, 0, self.settings.buffer_key, bucket.index)}.{key}",
+                                       (slot.start - bucket.start,), (slot.parameter.numel,), target))
+                out[key] = target.view(slot.parameter.shape)
+        else:
+            place = self.weights.stored_place(name)
+            for key in keys:
+                stored_key = f"optimizer.state.{key}.{place.key}"
+                entry = self.stored.get(stored_key)
+                if entry is None:
+                    raise BadInput(f"{self.folder}: {stored_key} missing (needed for {name})")
+                model_entry = self.stored[place.key]
+                if tuple(entry.size) != tuple(model_entry.size):
+                    raise BadInput(f"{self.folder}: {stored_key} has global shape {tuple(entry.size)}; the weight "
+                                   f"{place.key} has {tuple(model_entry.size)}")
+                shape = tuple(entry.size)[len(place.index):]
+                offsets, sizes = place.box((0,) * len(shape), shape)
+                target = torch.empty(sizes, dtype=torch.float32)
+                regions.append(_Region(stored_key, offsets, sizes, target))
+                out[key] = target.view(shape)
+        for key in keys:
+            entry = self.stored[regions[keys.index(key)].key]
+            if entry.properties.dtype != torch.float32:
+                raise Unsupported(f"{self.folder}: {regions[keys.index(key)].key} is {entry.properties.dtype}; "
+                                  "fp32 optimizer state is expected")
+        self._read_regions(self.weights.files, regions)
+        return out
+
+    def close(self) -> None:
+        if self.owns_weights:
+            self.weights.close()
+
+
+def _unwrap(loaded):
+    """ShardedObjects are stored as ``torch.save([data])``."""
+    return loaded[0] if isinstance(loaded, list) and len(loaded) == 1 else loaded

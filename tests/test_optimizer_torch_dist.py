@@ -1,0 +1,89 @@
+"""torch_dist optimizer state (the distributed optimizer's dp_reshardable and
+fully_reshardable sharding types), read from real Megatron-LM checkpoints: a GPT-2-style
+fp32 model trained 10 iterations at TP1 DP2 (tools/make_megatron_optimizer_fixtures.sh)."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckptkit.cli import main
+from ckptkit.layouts import open_checkpoint
+from ckptkit.optimizer import read_optimizer_state
+from ckptkit.optimizer.torch_dist import TorchDistOptimizerState
+
+from conftest import fixture_path
+
+SHARDINGS = ("dp_reshardable", "fully_reshardable")
+KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def ckptkit(*args):
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def every_tensor(path):
+    with read_optimizer_state(path) as state:
+        return state.info, {tensor.name: state.tensor(tensor.name) for tensor in state.canonical()}
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_every_fp32_master_equals_the_stored_weight(sharding):
+    path = fixture_path("gpt2do_dist_tp1dp2", sharding)
+    with open_checkpoint(path) as weights, read_optimizer_state(weights) as state:
+        assert isinstance(state, TorchDistOptimizerState) and state.sharding == sharding
+        assert (state.info.kind, state.info.step, len(state.info.param_groups)) == ("distributed", 10.0, 2)
+        assert state.info.source["dp"] == 2
+        names = [tensor.name for tensor in state.canonical()]
+        assert len(names) == 28
+        for name in names:
+            values = state.tensor(name)
+            assert torch.equal(values["param"], weights.tensor(name)), name
+            assert values["exp_avg_sq"].abs().sum() > 0 and values["exp_avg"].abs().sum() > 0, name
+            assert values["exp_avg_sq"].min() >= 0, name
+
+
+def test_both_sharding_types_of_the_same_run_hold_the_same_state():
+    info_a, dp = every_tensor(fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable"))
+    info_b, fully = every_tensor(fixture_path("gpt2do_dist_tp1dp2", "fully_reshardable"))
+    assert info_a.param_groups == info_b.param_groups and info_a.opt_param_scheduler == info_b.opt_param_scheduler
+    for name, values in dp.items():
+        for key in KEYS:
+            assert torch.equal(values[key], fully[name][key]), (name, key)
+
+
+def test_one_tensor_reads_only_its_own_regions(monkeypatch):
+    from ckptkit.layouts.torch_dist import regions
+
+    with read_optimizer_state(fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable")) as state:
+        seen = []
+        original = regions._read_regions
+        monkeypatch.setattr(state, "_read_regions", lambda files, rs, *a: seen.append(rs) or original(files, rs, *a))
+        values = state.tensor("decoder.final_layernorm.bias")
+        assert [sum(r.target.numel() for r in rs) for rs in seen] == [3 * 64]
+        assert values["param"].shape == (64,)
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_reshard_from_torch_dist_carries_the_state_to_per_rank_files_and_back_keeps_every_value(tmp_path, sharding):
+    source = fixture_path("gpt2do_dist_tp1dp2", sharding)
+    info, original = every_tensor(source)
+    ckptkit("reshard", source, tmp_path / "tp2dp2", "--tp", 2, "--pp", 1, "--format", "torch")
+    assert (tmp_path / "tp2dp2" / "iter_0000010" / "mp_rank_01" / "distrib_optim.pt").is_file()
+    ckptkit("reshard", tmp_path / "tp2dp2", tmp_path / "pp2dp4", "--tp", 1, "--pp", 2, "--dp", 4, "--format", "torch")
+    ckptkit("reshard", tmp_path / "pp2dp4", tmp_path / "back", "--tp", 1, "--pp", 1, "--dp", 2, "--format", "torch")
+    for folder in ("tp2dp2", "pp2dp4", "back"):
+        carried_info, carried = every_tensor(tmp_path / folder)
+        assert carried_info.step == info.step and carried_info.param_groups == info.param_groups, folder
+        assert carried_info.opt_param_scheduler == info.opt_param_scheduler, folder
+        for name, values in original.items():
+            for key in KEYS:
+                assert torch.equal(carried[name][key], values[key]), (folder, name, key)
+
+
+def test_inspect_reports_the_torch_dist_state():
+    from ckptkit.inspection import inspect_checkpoint
+
+    summary = inspect_checkpoint(fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable")).optimizer
+    assert (summary.kind, summary.sharding, summary.step, summary.dp) == (
+        "distributed", "torch_dist dp_reshardable", 10.0, 2)
