@@ -87,3 +87,81 @@ def test_inspect_reports_the_torch_dist_state():
     summary = inspect_checkpoint(fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable")).optimizer
     assert (summary.kind, summary.sharding, summary.step, summary.dp) == (
         "distributed", "torch_dist dp_reshardable", 10.0, 2)
+
+
+def optimizer_entries(path):
+    """Every optimizer entry of a torch_dist checkpoint: tensors as (global shape, dtype,
+    sorted chunks), bytes entries unpickled."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from ckptkit.layouts.torch_dist import TorchDistReader, load_pickled_bytes
+    from ckptkit.layouts.torch_dist.regions import _read_regions
+
+    with TorchDistReader(path) as reader:
+        stored = reader.metadata.state_dict_metadata
+        byte_keys = [key for key, entry in stored.items()
+                     if key.startswith("optimizer.") and isinstance(entry, BytesStorageMetadata)]
+        raw = _read_regions(reader.files, [], byte_keys)
+        found = {key: load_pickled_bytes(raw[key], key) for key in byte_keys}
+        for key, entry in stored.items():
+            if key.startswith("optimizer.") and key not in found:
+                found[key] = (tuple(entry.size), entry.properties.dtype,
+                              sorted((tuple(chunk.offsets), tuple(chunk.sizes)) for chunk in entry.chunks))
+        common = reader.common_state
+        return found, {key: common.get(key) for key in ("optimizer", "opt_param_scheduler",
+                                                         "num_floating_point_operations_so_far")}, \
+            common["content_metadata"].get("distrib_optim_sharding_type")
+
+
+def test_reshard_to_torch_dist_writes_dp_reshardable_state_as_megatron_does(tmp_path):
+    source = fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable")
+    ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1)
+    # the same keys, global shapes, chunks (per parameter piece of each DP shard) and bytes entries
+    assert optimizer_entries(tmp_path / "again") == optimizer_entries(source)
+    info, original = every_tensor(source)
+    written_info, written = every_tensor(tmp_path / "again")
+    assert written_info.param_groups == info.param_groups and written_info.step == info.step
+    for name, values in original.items():
+        for key in KEYS:
+            assert torch.equal(written[name][key], values[key]), (name, key)
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_torch_dist_to_per_rank_files_and_back_to_torch_dist_is_bit_identical(tmp_path, sharding):
+    source = fixture_path("gpt2do_dist_tp1dp2", sharding)
+    ckptkit("reshard", source, tmp_path / "tp2pp2", "--tp", 2, "--pp", 2, "--dp", 1, "--format", "torch")
+    ckptkit("reshard", tmp_path / "tp2pp2", tmp_path / "back", "--tp", 1, "--pp", 1, "--dp", 2,
+            "--format", "torch_dist")
+    assert optimizer_entries(tmp_path / "back") == optimizer_entries(fixture_path("gpt2do_dist_tp1dp2",
+                                                                                  "dp_reshardable"))
+    info, original = every_tensor(source)
+    back_info, back = every_tensor(tmp_path / "back")
+    assert back_info.param_groups == info.param_groups and back_info.opt_param_scheduler == info.opt_param_scheduler
+    for name, values in original.items():
+        for key in KEYS:
+            assert torch.equal(back[name][key], values[key]), (name, key)
+    with open_checkpoint(tmp_path / "back") as weights, open_checkpoint(source) as weights_source:
+        for name in original:
+            assert torch.equal(weights.tensor(name), weights_source.tensor(name)), name
+
+
+def test_torch_dist_output_at_tp2_drops_the_state_and_says_so(tmp_path):
+    result = ckptkit("reshard", fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable"), tmp_path / "tp2",
+                     "--tp", 2, "--pp", 1, "--json")
+    assert "dp_reshardable state at TP1 PP1 so far" in result.output
+    assert not [key for key in optimizer_entries(tmp_path / "tp2")[0]]
+
+
+def test_per_rank_files_to_torch_dist_and_back_return_every_distrib_optim_buffer_bit_for_bit(tmp_path):
+    from ckptkit.safe_load import safe_torch_load
+
+    source = fixture_path("gpt2do_tp2dp2", "legacy")  # Megatron's own TP2 DP2 distrib_optim.pt
+    ckptkit("reshard", source, tmp_path / "dist", "--tp", 1, "--pp", 1, "--format", "torch_dist")
+    assert optimizer_entries(tmp_path / "dist")[2] == "dp_reshardable"
+    ckptkit("reshard", tmp_path / "dist", tmp_path / "back", "--tp", 2, "--pp", 1, "--dp", 2, "--format", "torch")
+    for tp_rank in range(2):
+        original, returned = (safe_torch_load(root / "iter_0000010" / f"mp_rank_{tp_rank:02d}" / "distrib_optim.pt")
+                              for root in (source, tmp_path / "back"))
+        for key in KEYS:
+            assert torch.equal(returned[0][(torch.float32, torch.float32)][key],
+                               original[0][(torch.float32, torch.float32)][key]), (tp_rank, key)

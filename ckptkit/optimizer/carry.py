@@ -111,7 +111,9 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
 
     ``dp`` and ``distributed`` default to the source's (its args' DP size, its optimizer
     kind). The state is left out, with a note, where the source has none, where the target
-    is torch_dist, or at a release target (Megatron loads no optimizer from one).
+    is torch_dist other than the distributed optimizer at TP1 PP1 (that is written as
+    ``dp_reshardable`` by :class:`TorchDistWithOptimizerState`), or at a release target
+    (Megatron loads no optimizer from one).
     """
     from ..layouts.torch_dist_writer import TorchDistWriter
     from . import read_optimizer_state
@@ -119,8 +121,6 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
     absent = optimizer_state_absence(reader)
     if absent is not None:
         return weights, [f"no optimizer state carried: {absent}"]
-    if isinstance(weights, TorchDistWriter):
-        return weights, ["optimizer state dropped: torch_dist output does not carry it yet (write --format torch)"]
     if layout.release or layout.iteration is None:
         return weights, ["optimizer state dropped: Megatron loads none from a release checkpoint"]
     with read_optimizer_state(reader) as state:
@@ -128,6 +128,73 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
     dp = dp or int(getattr(reader.meta.args, "data_parallel_size", None) or source.source.get("dp") or 1)
     if distributed is None:
         distributed = source.kind == "distributed"
+    if isinstance(weights, TorchDistWriter):
+        if not distributed or source.kind != "distributed" or layout.tp * layout.pp * layout.vpp != 1 \
+                or reader.spec.num_experts:
+            return weights, ["optimizer state dropped: torch_dist output carries only the distributed optimizer's "
+                             "dp_reshardable state at TP1 PP1 so far (write --format torch)"]
+        return TorchDistWithOptimizerState(weights, dp=dp), []
     target = OptimizerTarget.from_layout(layout, dp=dp, distributed=distributed, args=reader.meta.args)
     return WithOptimizerState(weights, target), []
 
+
+
+@dataclass
+class TorchDistWithOptimizerState(CheckpointWriter):
+    """A ``torch_dist`` checkpoint as ``weights`` writes it, with the source's distributed
+    optimizer state in the same save as Megatron's ``dp_reshardable`` sharding type
+    (:class:`.torch_dist.DpReshardableEntries`; TP1 PP1)."""
+
+    weights: CheckpointWriter
+    dp: int = 1
+
+    def plan(self, reader: CheckpointReader) -> Plan:
+        plan = self.weights.plan(reader)
+        plan.target = {**plan.target, "optimizer": {"distributed": True, "dp": self.dp, "sharding": "dp_reshardable"}}
+        return plan
+
+    def write(self, reader, plan, out, files=None, progress=None) -> list[str]:
+        from ..layouts import torch_dist
+        from . import read_optimizer_state
+        from .torch_dist import DpReshardableEntries
+
+        target = plan.detail.target
+        with read_optimizer_state(reader) as state:
+            entries = DpReshardableEntries(state, reader.spec, padded_vocab_size=target.padded_vocab(reader.spec),
+                                           dp=self.dp, args=reader.meta.args, param_dtype=target.dtype,
+                                           naming=target.naming, tp=target.tp, pp=target.pp, vpp=target.vpp)
+            return torch_dist.write(reader, Path(out), target, progress=progress, finish=False, optimizer=entries)
+
+    def finish(self, reader, plan, out) -> list[str]:
+        return self.weights.finish(reader, plan, out)
+
+    def check(self, plan, out, label) -> None:
+        """As the weights' check (tracker, data files, every model tensor's dtype and global
+        shape against the plan), then the optimizer state read back."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from ..layouts import torch_dist
+        from ..layouts.base import compare_with_plan
+        from ..layouts.megatron_common import check_tracker
+        from .torch_dist import TorchDistOptimizerState
+
+        spec, target = plan.detail.spec, plan.detail.target
+        out, label = Path(out), Path(label)
+        check_tracker(out, target, label)
+        folder, where = out / target.folder_name, label / target.folder_name
+        try:
+            metadata = torch_dist.read_dcp_metadata(folder)
+            torch_dist.TorchDistReader._check_data_files(folder, metadata)
+        except BadInput as error:
+            raise InternalError(f"{where}: written checkpoint does not read back ({error})") from None
+        items, _ = torch_dist.plan_items(spec, target.tp, target.padded_vocab(spec), target.dtype, etp=target.etp,
+                                         naming=target.naming)
+        planned = {item.index.fqn: (target.dtype, tuple(item.tensor_data.size)) for item in items}
+        found = {key: (entry.properties.dtype, tuple(entry.size)) for key, entry in metadata.state_dict_metadata.items()
+                 if isinstance(entry, TensorStorageMetadata) and not key.startswith("optimizer.")}
+        compare_with_plan(where / torch_dist.DCP_METADATA, found, planned)
+        try:
+            with torch_dist.open_reader(Path(out)) as written:
+                TorchDistOptimizerState(written).close()
+        except (BadInput, Unsupported) as error:
+            raise InternalError(f"{label}: written optimizer state does not read back ({error})") from None

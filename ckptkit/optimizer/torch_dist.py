@@ -202,3 +202,91 @@ class TorchDistOptimizerState(OptimizerState):
 def _unwrap(loaded):
     """ShardedObjects are stored as ``torch.save([data])``."""
     return loaded[0] if isinstance(loaded, list) and len(loaded) == 1 else loaded
+
+
+class DpReshardableEntries:
+    """What a ``torch_dist`` checkpoint written by :func:`ckptkit.layouts.torch_dist.write`
+    needs to hold ``state`` as Megatron's ``dp_reshardable`` distributed optimizer at DP
+    ``dp`` (TP1 PP1): the bucket tensors chunked as Megatron chunks them (one chunk per
+    parameter piece of each DP shard and per gap, gaps written as zeros), the bytes
+    entries, the common state's optimizer entries and the args.
+
+    Data is produced per write item; one canonical tensor's state is kept at a time (the
+    items are ordered parameter by parameter).
+    """
+
+    def __init__(self, state: OptimizerState, spec, *, padded_vocab_size: int, dp: int, args=None,
+                 param_dtype: torch.dtype = torch.float32, naming: str = "mcore-local", tp: int = 1, pp: int = 1,
+                 vpp: int = 1):
+        from ..layouts.torch_dist.write import _pickled, _tensor_item
+
+        if tp * pp * vpp != 1:
+            raise Unsupported(f"torch_dist optimizer state is written at TP1 PP1 only so far (asked TP={tp} PP={pp} "
+                              f"VPP={vpp}); write --format torch")
+        if spec.num_experts:
+            raise Unsupported("optimizer state of mixtures of experts is not supported")
+        if state.info.kind != "distributed":
+            raise Unsupported("torch_dist optimizer state is written for the distributed optimizer only")
+        self.state, self.spec, self.padded = state, spec, padded_vocab_size
+        settings = BufferSettings.from_args(args, dp=dp, param_dtype=param_dtype) if args is not None \
+            else BufferSettings(dp=dp, param_dtype=param_dtype)
+        self.settings = settings
+        self.layout = rank_layout(spec, tp=1, tp_rank=0, pp=1, pp_stage=0, vpp=1, padded_vocab_size=padded_vocab_size,
+                                  settings=settings, naming=naming).buffers[0]
+        buffer_key = settings.buffer_key
+        self.items, self._chunks = [], {}
+        for bucket in self.layout.buckets:
+            slots = [slot for slot in self.layout.slots if slot.bucket == bucket.index]
+            local = bucket.numel // dp
+            cuts = {0, bucket.numel_unpadded}
+            cuts |= {rank * local for rank in range(dp) if rank * local < bucket.numel_unpadded}
+            for slot in slots:
+                cuts |= {slot.start - bucket.start, slot.end - bucket.start}
+            cuts = sorted(cut for cut in cuts if cut <= bucket.numel_unpadded)
+            name = bucket_key(0, 0, buffer_key, bucket.index)
+            for low, high in zip(cuts, cuts[1:]):
+                owner = next((slot for slot in slots if slot.start - bucket.start <= low < slot.end - bucket.start),
+                             None)
+                for key in STATE_KEYS:
+                    item = _tensor_item(f"{name}.{key}", (bucket.numel_unpadded,), (low,), (high - low,),
+                                        torch.float32)
+                    self.items.append(item)
+                    start = None if owner is None else low - (owner.start - bucket.start)
+                    self._chunks[item.index] = (owner, key, start, high - low)
+        prefix = DP_PREFIX.format(group=0)
+        info = state.info
+        groups = [{**group, "step": info.step} for group in info.param_groups]
+        per_bucket = [{buffer_key: [bucket.numel for bucket in self.layout.buckets]}]
+        per_bucket_unpadded = [{buffer_key: [bucket.numel_unpadded for bucket in self.layout.buckets]}]
+        self.payloads = {f"{prefix}.optimizer/shard_0_1": _pickled([{"param_groups": groups}]),
+                         f"{prefix}.per_bucket_numel/shard_0_1": _pickled([per_bucket]),
+                         f"{prefix}.per_bucket_numel_unpadded/shard_0_1": _pickled([per_bucket_unpadded])}
+        self.common = {"optimizer": {"param_state_sharding_type": "dp_reshardable"}}
+        if info.opt_param_scheduler is not None:
+            self.common["opt_param_scheduler"] = info.opt_param_scheduler
+        self.common.update(info.training)
+        self.content_metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+        self.args_fields = {"use_distributed_optimizer": True, "data_parallel_size": dp, "no_save_optim": None,
+                            **info.resume_args}
+        self._current: tuple[str | None, dict | None] = (None, None)
+
+    def _values(self, canonical: str) -> dict[str, torch.Tensor]:
+        from ..spec import rule_for
+
+        if self._current[0] != canonical:
+            self._current = (None, None)
+            tensor = next(t for t in self.state.canonical() if t.name == canonical)
+            rule = rule_for(self.spec, tensor.rule, self.padded)
+            values = {key: rule.fit(value).reshape(-1) for key, value in self.state.tensor(canonical).items()}
+            self._current = (canonical, values)
+        return self._current[1]
+
+    def resolve(self, write_item) -> torch.Tensor:
+        owner, key, start, size = self._chunks[write_item.index]
+        if owner is None:
+            return torch.zeros(size, dtype=torch.float32)
+        values = self._values(owner.parameter.canonical)[key]
+        if values.numel() != owner.parameter.numel:
+            raise BadInput(f"{owner.parameter.canonical}: {values.numel()} state elements; the target's parameter "
+                           f"{owner.parameter.name} has {owner.parameter.numel}")
+        return values[start: start + size].clone()

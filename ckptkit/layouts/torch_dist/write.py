@@ -92,8 +92,9 @@ class _StreamingSavePlanner(DefaultSavePlanner):
     """
 
     def __init__(self, items: list[WriteItem], sources: dict, byte_payloads: dict[str, bytes],
-                 read_tensor, progress=None):
+                 read_tensor, progress=None, optimizer=None):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.optimizer = optimizer  # resolves its own tensor items (see write's ``optimizer``)
         self.items = items
         self.sources = sources
         self.byte_payloads = byte_payloads
@@ -113,6 +114,8 @@ class _StreamingSavePlanner(DefaultSavePlanner):
     def resolve_data(self, write_item: WriteItem):
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self.byte_payloads[write_item.index.fqn])
+        if self.optimizer is not None and write_item.index.fqn.startswith("optimizer."):
+            return self.optimizer.resolve(write_item)
         source = self.sources[write_item.index]
         if source.canonical != self.current_name:
             self.current = None  # free the previous tensor before reading the next
@@ -210,7 +213,7 @@ def _source_flops(reader: CheckpointReader) -> float:
 
 
 def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, progress=None,
-          max_file_bytes: int = FILE_BUDGET_BYTES, finish: bool = True) -> list[str]:
+          max_file_bytes: int = FILE_BUDGET_BYTES, finish: bool = True, optimizer=None) -> list[str]:
     """Write ``reader``'s model as a Megatron ``torch_dist`` checkpoint under ``out_dir``.
 
     Same keys, global shapes, dtypes and chunking (per layer, expert and TP shard at
@@ -220,6 +223,10 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
     the iteration. Streams: each canonical tensor is read once, when the writer reaches its
     first chunk; a data file is closed every ``max_file_bytes``. Returns the relative paths
     written. ``finish=False`` leaves the tracker file to the caller.
+
+    ``optimizer`` (:class:`ckptkit.optimizer.torch_dist.DpReshardableEntries`) adds optimizer
+    state: its tensor ``items`` (keys under ``optimizer.``, data from its ``resolve``), bytes
+    ``payloads``, ``common`` state entries and ``args_fields``.
     """
     spec = reader.spec
     if target.naming == "legacy":
@@ -229,17 +236,26 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
     padded = target.padded_vocab(spec)
     folder = out_dir / target.folder_name
     folder.mkdir(parents=True, exist_ok=True)
-    args = target_args(spec, target, dtype, extra_fields={"ckpt_format": "torch_dist", "use_dist_ckpt": True,
-                                                          "no_save_optim": True, "no_save_rng": True})
+    fields = {"ckpt_format": "torch_dist", "use_dist_ckpt": True, "no_save_optim": True, "no_save_rng": True}
+    if optimizer is not None:
+        fields.update(optimizer.args_fields)
+    args = target_args(spec, target, dtype, extra_fields=fields)
     common = {"args": args, "checkpoint_version": WRITE_CHECKPOINT_VERSION,
               "iteration": target.saved_iteration or 0,
               "num_floating_point_operations_so_far": _source_flops(reader) if target.args_base else 0.0,
               "content_metadata": dict(CONTENT_METADATA)}
+    if optimizer is not None:
+        common.update(optimizer.common)
+        common["content_metadata"] = {**common["content_metadata"], **optimizer.content_metadata}
     payloads = {COMMON_STATE_KEY: _pickled([common])}
+    if optimizer is not None:
+        payloads.update(optimizer.payloads)
     empty_extra_state = _pickled([None])  # what the local implementation stores per linear
     for key in extra_state_keys(spec):
         payloads[key] = empty_extra_state
     items, sources = plan_items(spec, target.tp, padded, dtype, etp=target.etp, naming=target.naming)
+    if optimizer is not None:
+        items += optimizer.items
     items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in payloads]
 
     by_name = {tensor.name: tensor for tensor in canonical_tensors(spec)}
@@ -253,7 +269,7 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
             raise BadInput(f"{reader.meta.path}: {name} has shape {tuple(full.shape)}; expected {tuple(expected)}")
         return full
 
-    planner = _StreamingSavePlanner(items, sources, payloads, read_tensor, progress)
+    planner = _StreamingSavePlanner(items, sources, payloads, read_tensor, progress, optimizer)
     storage = _BoundedFileSystemWriter(folder, max_file_bytes, payloads)
     try:
         with warnings.catch_warnings():
