@@ -51,9 +51,10 @@ class TorchDistWriter(MegatronWriter):
 
         return torch_dist.write(reader, Path(out), plan.detail.target, progress=progress, finish=False)
 
-    def check(self, plan, out, label) -> None:
+    def check(self, plan, out, label, *, other_keys: tuple[str, ...] = ()) -> None:
         """The tracker, the data files the metadata names, and every tensor's key, dtype and
-        global shape (from ``.metadata``) against the plan."""
+        global shape (from ``.metadata``) against the plan; keys starting with ``other_keys``
+        belong to another part of the save (optimizer state) and are left to its check."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         from . import torch_dist
@@ -73,7 +74,7 @@ class TorchDistWriter(MegatronWriter):
         planned = {item.index.fqn: (target.dtype, tuple(item.tensor_data.size)) for item in items}
         stored = metadata.state_dict_metadata
         found = {key: (entry.properties.dtype, tuple(entry.size)) for key, entry in stored.items()
-                 if isinstance(entry, TensorStorageMetadata)}
+                 if isinstance(entry, TensorStorageMetadata) and not key.startswith(other_keys)}
         compare_with_plan(where / DCP_METADATA, found, planned)
         if torch_dist.COMMON_STATE_KEY not in stored or not (folder / CONFIG_FILE).is_file():
             raise InternalError(f"{where}: common state or {CONFIG_FILE} was not written")

@@ -171,28 +171,10 @@ class TorchDistWithOptimizerState(CheckpointWriter):
     def check(self, plan, out, label) -> None:
         """As the weights' check (tracker, data files, every model tensor's dtype and global
         shape against the plan), then the optimizer state read back."""
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         from ..layouts import torch_dist
-        from ..layouts.base import compare_with_plan
-        from ..layouts.megatron_common import check_tracker
         from .torch_dist import TorchDistOptimizerState
 
-        spec, target = plan.detail.spec, plan.detail.target
-        out, label = Path(out), Path(label)
-        check_tracker(out, target, label)
-        folder, where = out / target.folder_name, label / target.folder_name
-        try:
-            metadata = torch_dist.read_dcp_metadata(folder)
-            torch_dist.TorchDistReader._check_data_files(folder, metadata)
-        except BadInput as error:
-            raise InternalError(f"{where}: written checkpoint does not read back ({error})") from None
-        items, _ = torch_dist.plan_items(spec, target.tp, target.padded_vocab(spec), target.dtype, etp=target.etp,
-                                         naming=target.naming)
-        planned = {item.index.fqn: (target.dtype, tuple(item.tensor_data.size)) for item in items}
-        found = {key: (entry.properties.dtype, tuple(entry.size)) for key, entry in metadata.state_dict_metadata.items()
-                 if isinstance(entry, TensorStorageMetadata) and not key.startswith("optimizer.")}
-        compare_with_plan(where / torch_dist.DCP_METADATA, found, planned)
+        self.weights.check(plan, out, label, other_keys=("optimizer.",))
         try:
             with torch_dist.open_reader(Path(out)) as written:
                 TorchDistOptimizerState(written).close()
