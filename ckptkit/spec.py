@@ -118,7 +118,6 @@ class CanonicalTensor:
 def _layer_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
     hidden, ffn = spec.hidden_size, spec.ffn_hidden_size
     qkv_rows = (spec.num_attention_heads + 2 * spec.num_query_groups) * spec.head_dim
-    fc1_rows = 2 * ffn if spec.gated else ffn
     entries = [
         ("input_layernorm.weight", (hidden,), "replicated", True),
         ("input_layernorm.bias", (hidden,), "replicated", spec.has_norm_bias),
