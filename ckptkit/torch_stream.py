@@ -18,13 +18,16 @@ import collections
 import io
 import pickle
 import sys
+from typing import Callable
 
 import torch
 import torch.serialization as serialization
 
+from .errors import InternalError
 from .streaming_io import DirectWriteFile, OrderedWriteThread
 
-_STORAGE_TYPE_NAMES = {
+# dtype -> the storage class name a torch.save pickle refers to for it
+STORAGE_TYPE_NAMES = {
     torch.float32: "FloatStorage", torch.float64: "DoubleStorage", torch.float16: "HalfStorage",
     torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
     torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage",
@@ -59,6 +62,42 @@ def _contiguous_stride(shape):
     return tuple(reversed(stride))
 
 
+def pickle_with_refs(obj, add_tensor: Callable[[torch.Tensor], TensorRef] | None = None) -> bytes:
+    """Pickle ``obj`` as ``torch.save`` pickles its ``data.pkl``, each :class:`TensorRef`
+    in it as a tensor on record ``data/<key>``.
+
+    A plain tensor in ``obj`` is handed to ``add_tensor`` (which writes it and returns
+    its reference); without ``add_tensor`` it is an :class:`InternalError`.
+
+    >>> data = pickle_with_refs({"param": TensorRef("0", torch.float32, (70,))})
+    >>> zip_writer.write_record("archive/data.pkl", data, len(data))
+    """
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, value):
+            if isinstance(value, torch.Tensor):
+                if add_tensor is None:
+                    raise InternalError("a plain tensor in the object: only TensorRefs to records "
+                                        "already in the file can be pickled here")
+                if type(value) is torch.Tensor:
+                    value = add_tensor(value)
+            if isinstance(value, TensorRef):
+                return torch._utils._rebuild_tensor_v2, (
+                    _StorageRef(value), 0, value.shape, _contiguous_stride(value.shape),
+                    False, collections.OrderedDict())
+            return NotImplemented
+
+        def persistent_id(self, value):
+            if isinstance(value, _StorageRef):
+                ref = value.ref
+                return ("storage", getattr(torch, STORAGE_TYPE_NAMES[ref.dtype]), ref.key, "cpu", ref.numel)
+            return None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
 class StreamingTorchWriter:
     """Append tensors to a torch zip file, then pickle the object that refers to them."""
 
@@ -73,7 +112,7 @@ class StreamingTorchWriter:
 
     def add_tensor(self, tensor: torch.Tensor) -> TensorRef:
         """Write one tensor's bytes now; return the reference to place in the object."""
-        if tensor.dtype not in _STORAGE_TYPE_NAMES:
+        if tensor.dtype not in STORAGE_TYPE_NAMES:
             raise TypeError(f"unsupported dtype {tensor.dtype}")
         tensor = tensor.detach().cpu().contiguous()
         key = str(self._next_key)
@@ -87,29 +126,17 @@ class StreamingTorchWriter:
         return TensorRef(key, tensor.dtype, tensor.shape)
 
     def finish(self, obj) -> None:
-        """Pickle ``obj`` (TensorRefs and plain tensors inside it allowed) and close."""
-        writer = self
+        """Pickle ``obj`` (TensorRefs and plain tensors inside it allowed) and close.
 
-        class Pickler(pickle.Pickler):
-            def reducer_override(self, value):
-                if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:
-                    value = writer.add_tensor(value)
-                if isinstance(value, TensorRef):
-                    return torch._utils._rebuild_tensor_v2, (
-                        _StorageRef(value), 0, value.shape, _contiguous_stride(value.shape),
-                        False, collections.OrderedDict())
-                return NotImplemented
-
-            def persistent_id(self, value):
-                if isinstance(value, _StorageRef):
-                    ref = value.ref
-                    return ("storage", getattr(torch, _STORAGE_TYPE_NAMES[ref.dtype]), ref.key, "cpu", ref.numel)
-                return None
-
-        buffer = io.BytesIO()
-        Pickler(buffer, protocol=2).dump(obj)
+        The file declares ``.format_version`` 1, as ``torch.save``'s do, so a meta-device
+        load computes each record's offset from the one before instead of reading its
+        header (:mod:`ckptkit.torch_offsets`): the pickle must meet the records in the
+        order they lie in the file. Keys count up in :meth:`add_tensor` order, so ``obj``
+        refers to its TensorRefs in the order they were added, and any plain tensor in it
+        (added when the pickle meets it, so with a later key) after all of them.
+        """
+        data = pickle_with_refs(obj, add_tensor=self.add_tensor)
         self._writes.drain()
-        data = buffer.getvalue()
         self._zip.write_record("data.pkl", data, len(data))
         self._zip.write_record(".format_version", "1", 1)
         alignment = str(serialization._get_storage_alignment())

@@ -2,7 +2,8 @@
 
 The pickle is loaded on the meta device: every tensor comes back with its shape, dtype
 and its storage's byte offset in the file, and :meth:`MetaFile.read` fills a fresh
-tensor with ``pread`` from there. Where torch gives no offsets (< 2.5) the file is
+tensor with ``pread`` from there (:mod:`ckptkit.torch_offsets`, which also says where
+torch takes those offsets from). Where torch gives no offsets (< 2.5) the file is
 memory-mapped instead.
 
 >>> file = MetaFile("mp_rank_00/distrib_optim.pt")
@@ -19,18 +20,7 @@ import torch
 
 from ..errors import BadInput
 from ..safe_load import safe_torch_load
-from ..streaming_io import read_tensor
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
+from ..torch_offsets import offsets_known, read_stored
 
 
 class MetaFile:
@@ -40,8 +30,7 @@ class MetaFile:
         self.path = Path(path)
         self._fd = None
         self.state = safe_torch_load(self.path, trust_remote_pickle=trust_remote_pickle, map_location="meta")
-        if not all(hasattr(tensor.untyped_storage(), "_checkpoint_offset") for tensor in _tensors(self.state)
-                   if tensor.device.type == "meta"):
+        if not offsets_known(self.state):
             self.state = safe_torch_load(self.path, trust_remote_pickle=trust_remote_pickle)
 
     def read(self, tensor: torch.Tensor, start: int = 0, numel: int | None = None) -> torch.Tensor:
@@ -54,18 +43,7 @@ class MetaFile:
             return values.clone()
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        element = tensor.element_size()
-        base = tensor.untyped_storage()._checkpoint_offset
-        if tensor.is_contiguous():
-            if numel is None:
-                return read_tensor(self._fd, base + tensor.storage_offset() * element, tensor.shape, tensor.dtype)
-            return read_tensor(self._fd, base + (tensor.storage_offset() + start) * element, (numel,), tensor.dtype)
-        # a view saved as such: read the span it covers, then take the same view
-        span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())) \
-            if tensor.numel() else 0
-        flat = read_tensor(self._fd, base + tensor.storage_offset() * element, (span,), tensor.dtype)
-        whole = flat.as_strided(tensor.shape, tensor.stride()).contiguous()
-        return whole.reshape(-1)[start: start + numel].clone() if numel is not None else whole
+        return read_stored(self._fd, tensor, start, numel)
 
     def materialize(self, value):
         """``value`` (a part of :attr:`state`) with every tensor read: for small entries."""

@@ -17,10 +17,7 @@ result like any other file.
 """
 from __future__ import annotations
 
-import collections
-import io
 import os
-import pickle
 import struct
 import sys
 import zlib
@@ -29,12 +26,10 @@ import torch
 
 from ..errors import InternalError
 from ..streaming_io import byte_view
-from ..torch_stream import TensorRef
+from ..torch_stream import STORAGE_TYPE_NAMES, TensorRef, pickle_with_refs
 
 ALIGNMENT = 64  # torch.serialization._get_storage_alignment()
 ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets at or past this need ZIP64 fields
-_STORAGE_TYPES = {torch.float32: "FloatStorage", torch.bfloat16: "BFloat16Storage", torch.float16: "HalfStorage",
-                  torch.int64: "LongStorage", torch.uint8: "ByteStorage"}
 _UTF8_NAMES = 0x0800
 _PADDING_FIELD = 0x4246  # "FB": the extra field torch pads local headers with
 
@@ -74,14 +69,6 @@ def _central_header(record: _Record) -> bytes:
                        0xFFFFFFFF if big_offset else record.header_offset) + name + extra
 
 
-def _contiguous_stride(shape) -> tuple[int, ...]:
-    stride, running = [], 1
-    for size in reversed(shape):
-        stride.append(running)
-        running *= size
-    return tuple(reversed(stride))
-
-
 class PresizedTorchFile:
     """Write ``path`` as a torch zip (archive folder ``archive``) holding the 1-D tensors
     ``tensors``: record key -> (dtype, numel), each filled by :meth:`append` in order."""
@@ -96,7 +83,7 @@ class PresizedTorchFile:
         offset = 0
         try:
             for key, (dtype, numel) in tensors.items():
-                if dtype not in _STORAGE_TYPES:
+                if dtype not in STORAGE_TYPE_NAMES:
                     raise InternalError(f"{path}: no storage type for {dtype}")
                 size = numel * torch.empty((), dtype=dtype).element_size()
                 name = f"{archive}/data/{key}"
@@ -154,7 +141,7 @@ class PresizedTorchFile:
                 raise InternalError(f"{self.path}: record {key} got {record.written} of {record.size} bytes")
             header = _local_header(record.name.encode(), record.size, record.crc, record.zip64, record.header_offset)
             self._write_at(header, record.header_offset)
-        self._add_small(f"{self.archive}/data.pkl", _pickle_with_refs(obj))
+        self._add_small(f"{self.archive}/data.pkl", pickle_with_refs(obj))
         # No ".format_version": with it, torch >= 2.5 computes where each record's data starts
         # from miniz's own way of writing (records in key order, each followed by a data
         # descriptor) instead of reading the local headers, and this file is written otherwise.
@@ -187,31 +174,3 @@ class PresizedTorchFile:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _pickle_with_refs(obj) -> bytes:
-    """Pickle ``obj`` as ``torch.save`` does, each :class:`TensorRef` as a tensor on its record."""
-
-    class StorageRef:
-        def __init__(self, ref: TensorRef):
-            self.ref = ref
-
-    class Pickler(pickle.Pickler):
-        def reducer_override(self, value):
-            if isinstance(value, TensorRef):
-                return torch._utils._rebuild_tensor_v2, (StorageRef(value), 0, value.shape,
-                                                         _contiguous_stride(value.shape), False,
-                                                         collections.OrderedDict())
-            if isinstance(value, torch.Tensor):
-                raise InternalError("a tensor outside the presized records cannot be pickled here")
-            return NotImplemented
-
-        def persistent_id(self, value):
-            if isinstance(value, StorageRef):
-                ref = value.ref
-                return "storage", getattr(torch, _STORAGE_TYPES[ref.dtype]), ref.key, "cpu", ref.numel
-            return None
-
-    buffer = io.BytesIO()
-    Pickler(buffer, protocol=2).dump(obj)
-    return buffer.getvalue()

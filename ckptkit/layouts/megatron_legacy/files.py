@@ -2,8 +2,8 @@
 
 Only the pickle of a rank file is loaded (``map_location="meta"``): each tensor comes
 back on the meta device with its storage's byte offset in the file, and is read into a
-fresh tensor with explicit reads when needed. Pre-Core files nest their model dicts;
-:func:`_flatten` gives every chunk dotted keys.
+fresh tensor with explicit reads when needed (:mod:`ckptkit.torch_offsets`). Pre-Core
+files nest their model dicts; :func:`_flatten` gives every chunk dotted keys.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 
 from ...errors import BadInput
 from ...safe_load import safe_torch_load
-from ...streaming_io import read_into, read_tensor
+from ...streaming_io import read_into
+from ...torch_offsets import byte_offset, offsets_known, read_stored, tensors_in
 from .discovery import RANK_FILE, rank_dir_name
 
 
@@ -79,7 +80,7 @@ class _RankFiles:
             path = self.path(tp_rank, pp_stage)
             state = self._load(path, "meta")
             chunks = _model_chunks(state, path)
-            if not _offsets_known(chunks):
+            if not offsets_known(chunks):
                 state = self._load(path, "cpu")
                 chunks = _model_chunks(state, path)
             self.loaded[key] = (state, chunks)
@@ -115,25 +116,14 @@ class _RankFiles:
         if not self.can_read_rows(stored):
             return False
         row_bytes = stored[0].numel() * stored.element_size() if stored.dim() else stored.element_size()
-        offset = stored.untyped_storage()._checkpoint_offset + stored.storage_offset() * stored.element_size()
-        read_into(self._descriptor(tp_rank, pp_stage), out, offset + rows.start * row_bytes)
+        read_into(self._descriptor(tp_rank, pp_stage), out, byte_offset(stored) + rows.start * row_bytes)
         return True
 
     def read(self, tp_rank: int, pp_stage: int, stored: torch.Tensor) -> torch.Tensor:
         """The values of ``stored`` (a tensor of :meth:`chunks`), in a tensor of its own."""
         if stored.device.type != "meta":
             return stored
-        key = (tp_rank, pp_stage)
-        self._descriptor(tp_rank, pp_stage)
-        element = stored.element_size()
-        offset = stored.untyped_storage()._checkpoint_offset + stored.storage_offset() * element
-        if stored.is_contiguous():
-            return read_tensor(self.descriptors[key], offset, stored.shape, stored.dtype)
-        # A view saved as such (rare): read the span it covers, then take the same view.
-        span = 1 + sum((size - 1) * stride for size, stride in zip(stored.shape, stored.stride())) \
-            if stored.numel() else 0
-        flat = read_tensor(self.descriptors[key], offset, (span,), stored.dtype)
-        return flat.as_strided(stored.shape, stored.stride()).contiguous()
+        return read_stored(self._descriptor(tp_rank, pp_stage), stored)
 
     def read_rows(self, tp_rank: int, pp_stage: int, stored: torch.Tensor, rows: range) -> torch.Tensor:
         """Rows ``rows`` (along dim 0) of ``stored``, read from the file into a tensor of their own."""
@@ -147,22 +137,5 @@ class _RankFiles:
         self.full_states.clear()
 
 
-def _tensors_in(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors_in(item)
-
-
-def _offsets_known(chunks: list[dict]) -> bool:
-    """Whether torch gave every meta tensor its byte offset (torch>=2.5 and zip files do)."""
-    return all(tensor.device.type != "meta" or hasattr(tensor.untyped_storage(), "_checkpoint_offset")
-               for tensor in _tensors_in(chunks))
-
-
 def _has_meta_tensors(state: dict) -> bool:
-    return any(tensor.device.type == "meta" for tensor in _tensors_in(state))
+    return any(tensor.device.type == "meta" for tensor in tensors_in(state))

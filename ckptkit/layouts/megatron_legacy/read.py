@@ -22,12 +22,13 @@ from ...megatron_args import spec_from_args
 from ...rules import box_slices
 from ...safe_load import safe_torch_load
 from ...spec import CanonicalTensor, rule_for
+from ...torch_offsets import offsets_known
 from .. import copies
 from ..base import CheckpointMeta, CheckpointReader
 from ..megatron_common import parallel_sizes, source_iteration
 from ..megatron_names import Naming, detect_naming
 from .discovery import NAME, RANK_FILE, _extract_zip, check_rank_set, locate_iteration_dir, scan_ranks
-from .files import _model_chunks, _offsets_known, _RankFiles
+from .files import _model_chunks, _RankFiles
 
 
 @dataclass
@@ -80,7 +81,7 @@ class MegatronLegacyReader(CheckpointReader):
                          for ep_rank in range(ep)]
         self.files = self.ep_files[0]
         first_chunks = _model_chunks(first, first_file)
-        if _offsets_known(first_chunks):
+        if offsets_known(first_chunks):
             self.files.loaded[(0, 0)] = (first, first_chunks)
         self.spec = spec_from_args(args, vocab_size=vocab_size, source=str(first_file))
         _check_expert_sizes(self.spec, sizes, first_file)
