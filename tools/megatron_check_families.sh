@@ -15,22 +15,12 @@
 # format shows as "load_return: ..." in RUN.log: Megatron's load_checkpoint(strict=True) then
 # retries with strict=False and goes on, so that line must be absent.
 set -u
-: "${MEGATRON_PATH:?set MEGATRON_PATH to a Megatron-LM source tree}"
 : "${CHECK:=.devdata/check}"
 : "${OUT:=/tmp/megatron-families}"
 RUNS=${RUNS:-"qwen3_torch qwen3_dist llama31_torch llama31_dist mistral_torch mistral_dist mistral_nowindow phi3_torch phi3_dist"}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-export MEGATRON_PATH PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-mkdir -p "$OUT"
-
-# Megatron's fusions off and no Transformer Engine (as tools/megatron_load_check.sh). With
-# --transformer-impl local the sliding window is applied only on the unfused softmax path.
-COMMON="--use-checkpoint-args --no-load-optim --no-load-rng --exit-on-missing-checkpoint
-  --micro-batch-size 2 --seq-length 32 --tokenizer-type NullTokenizer --vocab-size 1000
-  --transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion
-  --no-bias-gelu-fusion --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion
-  --attention-backend unfused"
+source "$(dirname "$0")/megatron_check_common.sh"
+# With --transformer-impl local (COMMON) the sliding window is applied only on the unfused
+# softmax path.
 
 # --use-checkpoint-args does not restore qk_layernorm, use_rope_scaling, the norm epsilon or
 # window_size (megatron/training/checkpointing.py, load_args_from_checkpoint), so they are
@@ -66,10 +56,5 @@ for run in $RUNS; do
 done
 wait
 
-for run in $RUNS; do
-  echo "##### $run"
-  grep -E "^== |rc=|saved logits|load_return|Setting (kv_channels|rotary_base|num_query_groups)|window|Error|error:|Traceback|[Mm]issing key|[Uu]nexpected key" \
-    "$OUT/$run.log" | head -20
-done
-tar -C "$OUT" -cf "$OUT/families.tar" $(cd "$OUT" && ls *_logits.pt *.log 2>/dev/null)
-ls -la "$OUT"
+summarize "^== |rc=|saved logits|load_return|Setting (kv_channels|rotary_base|num_query_groups)|window|Error|error:|Traceback|[Mm]issing key|[Uu]nexpected key" \
+  20 families.tar

@@ -21,24 +21,16 @@
 # with strict=False and goes on), so that line must be absent. Leaves $OUT/RUN_logits.pt,
 # $OUT/RUN.log and $OUT/moe.tar (all of them).
 set -u
-: "${MEGATRON_PATH:?set MEGATRON_PATH to a Megatron-LM source tree}"
 : "${CHECK:=.devdata/moecheck}"
 : "${OUT:=/tmp/megatron-moe-check}"
 RUNS=${RUNS:-"qwen2_torch mixtral_dist qwen3_torch"}
 SIDE_BY_SIDE=${SIDE_BY_SIDE:-1}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-export MEGATRON_PATH PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-mkdir -p "$OUT"
+source "$(dirname "$0")/megatron_check_common.sh"
 
-# Megatron's fusions off, no Transformer Engine, float32 (as tools/make_megatron_moe_fixtures.sh).
-# The dispatcher is not restored by --use-checkpoint-args (it keeps a set value) and is given as
-# the fixtures were made; routing, expert sizes and moe_layer_freq come from the checkpoint.
-COMMON="--use-checkpoint-args --no-load-optim --no-load-rng --exit-on-missing-checkpoint
-  --micro-batch-size 2 --seq-length 32 --tokenizer-type NullTokenizer --vocab-size 1000
-  --transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion
-  --no-bias-gelu-fusion --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion
-  --attention-backend unfused --tensor-model-parallel-size 1 --moe-token-dispatcher-type alltoall"
+# Float32 (as tools/make_megatron_moe_fixtures.sh). The dispatcher is not restored by
+# --use-checkpoint-args (it keeps a set value) and is given as the fixtures were made; routing,
+# expert sizes and moe_layer_freq come from the checkpoint.
+COMMON="$COMMON --tensor-model-parallel-size 1 --moe-token-dispatcher-type alltoall"
 
 # --use-checkpoint-args does not restore qk_layernorm or moe_shared_expert_gate: given again.
 case_args() {
@@ -71,10 +63,5 @@ for run in $RUNS; do
 done
 wait
 
-for run in $RUNS; do
-  echo "##### $run"
-  grep -E "^== |rc=|saved logits|ranks agree|load_return|Setting (num_experts|moe_|num_query_groups|kv_channels)|Error|error:|Traceback|[Mm]issing key|[Uu]nexpected key" \
-    "$OUT/$run.log" | head -30
-done
-tar -C "$OUT" -cf "$OUT/moe.tar" $(cd "$OUT" && ls *_logits.pt *.log 2>/dev/null)
-ls -la "$OUT"
+summarize "^== |rc=|saved logits|ranks agree|load_return|Setting (num_experts|moe_|num_query_groups|kv_channels)|Error|error:|Traceback|[Mm]issing key|[Uu]nexpected key" \
+  30 moe.tar

@@ -23,17 +23,15 @@ tools/megatron_logits.py and prints max / mean |Megatron - reference| over the r
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from megatron_compare import VOCAB, logits_row, main, print_rows
 
 REPO = Path(__file__).resolve().parent.parent
-VOCAB = 1000
 SIZES = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=256, max_position_embeddings=64, vocab_size=VOCAB,
              tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
@@ -123,45 +121,12 @@ def prepare(out: Path) -> None:
 def compare(out: Path, results: Path) -> list[dict]:
     rows = []
     for run, case in RUNS.items():
-        path = results / f"{run}_logits.pt"
         reference = torch.load(out / f"{case}_reference.pt", weights_only=False)
-        if not path.exists():
-            rows.append({"run": run, "error": "no logits (Megatron run failed)"})
-            continue
-        ours = torch.load(path, weights_only=True)
-        vocab = reference["vocab"]
-        assert torch.equal(ours["tokens"], reference["tokens"]), run
-        logits = ours["logits"].float()
-        if logits.shape[0] != reference["logits"].shape[0]:  # Megatron returns [b, s, v]
-            logits = logits.transpose(0, 1)
-        diff = (logits[..., :vocab] - reference["logits"][..., :vocab].float()).abs()
-        rows.append({"run": run, "reference": reference["source"], "shape": list(logits.shape),
-                     "max_abs": diff.max().item(), "mean_abs": diff.mean().item()})
-    for row in rows:
-        if "error" in row:
-            print(f"{row['run']:18s} {row['error']}")
-        else:
-            print(f"{row['run']:18s} max {row['max_abs']:.3g}  mean {row['mean_abs']:.3g}  "
-                  f"shape {row['shape']}  vs {row['reference']}")
+        row = logits_row(results, run, reference)
+        rows.append({"run": run, **row} if "error" in row else {"run": run, "reference": reference["source"], **row})
+    print_rows(rows, 18, lambda row: f"vs {row['reference']}")
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare").add_argument("dir", type=Path)
-    cmp = sub.add_parser("compare")
-    cmp.add_argument("dir", type=Path)
-    cmp.add_argument("results", type=Path)
-    cmp.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args()
-    if args.command == "prepare":
-        prepare(args.dir)
-    else:
-        rows = compare(args.dir, args.results)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__.splitlines()[0], prepare, compare)

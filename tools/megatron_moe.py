@@ -24,14 +24,13 @@ ckptkit runs as ``ckptkit.cli:main`` from ``CKPTKIT_PATH`` when set (a clean
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from megatron_compare import logits_row, main, print_rows
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -73,48 +72,14 @@ def compare(out: Path, results: Path) -> list[dict]:
     rows = []
     for run, (fixture, how) in RUNS.items():
         reference = torch.load(FIXTURES / fixture / "logits.pt", weights_only=False)
-        path = results / f"{run}_logits.pt"
         log = results / f"{run}.log"
         text = log.read_text(errors="replace") if log.exists() else ""
-        row = {"run": run, "fixture": fixture, "how": how, "load_return": "load_return" in text}
-        if not path.exists():
-            row["error"] = "no logits (Megatron run failed)"
-            rows.append(row)
-            continue
-        ours = torch.load(path, weights_only=True)
-        assert torch.equal(ours["tokens"], reference["tokens"]), run
-        logits, ref = ours["logits"].float(), reference["logits"].float()
-        if logits.shape != ref.shape and logits.transpose(0, 1).shape == ref.shape:
-            logits = logits.transpose(0, 1)
-        vocab = reference.get("vocab", 1000)
-        diff = (logits[..., :vocab] - ref[..., :vocab]).abs()
-        row.update(shape=list(logits.shape), max_abs=diff.max().item(), mean_abs=diff.mean().item())
-        rows.append(row)
-    for row in rows:
-        if "error" in row:
-            print(f"{row['run']:14s} {row['error']}")
-        else:
-            print(f"{row['run']:14s} max {row['max_abs']:.3g}  mean {row['mean_abs']:.3g}  shape {row['shape']}"
-                  f"  load_return {'PRESENT' if row['load_return'] else 'absent'}  vs {row['fixture']}/logits.pt")
+        rows.append({"run": run, "fixture": fixture, "how": how, "load_return": "load_return" in text,
+                     **logits_row(results, run, reference)})
+    print_rows(rows, 14, lambda row: f"load_return {'PRESENT' if row['load_return'] else 'absent'}  "
+                                     f"vs {row['fixture']}/logits.pt")
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare").add_argument("dir", type=Path)
-    cmp = sub.add_parser("compare")
-    cmp.add_argument("dir", type=Path)
-    cmp.add_argument("results", type=Path)
-    cmp.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args()
-    if args.command == "prepare":
-        prepare(args.dir.resolve())
-    else:
-        rows = compare(args.dir, args.results)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__.splitlines()[0], lambda out: prepare(out.resolve()), compare)
