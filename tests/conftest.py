@@ -125,3 +125,20 @@ MOE_FACTORY_DEFAULTS = {
                       max_position_embeddings=32, vocab_size=101, tie_word_embeddings=False, bos_token_id=None,
                       eos_token_id=None),
 }
+
+
+@pytest.fixture
+def region_reads(monkeypatch):
+    """``(key, chunk offsets)`` of every torch_dist chunk read while the test runs."""
+    from ckptkit.layouts import torch_dist
+
+    seen = []
+    original = torch_dist._DistFiles.read_data
+
+    def spy(self, plan, planner):
+        seen.extend((item.storage_index.fqn, tuple(item.storage_index.offset))
+                    for item in plan.items if item.storage_index.offset is not None)
+        return original(self, plan, planner)
+
+    monkeypatch.setattr(torch_dist._DistFiles, "read_data", spy)
+    return seen

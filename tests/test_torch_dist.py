@@ -152,16 +152,8 @@ def test_extra_state_rerun_state_and_common_state_are_never_taken_as_weights(rea
         assert reader.validate() == []
 
 
-def test_reading_one_layer_reads_only_that_layers_chunks(real_dist, monkeypatch):
-    seen = []
-    original = torch_dist._DistFiles.read_data
-
-    def spy(self, plan, planner):
-        seen.extend((item.storage_index.fqn, tuple(item.storage_index.offset))
-                    for item in plan.items if item.storage_index.offset is not None)
-        return original(self, plan, planner)
-
-    monkeypatch.setattr(torch_dist._DistFiles, "read_data", spy)
+def test_reading_one_layer_reads_only_that_layers_chunks(real_dist, region_reads):
+    seen = region_reads
     with open_checkpoint(real_dist("llama_tp2pp2")) as reader:
         seen.clear()
         gate_up = reader.tensor("decoder.layers.3.mlp.linear_fc1.weight")
