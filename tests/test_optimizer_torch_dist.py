@@ -145,11 +145,24 @@ def test_torch_dist_to_per_rank_files_and_back_to_torch_dist_is_bit_identical(tm
             assert torch.equal(weights.tensor(name), weights_source.tensor(name)), name
 
 
-def test_torch_dist_output_at_tp2_drops_the_state_and_says_so(tmp_path):
-    result = ckptkit("reshard", fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable"), tmp_path / "tp2",
-                     "--tp", 2, "--pp", 1, "--json")
-    assert "dp_reshardable state at TP1 PP1 so far" in result.output
-    assert not [key for key in optimizer_entries(tmp_path / "tp2")[0]]
+@pytest.mark.parametrize("layout", [("--tp", 2, "--pp", 1, "--dp", 2), ("--tp", 2, "--pp", 2, "--dp", 1),
+                                    ("--tp", 1, "--pp", 2, "--dp", 3)])
+def test_torch_dist_state_written_at_any_tp_pp_vpp_reads_back_every_value(tmp_path, layout):
+    source = fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable")
+    ckptkit("reshard", source, tmp_path / "out", *layout)
+    keys, _, sharding = optimizer_entries(tmp_path / "out")
+    assert sharding == "dp_reshardable"
+    tp, pp, vpp = layout[1], layout[3], layout[5] if "--vpp" in layout else 1
+    # one domain per TP x PP rank (G = tp_rank + TP x pp_stage), one buffer per virtual chunk
+    domains = {key.split(".")[2] for key in keys}
+    assert domains == {f"dp_group_idx_{group}" for group in range(tp * pp)}
+    assert {key.split(".")[3] for key in keys if ".gbuf_idx_" in key} == {f"gbuf_idx_{chunk}" for chunk in range(vpp)}
+    info, original = every_tensor(source)
+    written_info, written = every_tensor(tmp_path / "out")
+    assert written_info.param_groups == info.param_groups and written_info.step == info.step
+    for name, values in original.items():
+        for key in KEYS:
+            assert torch.equal(written[name][key], values[key]), (name, key)
 
 
 def test_per_rank_files_to_torch_dist_and_back_return_every_distrib_optim_buffer_bit_for_bit(tmp_path):

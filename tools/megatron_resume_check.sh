@@ -3,18 +3,22 @@
 # has when resuming from its own checkpoint.
 #
 # 1. Megatron trains a small Llama-style model (bf16, GQA, SwiGLU, RoPE, untied; or GPT-2
-#    style fp32 with MODEL_KIND=gpt2) at TP1 PP1 DP2 with the distributed optimizer and
-#    saves per-rank files (--ckpt-format torch: model_optim_rng.pt + distrib_optim.pt) at
-#    iteration 10. It goes on uninterrupted to iteration 15 (the "train" column); its save
-#    at 15 is removed and the tracker set back to 10.
+#    style fp32 with MODEL_KIND=gpt2) with the distributed optimizer at the layout SOURCE
+#    ("FORMAT TP PP DP", default "torch 1 1 2": per-rank files, model_optim_rng.pt +
+#    distrib_optim.pt; "torch_dist 1 1 2" saves Megatron's torch_dist with its default
+#    dp_reshardable optimizer sharding) and saves at iteration 10. It goes on uninterrupted
+#    to iteration 15 (the "train" column); its save at 15 is removed and the tracker set back
+#    to 10.
 # 2. baseline: Megatron resumes from its own checkpoint (same layout) to iteration 15.
-# 3. ckptkit reshards weights and optimizer state (ckptkit.convert.reshard, then
-#    ckptkit.optimizer.write_optimizer_state) to:
-#      tp2       TP2 PP1 DP1, distributed optimizer        (a TP change)
-#      pp2       TP1 PP2 DP1, distributed optimizer        (a PP change)
-#      dp1       TP1 PP1 DP1, distributed optimizer, 1 GPU (a DP change)
-#      nodist    TP1 PP1 DP2, non-distributed optimizer    (the other optimizer format)
-#    and Megatron resumes from each to iteration 15.
+# 3. ckptkit reshards weights and optimizer state (ckptkit.convert.reshard, in the order
+#    RUNS lists them) to each run's layout, and Megatron resumes from each to iteration 15.
+#    RUNS holds NAME:FROM:FORMAT:TP:PP:DP:DISTRIBUTED entries (FROM: "source" or an earlier
+#    run; DISTRIBUTED 1 for the distributed optimizer, 0 for the plain one; the run takes
+#    TP x PP x DP GPUs). The default, for a per-rank source:
+#      tp2:source:torch:2:1:1:1       a TP change
+#      pp2:source:torch:1:2:1:1       a PP change
+#      dp1:source:torch:1:1:1:1       a DP change (1 GPU)
+#      nodist:source:torch:1:1:2:0    the other optimizer format
 # 4. The per-iteration losses are printed side by side, with each resumed run's largest
 #    difference over iterations 11..15 from the baseline and from the uninterrupted run
 #    ("train"). Megatron does not reset its loss accumulator after logging a run's first
@@ -39,11 +43,11 @@
 # drift apart from iteration 12 on for that reason; the non-distributed optimizer (its own
 # step per parameter) is unaffected. The fix gives each parameter its own copy.
 #
-# The reshards run side by side on the CPU, and the resumes side by side on the same 2 GPUs
-# (each its own process group and port; the model is tiny); SIDE_BY_SIDE=0 runs them one
-# after another. RUNS picks the reshards (default "tp2 pp2 dp1 nodist").
+# The reshards run one after another on the CPU, and the resumes side by side on the same
+# GPUs (each its own process group and port; the model is tiny); SIDE_BY_SIDE=0 runs them
+# one after another.
 #
-# Needs 2 GPUs and a Megatron-LM source tree. From the repo root:
+# Needs as many GPUs as the largest layout (2 for the default) and a Megatron-LM source tree. From the repo root:
 #   MEGATRON_PATH=$PWD/.devdata/megatron OUT=/tmp/resume-check bash tools/megatron_resume_check.sh
 # CKPTKIT_PATH is where ckptkit is imported from (default: this repo), for one a clean copy
 # of a commit: mkdir -p .devdata/ckptkit-head && git archive HEAD ckptkit | tar -x -C .devdata/ckptkit-head
@@ -59,9 +63,11 @@ set -u
 : "${OUT:=/tmp/resume-check}"
 : "${WORK:=/tmp/resume-check-work}"
 : "${MODEL_KIND:=llama}"
-: "${RUNS:=tp2 pp2 dp1 nodist}"
+: "${SOURCE:=torch 1 1 2}"
+: "${RUNS:=tp2:source:torch:2:1:1:1 pp2:source:torch:1:2:1:1 dp1:source:torch:1:1:1:1 nodist:source:torch:1:1:2:0}"
 : "${SIDE_BY_SIDE:=1}"
 : "${STEP_FIX:=0}"
+: "${PORT:=29600}"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 : "${CKPTKIT_PATH:=$REPO}"
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
@@ -110,7 +116,7 @@ TRAIN="--mock-data --tokenizer-type NullTokenizer --vocab-size 1000 --micro-batc
   --global-batch-size 8 --lr 5e-4 --min-lr 5e-5 --lr-decay-style cosine --lr-warmup-iters 2
   --lr-decay-iters 20 --weight-decay 0.01 --clip-grad 1.0 --seed 42 --log-interval 1
   --eval-iters 0 --eval-interval 1000 --hidden-dropout 0 --attention-dropout 0 --init-method-std 0.05
-  --ckpt-format torch"
+"
 
 megatron() {  # NAME GPUS PORT ARGS...
   local name=$1 gpus=$2 port=$3; shift 3
@@ -122,55 +128,56 @@ megatron() {  # NAME GPUS PORT ARGS...
 }
 background() { if [ "$SIDE_BY_SIDE" = 1 ]; then "$@" & else "$@"; fi; }
 
-# 1. train to iteration 15, saving at 10: TP1 PP1 DP2, distributed optimizer
-megatron train 2 29600 --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \
+read -r SOURCE_FORMAT SOURCE_TP SOURCE_PP SOURCE_DP <<<"$SOURCE"
+NAMES=""
+for spec in $RUNS; do NAMES="$NAMES ${spec%%:*}"; done
+
+# 1. train to iteration 15, saving at 10, with the distributed optimizer
+megatron train $((SOURCE_TP * SOURCE_PP * SOURCE_DP)) "$PORT" --ckpt-format "$SOURCE_FORMAT" \
+  --tensor-model-parallel-size "$SOURCE_TP" --pipeline-model-parallel-size "$SOURCE_PP" \
   --use-distributed-optimizer --train-iters 15 --save "$WORK/source" --save-interval 10
 [ -d "$WORK/source/iter_0000010" ] || { echo "no checkpoint at iteration 10"; exit 1; }
 rm -rf "$WORK/source/iter_0000015" && echo 10 >"$WORK/source/latest_checkpointed_iteration.txt"
 ls -lR "$WORK/source" >>"$OUT/train.log"
 
 # 3. ckptkit reshards weights and optimizer state
-reshard() {  # NAME TP PP DP DISTRIBUTED
+reshard() {  # NAME FROM FORMAT TP PP DP DISTRIBUTED
   # from $WORK, so that the ckptkit of the current folder does not shadow CKPTKIT_PATH
-  (cd "$WORK" && PYTHONPATH=$CKPTKIT_PATH python3 - source "$1" "$2" "$3" "$4" "$5" "$DTYPE") >"$OUT/reshard_$1.log" 2>&1 <<'EOF'
+  (cd "$WORK" && PYTHONPATH=$CKPTKIT_PATH python3 - "$@") >"$OUT/reshard_$1.log" 2>&1 <<'EOF'
 import sys
-import torch
 import ckptkit
 from ckptkit.convert import reshard
-from ckptkit.optimizer import OptimizerTarget, read_optimizer_state, write_optimizer_state
+from ckptkit.inspection import inspect_checkpoint
 print("ckptkit from", ckptkit.__file__)
-source, out = sys.argv[1:3]
-tp, pp, dp, distributed = map(int, sys.argv[3:7])
-print(reshard(source, out, tp=tp, pp=pp).notes)
-with read_optimizer_state(source) as state:
-    print(state.info.summary())
-    print(write_optimizer_state(state, out, OptimizerTarget(tp=tp, pp=pp, dp=dp, distributed=bool(distributed),
-                                                            iteration=10, param_dtype=getattr(torch, sys.argv[7]))))
+name, source, target_format = sys.argv[1:4]
+tp, pp, dp, distributed = map(int, sys.argv[4:8])
+result = reshard(source, name, tp=tp, pp=pp, format=target_format, dp=dp, distributed_optimizer=bool(distributed))
+print(*result.notes, sep="\n")
+print(inspect_checkpoint(name).optimizer)
 EOF
   echo "reshard $1 rc=$?" | tee -a "$OUT/reshard_$1.log"
 }
-declare -A LAYOUT=([tp2]="2 1 1 1" [pp2]="1 2 1 1" [dp1]="1 1 1 1" [nodist]="1 1 2 0")
-for run in $RUNS; do background reshard "$run" ${LAYOUT[$run]}; done
-wait
+for spec in $RUNS; do IFS=: read -r -a fields <<<"$spec"; reshard "${fields[@]}"; done
 
 # 2. and 4. Megatron resumes from its own checkpoint (baseline) and from each reshard
-resume() {  # NAME FROM GPUS PORT TP PP [--use-distributed-optimizer]
-  local name=$1 from=$2 gpus=$3 port=$4 tp=$5 pp=$6; shift 6
-  megatron "$name" "$gpus" "$port" --tensor-model-parallel-size "$tp" --pipeline-model-parallel-size "$pp" "$@" \
-    --train-iters 15 --load "$WORK/$from" --no-load-rng --exit-on-missing-checkpoint
+resume() {  # NAME FORMAT TP PP DP DISTRIBUTED PORT
+  local name=$1 format=$2 tp=$3 pp=$4 dp=$5 distributed=$6 port=$7 flags=""
+  [ "$distributed" = 1 ] && flags=--use-distributed-optimizer
+  megatron "$name" $((tp * pp * dp)) "$port" --ckpt-format "$format" --tensor-model-parallel-size "$tp" \
+    --pipeline-model-parallel-size "$pp" $flags --train-iters 15 --load "$WORK/$name" --no-load-rng \
+    --exit-on-missing-checkpoint
 }
-background resume baseline source 2 29610 1 1 --use-distributed-optimizer
-for run in $RUNS; do
-  case $run in
-    tp2) background resume tp2 tp2 2 29620 2 1 --use-distributed-optimizer ;;
-    pp2) background resume pp2 pp2 2 29630 1 2 --use-distributed-optimizer ;;
-    dp1) background resume dp1 dp1 1 29640 1 1 --use-distributed-optimizer ;;
-    nodist) background resume nodist nodist 2 29650 1 1 ;;
-  esac
+ln -sfn "$WORK/source" "$WORK/baseline"
+background resume baseline "$SOURCE_FORMAT" "$SOURCE_TP" "$SOURCE_PP" "$SOURCE_DP" 1 $((PORT + 10))
+port=$((PORT + 20))
+for spec in $RUNS; do
+  IFS=: read -r name from format tp pp dp distributed <<<"$spec"
+  background resume "$name" "$format" "$tp" "$pp" "$dp" "$distributed" $port
+  port=$((port + 10))
 done
 wait
 
-python3 - "$OUT" $RUNS <<'EOF' | tee "$OUT/losses.txt"
+python3 - "$OUT" $NAMES <<'EOF' | tee "$OUT/losses.txt"
 import os, re, sys
 out = sys.argv[1]
 runs = ["train", "baseline"] + sys.argv[2:]

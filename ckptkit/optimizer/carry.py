@@ -111,8 +111,9 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
 
     ``dp`` and ``distributed`` default to the source's (its args' DP size, its optimizer
     kind). The state is left out, with a note, where the source has none, where the target
-    is torch_dist other than the distributed optimizer at TP1 PP1 (that is written as
-    ``dp_reshardable`` by :class:`TorchDistWithOptimizerState`), or at a release target
+    is torch_dist and the optimizer not the distributed one (torch_dist holds the distributed
+    optimizer's state, written as ``dp_reshardable`` by :class:`TorchDistWithOptimizerState`),
+    or at a release target
     (Megatron loads no optimizer from one).
     """
     from ..layouts.torch_dist_writer import TorchDistWriter
@@ -129,10 +130,10 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
     if distributed is None:
         distributed = source.kind == "distributed"
     if isinstance(weights, TorchDistWriter):
-        if not distributed or source.kind != "distributed" or layout.tp * layout.pp * layout.vpp != 1 \
-                or reader.spec.num_experts:
-            return weights, ["optimizer state dropped: torch_dist output carries only the distributed optimizer's "
-                             "dp_reshardable state at TP1 PP1 so far (write --format torch)"]
+        if not distributed or source.kind != "distributed" or reader.spec.num_experts:
+            return weights, ["optimizer state dropped: torch_dist output carries the distributed optimizer's "
+                             "dp_reshardable state only (of models without experts; write --format torch "
+                             "for the plain optimizer)"]
         return TorchDistWithOptimizerState(weights, dp=dp), []
     target = OptimizerTarget.from_layout(layout, dp=dp, distributed=distributed, args=reader.meta.args)
     return WithOptimizerState(weights, target), []
@@ -143,7 +144,7 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
 class TorchDistWithOptimizerState(CheckpointWriter):
     """A ``torch_dist`` checkpoint as ``weights`` writes it, with the source's distributed
     optimizer state in the same save as Megatron's ``dp_reshardable`` sharding type
-    (:class:`.torch_dist.DpReshardableEntries`; TP1 PP1)."""
+    (:class:`.torch_dist.DpReshardableEntries`)."""
 
     weights: CheckpointWriter
     dp: int = 1

@@ -6,8 +6,9 @@ or on request are read, checked on real Megatron-LM checkpoints
 (``tests/fixtures/gpt2do_dist_tp1dp2``):
 
 * ``dp_reshardable`` (the default, ``sharded_param_state_dp_reshardable``): per model-parallel
-  domain ``G`` (the rank in the TP x PP group), model chunk ``i`` and bucket ``b``, one global
-  1-D tensor per state key::
+  domain ``G`` (the rank in Megatron's TP x PP group, ``tp_rank + TP x pp_stage``, see
+  :func:`model_parallel_domain`), model chunk ``i`` (``gbuf_idx``: one buffer per virtual
+  chunk) and bucket ``b``, one global 1-D tensor per state key::
 
       optimizer.distributed.dp_group_idx_G.gbuf_idx_i.dtype_(PARAM, GRAD).bucket_idx_b.{param,exp_avg,exp_avg_sq}
 
@@ -32,7 +33,7 @@ from ..errors import BadInput, Unsupported
 from ..spec import canonical_tensors
 from .buffers import BufferSettings
 from .distrib_optim import rank_layout
-from .state import RESUME_CHECKED_ARGS, STATE_KEYS, OptimizerInfo, OptimizerState
+from .state import RESUME_CHECKED_ARGS, STATE_KEYS, OptimizerInfo, OptimizerState, assemble
 
 SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
 DP_PREFIX = "optimizer.distributed.dp_group_idx_{group}"
@@ -58,6 +59,16 @@ def bucket_key(group: int, chunk: int, buffer_key, bucket: int) -> str:
             f"{_dtype_name(grad_dtype)}).bucket_idx_{bucket}")
 
 
+def model_parallel_domain(tp: int, tp_rank: int, pp_stage: int) -> int:
+    """``G`` of rank (``tp_rank``, ``pp_stage``): its rank in Megatron's model-parallel group
+    (``get_pg_rank(mp_group)`` in megatron/core/optimizer/__init__.py). The group's ranks are
+    ordered TP fastest, then PP (``RankGenerator`` with the default order tp-cp-ep-dp-pp).
+
+    TP=2 PP=2: ``(tp_rank, pp_stage)`` (0, 0) -> 0, (1, 0) -> 1, (0, 1) -> 2, (1, 1) -> 3.
+    """
+    return tp_rank + tp * pp_stage
+
+
 class TorchDistOptimizerState(OptimizerState):
     """The canonical optimizer state of a Megatron ``torch_dist`` checkpoint, read through its
     weight reader (a :class:`ckptkit.layouts.torch_dist.TorchDistReader`)."""
@@ -65,7 +76,6 @@ class TorchDistOptimizerState(OptimizerState):
     owns_weights = False
 
     def __init__(self, weights, *, trust_remote_pickle: bool = False):
-        from ..layouts.torch_dist import load_pickled_bytes
         from ..layouts.torch_dist.regions import _read_regions
 
         self._read_regions = _read_regions
@@ -88,23 +98,7 @@ class TorchDistOptimizerState(OptimizerState):
         self.settings = BufferSettings.from_args(meta.args, param_dtype=meta.dtype)
         where = f"{self.folder}: {self.sharding} optimizer state"
         if self.sharding == "dp_reshardable":
-            if meta.tp * meta.pp * meta.vpp != 1:
-                raise Unsupported(f"{where} at TP={meta.tp} PP={meta.pp} VPP={meta.vpp}: only TP1 PP1 is read so far "
-                                  "(the model-parallel domain numbering is not checked on a real checkpoint)")
-            prefix = DP_PREFIX.format(group=0)
-            byte_keys = {name: self._bytes_key(f"{prefix}.{name}")
-                         for name in ("optimizer", "per_bucket_numel", "per_bucket_numel_unpadded")}
-            raw = _read_regions(weights.files, [], list(byte_keys.values()))
-            loaded = {name: _unwrap(load_pickled_bytes(raw[key], f"{self.folder}: {key}",
-                                                       trust_remote_pickle=trust_remote_pickle))
-                      for name, key in byte_keys.items()}
-            groups = loaded["optimizer"].get("param_groups") if isinstance(loaded["optimizer"], dict) else None
-            layout = rank_layout(self.spec, tp=1, tp_rank=0, pp=1, pp_stage=0, vpp=1,
-                                 padded_vocab_size=self.padded_vocab_size, settings=self.settings, naming=meta.naming)
-            self._layout = layout.buffers[0]
-            self._check_buckets(loaded["per_bucket_numel"], loaded["per_bucket_numel_unpadded"], where)
-            self._slots = {slot.parameter.canonical: slot for slot in self._layout.slots
-                           if not slot.parameter.tied_copy}
+            groups = self._read_dp_reshardable(meta, where)
         else:
             entry = common.get("optimizer")
             inner = entry.get("optimizer") if isinstance(entry, dict) else None
@@ -133,70 +127,127 @@ class TorchDistOptimizerState(OptimizerState):
             raise BadInput(f"{self.folder}: expected one bytes entry {key}/shard_*, found {len(found)}")
         return found[0]
 
-    def _check_buckets(self, numel, unpadded, where: str) -> None:
+    def _read_dp_reshardable(self, meta, where: str) -> list:
+        """Every model-parallel domain's layout checked against its stored buckets; the
+        param groups of domain 0 (every domain holds the same groups and step)."""
+        from ..layouts.torch_dist import load_pickled_bytes
+
+        self.tp, self.pp, self.vpp = meta.tp, meta.pp, meta.vpp
+        self._layouts, self._where, groups = {}, {}, None
+        for pp_stage in range(meta.pp):
+            for tp_rank in range(meta.tp):
+                domain = model_parallel_domain(meta.tp, tp_rank, pp_stage)
+                layout = rank_layout(self.spec, tp=meta.tp, tp_rank=tp_rank, pp=meta.pp, pp_stage=pp_stage,
+                                     vpp=meta.vpp, padded_vocab_size=self.padded_vocab_size, settings=self.settings,
+                                     naming=meta.naming)
+                self._layouts[(tp_rank, pp_stage)] = layout
+                prefix = DP_PREFIX.format(group=domain)
+                byte_keys = {name: self._bytes_key(f"{prefix}.{name}")
+                             for name in ("optimizer", "per_bucket_numel", "per_bucket_numel_unpadded")}
+                raw = self._read_regions(self.weights.files, [], list(byte_keys.values()))
+                loaded = {name: _unwrap(load_pickled_bytes(raw[key], f"{self.folder}: {key}",
+                                                           trust_remote_pickle=self.trust_remote_pickle))
+                          for name, key in byte_keys.items()}
+                rank_where = f"{where} of TP rank {tp_rank}, PP stage {pp_stage} ({prefix})"
+                self._check_buckets(domain, layout, loaded["per_bucket_numel"], loaded["per_bucket_numel_unpadded"],
+                                    rank_where)
+                rank_groups = loaded["optimizer"].get("param_groups") if isinstance(loaded["optimizer"], dict) else None
+                if groups is None:
+                    groups = rank_groups
+                elif _steps(rank_groups) != _steps(groups):
+                    raise BadInput(f"{rank_where}: optimizer steps {_steps(rank_groups)}; domain 0 has {_steps(groups)}")
+                if tp_rank == 0:
+                    for chunk, buffer in enumerate(layout.buffers):
+                        for slot in buffer.slots:
+                            if not slot.parameter.tied_copy:
+                                self._where[slot.parameter.canonical] = (pp_stage, chunk, slot.parameter.name)
+        return groups
+
+    def _check_buckets(self, domain: int, layout, numel, unpadded, where: str) -> None:
         key = self.settings.buffer_key
-        expected_unpadded = [bucket.numel_unpadded for bucket in self._layout.buckets]
-        expected_numel = [bucket.numel for bucket in self._layout.buckets]
-        try:
-            found_unpadded = list(unpadded[0][key])
-            found_numel = list(numel[0][key])
-        except (KeyError, IndexError, TypeError):
-            raise BadInput(f"{where}: per_bucket_numel has no buffer {key} of model chunk 0 "
-                           f"(found {unpadded!r:.200})") from None
-        if found_unpadded != expected_unpadded or found_numel != expected_numel:
-            raise BadInput(f"{where}: buckets of {found_numel} elements ({found_unpadded} unpadded); the args give "
-                           f"{expected_numel} ({expected_unpadded})")
-        for bucket in self._layout.buckets:
-            for state_key in STATE_KEYS:
-                name = f"{bucket_key(0, 0, key, bucket.index)}.{state_key}"
-                entry = self.stored.get(name)
-                if entry is None or tuple(getattr(entry, "size", ())) != (bucket.numel_unpadded,):
-                    found = "missing" if entry is None else f"of shape {tuple(getattr(entry, 'size', ()))}"
-                    raise BadInput(f"{where}: {name} {found}; expected ({bucket.numel_unpadded},)")
+        for chunk, buffer in enumerate(layout.buffers):
+            expected_unpadded = [bucket.numel_unpadded for bucket in buffer.buckets]
+            expected_numel = [bucket.numel for bucket in buffer.buckets]
+            try:
+                found_unpadded = list(unpadded[chunk][key])
+                found_numel = list(numel[chunk][key])
+            except (KeyError, IndexError, TypeError):
+                raise BadInput(f"{where}: per_bucket_numel has no buffer {key} of model chunk {chunk} "
+                               f"(found {unpadded!r:.200})") from None
+            if found_unpadded != expected_unpadded or found_numel != expected_numel:
+                raise BadInput(f"{where}: model chunk {chunk} has buckets of {found_numel} elements ({found_unpadded} "
+                               f"unpadded); the args give {expected_numel} ({expected_unpadded})")
+            for bucket in buffer.buckets:
+                for state_key in STATE_KEYS:
+                    name = f"{bucket_key(domain, chunk, key, bucket.index)}.{state_key}"
+                    entry = self.stored.get(name)
+                    if entry is None or tuple(getattr(entry, "size", ())) != (bucket.numel_unpadded,):
+                        found = "missing" if entry is None else f"of shape {tuple(getattr(entry, 'size', ()))}"
+                        raise BadInput(f"{where}: {name} {found}; expected ({bucket.numel_unpadded},)")
+
+    def _bucket_pieces(self, tp_rank: int, pp_stage: int, chunk: int, parameter_name: str,
+                       keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """One TP rank's piece of a parameter's state, read from its domain's bucket tensors."""
+        from ..layouts.torch_dist.regions import _Region
+
+        buffer = self._layouts[(tp_rank, pp_stage)].buffers[chunk]
+        slot = next(slot for slot in buffer.slots if slot.parameter.name == parameter_name)
+        bucket = buffer.buckets[slot.bucket]
+        domain = model_parallel_domain(self.tp, tp_rank, pp_stage)
+        regions, out = [], {}
+        for key in keys:
+            target = torch.empty(slot.parameter.numel, dtype=torch.float32)
+            regions.append(_Region(f"{bucket_key(domain, chunk, self.settings.buffer_key, bucket.index)}.{key}",
+                                   (slot.start - bucket.start,), (slot.parameter.numel,), target))
+            out[key] = target.view(slot.parameter.shape)
+        self._check_float32(regions)
+        self._read_regions(self.weights.files, regions)
+        return out
+
+    def _check_float32(self, regions) -> None:
+        for region in regions:
+            dtype = self.stored[region.key].properties.dtype
+            if dtype != torch.float32:
+                raise Unsupported(f"{self.folder}: {region.key} is {dtype}; fp32 optimizer state is expected")
 
     def tensor(self, name: str, keys: tuple[str, ...] = STATE_KEYS) -> dict[str, torch.Tensor]:
         from ..layouts.torch_dist.regions import _Region
 
         if name not in self._canonical:
             raise BadInput(f"{self.folder}: no canonical tensor {name}")
-        regions, out = [], {}
         if self.sharding == "dp_reshardable":
-            slot = self._slots.get(name)
-            if slot is None:
-                raise BadInput(f"{self.folder}: {name} is not in the optimizer's buffer")
-            bucket = self._layout.buckets[slot.bucket]
-            for key in keys:
-                target = torch.empty(slot.parameter.numel, dtype=torch.float32)
-                regions.append(_Region(f"{bucket_key(0, 0, self.settings.buffer_key, bucket.index)}.{key}",
-                                       (slot.start - bucket.start,), (slot.parameter.numel,), target))
-                out[key] = target.view(slot.parameter.shape)
-        else:
-            place = self.weights.stored_place(name)
-            for key in keys:
-                stored_key = f"optimizer.state.{key}.{place.key}"
-                entry = self.stored.get(stored_key)
-                if entry is None:
-                    raise BadInput(f"{self.folder}: {stored_key} missing (needed for {name})")
-                model_entry = self.stored[place.key]
-                if tuple(entry.size) != tuple(model_entry.size):
-                    raise BadInput(f"{self.folder}: {stored_key} has global shape {tuple(entry.size)}; the weight "
-                                   f"{place.key} has {tuple(model_entry.size)}")
-                shape = tuple(entry.size)[len(place.index):]
-                offsets, sizes = place.box((0,) * len(shape), shape)
-                target = torch.empty(sizes, dtype=torch.float32)
-                regions.append(_Region(stored_key, offsets, sizes, target))
-                out[key] = target.view(shape)
+            if name not in self._where:
+                raise BadInput(f"{self.folder}: {name} is not in the optimizer's buffers")
+            pp_stage, chunk, parameter_name = self._where[name]
+            return assemble(self.spec, self._canonical[name], self.padded_vocab_size, self.tp,
+                            lambda tp_rank: self._bucket_pieces(tp_rank, pp_stage, chunk, parameter_name, keys), keys)
+        regions, out = [], {}
+        place = self.weights.stored_place(name)
         for key in keys:
-            entry = self.stored[regions[keys.index(key)].key]
-            if entry.properties.dtype != torch.float32:
-                raise Unsupported(f"{self.folder}: {regions[keys.index(key)].key} is {entry.properties.dtype}; "
-                                  "fp32 optimizer state is expected")
+            stored_key = f"optimizer.state.{key}.{place.key}"
+            entry = self.stored.get(stored_key)
+            if entry is None:
+                raise BadInput(f"{self.folder}: {stored_key} missing (needed for {name})")
+            model_entry = self.stored[place.key]
+            if tuple(entry.size) != tuple(model_entry.size):
+                raise BadInput(f"{self.folder}: {stored_key} has global shape {tuple(entry.size)}; the weight "
+                               f"{place.key} has {tuple(model_entry.size)}")
+            shape = tuple(entry.size)[len(place.index):]
+            offsets, sizes = place.box((0,) * len(shape), shape)
+            target = torch.empty(sizes, dtype=torch.float32)
+            regions.append(_Region(stored_key, offsets, sizes, target))
+            out[key] = target.view(shape)
+        self._check_float32(regions)
         self._read_regions(self.weights.files, regions)
         return out
 
     def close(self) -> None:
         if self.owns_weights:
             self.weights.close()
+
+
+def _steps(groups) -> set:
+    return {group.get("step") for group in groups or [] if isinstance(group, dict)}
 
 
 def _unwrap(loaded):
@@ -206,13 +257,14 @@ def _unwrap(loaded):
 
 class DpReshardableEntries:
     """What a ``torch_dist`` checkpoint written by :func:`ckptkit.layouts.torch_dist.write`
-    needs to hold ``state`` as Megatron's ``dp_reshardable`` distributed optimizer at DP
-    ``dp`` (TP1 PP1): the bucket tensors chunked as Megatron chunks them (one chunk per
-    parameter piece of each DP shard and per gap, gaps written as zeros), the bytes
-    entries, the common state's optimizer entries and the args.
+    needs to hold ``state`` as Megatron's ``dp_reshardable`` distributed optimizer at TP
+    ``tp``, PP ``pp``, VPP ``vpp`` and DP ``dp``: for every model-parallel domain, the bucket
+    tensors chunked as Megatron chunks them (one chunk per parameter piece of each DP shard
+    and per gap, gaps written as zeros), its bytes entries; the common state's optimizer
+    entries and the args.
 
-    Data is produced per write item; one canonical tensor's state is kept at a time (the
-    items are ordered parameter by parameter).
+    Data is produced per write item. The items go parameter by parameter, each parameter's
+    TP pieces side by side, so one canonical tensor's state is kept at a time.
     """
 
     def __init__(self, state: OptimizerState, spec, *, padded_vocab_size: int, dp: int, args=None,
@@ -220,47 +272,43 @@ class DpReshardableEntries:
                  vpp: int = 1):
         from ..layouts.torch_dist.write import _pickled, _tensor_item
 
-        if tp * pp * vpp != 1:
-            raise Unsupported(f"torch_dist optimizer state is written at TP1 PP1 only so far (asked TP={tp} PP={pp} "
-                              f"VPP={vpp}); write --format torch")
         if spec.num_experts:
             raise Unsupported("optimizer state of mixtures of experts is not supported")
         if state.info.kind != "distributed":
             raise Unsupported("torch_dist optimizer state is written for the distributed optimizer only")
-        self.state, self.spec, self.padded = state, spec, padded_vocab_size
+        self.state, self.spec, self.padded, self.tp = state, spec, padded_vocab_size, tp
         settings = BufferSettings.from_args(args, dp=dp, param_dtype=param_dtype) if args is not None \
             else BufferSettings(dp=dp, param_dtype=param_dtype)
         self.settings = settings
-        self.layout = rank_layout(spec, tp=1, tp_rank=0, pp=1, pp_stage=0, vpp=1, padded_vocab_size=padded_vocab_size,
-                                  settings=settings, naming=naming).buffers[0]
         buffer_key = settings.buffer_key
-        self.items, self._chunks = [], {}
-        for bucket in self.layout.buckets:
-            slots = [slot for slot in self.layout.slots if slot.bucket == bucket.index]
-            local = bucket.numel // dp
-            cuts = {0, bucket.numel_unpadded}
-            cuts |= {rank * local for rank in range(dp) if rank * local < bucket.numel_unpadded}
-            for slot in slots:
-                cuts |= {slot.start - bucket.start, slot.end - bucket.start}
-            cuts = sorted(cut for cut in cuts if cut <= bucket.numel_unpadded)
-            name = bucket_key(0, 0, buffer_key, bucket.index)
-            for low, high in zip(cuts, cuts[1:]):
-                owner = next((slot for slot in slots if slot.start - bucket.start <= low < slot.end - bucket.start),
-                             None)
-                for key in STATE_KEYS:
-                    item = _tensor_item(f"{name}.{key}", (bucket.numel_unpadded,), (low,), (high - low,),
-                                        torch.float32)
-                    self.items.append(item)
-                    start = None if owner is None else low - (owner.start - bucket.start)
-                    self._chunks[item.index] = (owner, key, start, high - low)
-        prefix = DP_PREFIX.format(group=0)
         info = state.info
         groups = [{**group, "step": info.step} for group in info.param_groups]
-        per_bucket = [{buffer_key: [bucket.numel for bucket in self.layout.buckets]}]
-        per_bucket_unpadded = [{buffer_key: [bucket.numel_unpadded for bucket in self.layout.buckets]}]
-        self.payloads = {f"{prefix}.optimizer/shard_0_1": _pickled([{"param_groups": groups}]),
-                         f"{prefix}.per_bucket_numel/shard_0_1": _pickled([per_bucket]),
-                         f"{prefix}.per_bucket_numel_unpadded/shard_0_1": _pickled([per_bucket_unpadded])}
+        self.items, self._chunks, self.payloads = [], {}, {}
+        for pp_stage in range(pp):
+            layouts = [rank_layout(spec, tp=tp, tp_rank=tp_rank, pp=pp, pp_stage=pp_stage, vpp=vpp,
+                                   padded_vocab_size=padded_vocab_size, settings=settings, naming=naming)
+                       for tp_rank in range(tp)]
+            for tp_rank, layout in enumerate(layouts):
+                prefix = DP_PREFIX.format(group=model_parallel_domain(tp, tp_rank, pp_stage))
+                per_bucket = [{buffer_key: [bucket.numel for bucket in buffer.buckets]} for buffer in layout.buffers]
+                unpadded = [{buffer_key: [bucket.numel_unpadded for bucket in buffer.buckets]}
+                            for buffer in layout.buffers]
+                self.payloads.update({f"{prefix}.optimizer/shard_0_1": _pickled([{"param_groups": groups}]),
+                                      f"{prefix}.per_bucket_numel/shard_0_1": _pickled([per_bucket]),
+                                      f"{prefix}.per_bucket_numel_unpadded/shard_0_1": _pickled([unpadded])})
+            # TP ranks of a stage hold pieces of the same shapes in the same order: one set of cuts
+            for chunk, buffer in enumerate(layouts[0].buffers):
+                for bucket in buffer.buckets:
+                    for low, high, owner in _bucket_chunks(buffer, bucket, dp):
+                        for key in STATE_KEYS:
+                            for tp_rank in range(tp):
+                                domain = model_parallel_domain(tp, tp_rank, pp_stage)
+                                name = bucket_key(domain, chunk, buffer_key, bucket.index)
+                                item = _tensor_item(f"{name}.{key}", (bucket.numel_unpadded,), (low,), (high - low,),
+                                                    torch.float32)
+                                self.items.append(item)
+                                start = None if owner is None else low - (owner.start - bucket.start)
+                                self._chunks[item.index] = (owner, tp_rank, key, start, high - low)
         self.common = {"optimizer": {"param_state_sharding_type": "dp_reshardable"}}
         if info.opt_param_scheduler is not None:
             self.common["opt_param_scheduler"] = info.opt_param_scheduler
@@ -270,23 +318,49 @@ class DpReshardableEntries:
                             **info.resume_args}
         self._current: tuple[str | None, dict | None] = (None, None)
 
-    def _values(self, canonical: str) -> dict[str, torch.Tensor]:
+    def _values(self, canonical: str, rule_name: str) -> dict[str, torch.Tensor]:
+        """The full state tensors of ``canonical``, fitted to the target's vocabulary padding."""
         from ..spec import rule_for
 
         if self._current[0] != canonical:
             self._current = (None, None)
-            tensor = next(t for t in self.state.canonical() if t.name == canonical)
-            rule = rule_for(self.spec, tensor.rule, self.padded)
-            values = {key: rule.fit(value).reshape(-1) for key, value in self.state.tensor(canonical).items()}
+            rule = rule_for(self.spec, rule_name, self.padded)
+            values = {key: rule.fit(value) for key, value in self.state.tensor(canonical).items()}
             self._current = (canonical, values)
         return self._current[1]
 
     def resolve(self, write_item) -> torch.Tensor:
-        owner, key, start, size = self._chunks[write_item.index]
+        from ..spec import rule_for
+
+        owner, tp_rank, key, start, size = self._chunks[write_item.index]
         if owner is None:
             return torch.zeros(size, dtype=torch.float32)
-        values = self._values(owner.parameter.canonical)[key]
-        if values.numel() != owner.parameter.numel:
-            raise BadInput(f"{owner.parameter.canonical}: {values.numel()} state elements; the target's parameter "
-                           f"{owner.parameter.name} has {owner.parameter.numel}")
-        return values[start: start + size].clone()
+        parameter = owner.parameter
+        full = self._values(parameter.canonical, parameter.rule)[key]
+        piece = rule_for(self.spec, parameter.rule, self.padded).shard(full, self.tp, tp_rank).reshape(-1)
+        if piece.numel() != parameter.numel:
+            raise BadInput(f"{parameter.canonical}: TP rank {tp_rank} gets {piece.numel()} state elements; the "
+                           f"target's parameter {parameter.name} has {parameter.numel}")
+        return piece[start: start + size].clone()
+
+
+def _bucket_chunks(buffer, bucket, dp: int) -> list[tuple[int, int, object]]:
+    """The chunks Megatron stores of one bucket tensor, as (start, end, slot or None for a
+    gap) in the bucket: cut at every parameter's ends and every DP shard's start, up to the
+    bucket's unpadded end.
+
+    Parameters ``b`` [0, 3) and ``w`` [64, 70), DP 2 (shards of 64): (0, 3, b), (3, 64, gap),
+    (64, 70, w).
+    """
+    slots = [slot for slot in buffer.slots if slot.bucket == bucket.index]
+    local = bucket.numel // dp
+    cuts = {0, bucket.numel_unpadded}
+    cuts |= {rank * local for rank in range(dp) if rank * local < bucket.numel_unpadded}
+    for slot in slots:
+        cuts |= {slot.start - bucket.start, slot.end - bucket.start}
+    cuts = sorted(cut for cut in cuts if cut <= bucket.numel_unpadded)
+    chunks = []
+    for low, high in zip(cuts, cuts[1:]):
+        owner = next((slot for slot in slots if slot.start - bucket.start <= low < slot.end - bucket.start), None)
+        chunks.append((low, high, owner))
+    return chunks
