@@ -2,16 +2,21 @@
 # Make real Megatron-LM torch_dist checkpoints with distributed-optimizer state, the fixtures
 # tests/fixtures/gpt2do_dist_*.
 #
-# Megatron-LM (pretrain_gpt.py, --transformer-impl local, float32) trains a tiny GPT-2-style
-# model (2 layers, hidden 64, 4 heads, ffn 256, LayerNorm, GELU, learned positions, tied
-# embeddings; mock data) with --use-distributed-optimizer for 10 iterations and saves it with
-# --ckpt-format torch_dist, optimizer state included. RUNS picks the runs, each
-# NAME:GPUS:TP:PP:SHARDING (SHARDING dp_reshardable, Megatron's default, or fully_reshardable,
-# --dist-ckpt-optim-fully-reshardable; DP = GPUS / (TP x PP)):
+# Megatron-LM (pretrain_gpt.py, --transformer-impl local, float32) trains a tiny model for 10
+# iterations on mock data and saves it with its optimizer state. RUNS picks the runs, each
+# NAME:GPUS:TP:PP:OPTIMIZER[:FORMAT[:MODEL]] (DP = GPUS / (TP x PP x EP)):
+#   OPTIMIZER  dp_reshardable     --use-distributed-optimizer (Megatron's default torch_dist sharding)
+#              fully_reshardable  the same with --dist-ckpt-optim-fully-reshardable
+#              distributed        --use-distributed-optimizer (for FORMAT torch)
+#              plain              the non-distributed optimizer
+#   FORMAT     torch_dist (default) or torch (per-rank files)
+#   MODEL      gpt2 (default: 2 layers, hidden 64, 4 heads, ffn 256, LayerNorm, GELU, learned
+#              positions, tied embeddings) or moe (Mixtral style: 2 layers, hidden 64, 4 heads,
+#              2 query groups, RoPE, RMSNorm, SwiGLU, untied, 4 experts of ffn 64, top-2, EP2)
+# The fixtures in tests/fixtures:
 #   tp1dp2_dp_reshardable:2:1:1:dp_reshardable  tp1dp2_fully_reshardable:2:1:1:fully_reshardable
-#       (tests/fixtures/gpt2do_dist_tp1dp2/{dp_reshardable,fully_reshardable}: vocabulary 1000)
-#   tp2pp2_dp_reshardable:4:2:2:dp_reshardable
-#       (tests/fixtures/gpt2do_dist_tp2pp2: VOCAB=250, padded to 256, to keep the files small)
+#       (gpt2do_dist_tp1dp2/{dp_reshardable,fully_reshardable}, vocabulary 1000, the default RUNS)
+#   tp2pp2_dp_reshardable:4:2:2:dp_reshardable ... with VOCAB=250 (padded to 256: small files)
 # The runs go side by side on the same GPUs (own ports and process groups).
 # The Megatron tree gets the two local fixes tools/megatron_resume_check.sh applies (they
 # touch an empty optimizer's state_dict and loading only, neither is on this save's path).
@@ -53,22 +58,34 @@ make -C "$MEGATRON/megatron/core/datasets" >/dev/null || exit 1
 IMPL="--transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion
   --no-bias-gelu-fusion --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion
   --attention-backend unfused"
-MODEL="--num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 256
+GPT2="--num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 256
   --seq-length 64 --max-position-embeddings 64"
+MOE="--num-layers 2 --hidden-size 64 --num-attention-heads 4 --group-query-attention --num-query-groups 2
+  --ffn-hidden-size 128 --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear
+  --untie-embeddings-and-output-weights --seq-length 64 --max-position-embeddings 64
+  --num-experts 4 --moe-ffn-hidden-size 64 --moe-router-topk 2 --moe-token-dispatcher-type alltoall
+  --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.01 --expert-model-parallel-size 2"
 TRAIN="--mock-data --tokenizer-type NullTokenizer --vocab-size $VOCAB --micro-batch-size 2
   --global-batch-size 8 --train-iters 10 --lr 5e-4 --min-lr 5e-5 --lr-decay-style cosine
   --lr-warmup-iters 2 --lr-decay-iters 20 --weight-decay 0.01 --clip-grad 1.0 --seed 42
   --log-interval 1 --eval-iters 0 --eval-interval 1000 --hidden-dropout 0 --attention-dropout 0
-  --init-method-std 0.05 --use-distributed-optimizer --ckpt-format torch_dist --save-interval 10"
+  --init-method-std 0.05 --save-interval 10"
 
-run() {  # NAME:GPUS:TP:PP:SHARDING PORT
-  local name gpus tp pp sharding port=$2 extra=""
-  IFS=: read -r name gpus tp pp sharding <<<"$1"
-  [ "$sharding" = fully_reshardable ] && extra=--dist-ckpt-optim-fully-reshardable
+run() {  # NAME:GPUS:TP:PP:OPTIMIZER[:FORMAT[:MODEL]] PORT
+  local name gpus tp pp optimizer format model port=$2 extra model_flags
+  IFS=: read -r name gpus tp pp optimizer format model <<<"$1"
+  format=${format:-torch_dist} model=${model:-gpt2}
+  case $optimizer in
+    dp_reshardable|distributed) extra=--use-distributed-optimizer ;;
+    fully_reshardable) extra="--use-distributed-optimizer --dist-ckpt-optim-fully-reshardable" ;;
+    plain) extra="" ;;
+    *) echo "$name: unknown optimizer $optimizer"; return 1 ;;
+  esac
+  case $model in gpt2) model_flags=$GPT2 ;; moe) model_flags=$MOE ;; *) echo "$name: unknown model $model"; return 1 ;; esac
   echo "== $name" >"$OUT/$name.log"
   timeout "${RUN_TIMEOUT:-150}" torchrun --nproc-per-node "$gpus" --master-port "$port" "$MEGATRON/pretrain_gpt.py" \
-    $MODEL $IMPL $TRAIN --tensor-model-parallel-size "$tp" --pipeline-model-parallel-size "$pp" \
-    --save "$WORK/$name" $extra >>"$OUT/$name.log" 2>&1
+    $model_flags $IMPL $TRAIN --tensor-model-parallel-size "$tp" --pipeline-model-parallel-size "$pp" \
+    --ckpt-format "$format" --save "$WORK/$name" $extra >>"$OUT/$name.log" 2>&1
   echo "rc=$?" >>"$OUT/$name.log"
   ls -lR "$WORK/$name" >>"$OUT/$name.log" 2>&1
   [ -d "$WORK/$name/iter_0000010" ] && tar -C "$WORK/$name" -czf "$OUT/$name.tgz" .

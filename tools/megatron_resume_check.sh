@@ -154,6 +154,12 @@ tp, pp, dp, distributed = map(int, sys.argv[4:8])
 result = reshard(source, name, tp=tp, pp=pp, format=target_format, dp=dp, distributed_optimizer=bool(distributed))
 print(*result.notes, sep="\n")
 print(inspect_checkpoint(name).optimizer)
+from ckptkit.layouts import open_checkpoint
+from ckptkit.optimizer.verify import master_copy_problems
+for folder in (source, name):  # state in the wrong place shows as masters that are not the weights
+    with open_checkpoint(folder) as weights:
+        problems = master_copy_problems(weights)
+    print(f"{folder}: masters match weights" if not problems else "\n".join(["MASTERS DIFFER", *problems[:8]]))
 EOF
   echo "reshard $1 rc=$?" | tee -a "$OUT/reshard_$1.log"
 }
