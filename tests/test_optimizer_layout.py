@@ -18,7 +18,7 @@ from conftest import fixture_path
 DISTRIBUTED = ("gpt2do_tp2dp2", "legacy")
 MEGATRON_WRITTEN = [("gpt2do_tp2dp2", "legacy"), ("gpt2_tp2pp2", "conv", "torch"),
                     ("llama_tp2pp2", "conv", "torch"), ("vpp_tp2pp2v2", "conv", "torch"),
-                    ("qwen3_tp2", "conv", "torch"), ("llama31_tp2", "conv", "torch")]
+                    ("qwen3_tp2", "conv", "torch")]
 
 
 def parameter(name, *shape, shared=False):

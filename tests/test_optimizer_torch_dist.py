@@ -1,6 +1,8 @@
 """torch_dist optimizer state (the distributed optimizer's dp_reshardable and
-fully_reshardable sharding types), read from real Megatron-LM checkpoints: a GPT-2-style
-fp32 model trained 10 iterations at TP1 DP2 (tools/make_megatron_optimizer_fixtures.sh)."""
+fully_reshardable sharding types), read from real Megatron-LM checkpoints: GPT-2-style fp32
+models trained 10 iterations at TP1 DP2 (gpt2do_dist_tp1dp2, both sharding types) and at
+TP2 PP2 (gpt2do_dist_tp2pp2, dp_reshardable; vocabulary 250 padded to 256), made by
+tools/make_megatron_optimizer_fixtures.sh."""
 import pytest
 import torch
 from click.testing import CliRunner
@@ -9,6 +11,7 @@ from ckptkit.cli import main
 from ckptkit.layouts import open_checkpoint
 from ckptkit.optimizer import read_optimizer_state
 from ckptkit.optimizer.torch_dist import TorchDistOptimizerState
+from ckptkit.optimizer.verify import masters_match_weights
 
 from conftest import fixture_path
 
@@ -178,3 +181,31 @@ def test_per_rank_files_to_torch_dist_and_back_return_every_distrib_optim_buffer
         for key in KEYS:
             assert torch.equal(returned[0][(torch.float32, torch.float32)][key],
                                original[0][(torch.float32, torch.float32)][key]), (tp_rank, key)
+
+
+def test_real_tp2_pp2_state_is_found_in_the_domain_of_each_tp_rank_and_stage():
+    # G = tp_rank + TP x pp_stage: a domain read as another rank's would give masters of
+    # other shapes (another stage) or other rows (another TP rank) than the weights
+    path = fixture_path("gpt2do_dist_tp2pp2")
+    with open_checkpoint(path) as weights, read_optimizer_state(weights) as state:
+        assert (state.sharding, state.info.step, state.info.source["tp"], state.info.source["pp"]) == \
+            ("dp_reshardable", 10.0, 2, 2)
+        assert masters_match_weights(state, weights) == []
+        moments = state.tensor("decoder.layers.1.self_attention.linear_qkv.weight")
+        assert moments["exp_avg_sq"].min() >= 0 and moments["exp_avg"].abs().sum() > 0
+    keys = optimizer_entries(path)[0]
+    assert {key.split(".")[2] for key in keys} == {f"dp_group_idx_{group}" for group in range(4)}
+
+
+def test_real_tp2_pp2_state_through_per_rank_files_comes_back_as_megatron_wrote_it(tmp_path):
+    source = fixture_path("gpt2do_dist_tp2pp2")
+    ckptkit("reshard", source, tmp_path / "tp1", "--tp", 1, "--pp", 1, "--dp", 2, "--format", "torch")
+    ckptkit("reshard", tmp_path / "tp1", tmp_path / "back", "--tp", 2, "--pp", 2, "--dp", 1,
+            "--format", "torch_dist")
+    assert optimizer_entries(tmp_path / "back") == optimizer_entries(source)
+    info, original = every_tensor(source)
+    back_info, back = every_tensor(tmp_path / "back")
+    assert back_info.param_groups == info.param_groups and back_info.step == info.step
+    for name, values in original.items():
+        for key in KEYS:
+            assert torch.equal(back[name][key], values[key]), (name, key)
