@@ -282,7 +282,7 @@ def reshard(source, destination, *, tp, pp, vpp=1, ep=None, etp=None, dtype=None
             make_vocab_size_divisible_by=None, overwrite=False, strict=False, trust_remote_pickle=False,
             progress: Progress | None = None, on_start: Callable[[int], None] | None = None,
             workers: int = 1, dry_run: bool = False, optimizer: bool = True, dp: int | None = None,
-            distributed_optimizer: bool | None = None) -> ConvertResult:
+            distributed_optimizer: bool | None = None, optimizer_sharding: str | None = None) -> ConvertResult:
     """Rewrite a Megatron checkpoint at other parallel sizes, keeping iteration and args.
 
     ``ep`` (expert-parallel size) defaults to the source's; ``etp`` (expert tensor-parallel
@@ -290,7 +290,9 @@ def reshard(source, destination, *, tp, pp, vpp=1, ep=None, etp=None, dtype=None
 
     The optimizer state (per-rank files, distributed or not) is carried to the new layout
     at data-parallel size ``dp`` (default: the source's), distributed or not
-    (``distributed_optimizer``, default: as the source), unless ``optimizer=False``; see
+    (``distributed_optimizer``, default: as the source; a torch_dist target keeps the
+    distributed optimizer as ``optimizer_sharding``, ``dp_reshardable`` or
+    ``fully_reshardable``, default the source's or ``dp_reshardable``), unless ``optimizer=False``; see
     :mod:`ckptkit.optimizer`. RNG states that depend on the rank are dropped when the
     layout changes, with a note, as is whatever cannot be carried.
 
@@ -301,7 +303,8 @@ def reshard(source, destination, *, tp, pp, vpp=1, ep=None, etp=None, dtype=None
                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, format=format, naming=naming,
                         overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
                         progress=progress, on_start=on_start, keep_training_state=True, workers=workers,
-                        dry_run=dry_run, optimizer=optimizer, dp=dp, distributed_optimizer=distributed_optimizer)
+                        dry_run=dry_run, optimizer=optimizer, dp=dp, distributed_optimizer=distributed_optimizer,
+                        optimizer_sharding=optimizer_sharding)
 
 
 def _expert_sizes(meta, ep: int | None, etp: int | None) -> tuple[int, int | None]:
@@ -317,7 +320,7 @@ def _expert_sizes(meta, ep: int | None, etp: int | None) -> tuple[int, int | Non
 def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_divisible_by, format, naming,
                  overwrite, strict, trust_remote_pickle, progress, on_start, keep_training_state,
                  workers=1, dry_run=False, ep=None, etp=None, optimizer=False, dp=None,
-                 distributed_optimizer=None, fresh_optimizer=None) -> ConvertResult:
+                 distributed_optimizer=None, fresh_optimizer=None, optimizer_sharding=None) -> ConvertResult:
     if make_vocab_size_divisible_by is not None and make_vocab_size_divisible_by < 1:
         raise BadInput("--make-vocab-size-divisible-by must be a positive integer "
                        f"(got {make_vocab_size_divisible_by})")
@@ -362,7 +365,8 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
             return weights
         from .optimizer.carry import with_optimizer_state
 
-        writer, why_not = with_optimizer_state(weights, target, reader, dp=dp, distributed=distributed_optimizer)
+        writer, why_not = with_optimizer_state(weights, target, reader, dp=dp, distributed=distributed_optimizer,
+                                               sharding=optimizer_sharding)
         notes.extend(why_not)
         carried.append(writer is not weights)
         return writer

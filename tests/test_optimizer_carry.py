@@ -3,7 +3,7 @@ wrapped in WithOptimizerState plans, writes, finishes and checks as the engine d
 import pytest
 import torch
 
-from ckptkit.errors import Unsupported
+from ckptkit.errors import BadInput, Unsupported
 from ckptkit.layouts import open_checkpoint
 from ckptkit.layouts.megatron_common import TargetLayout
 from ckptkit.layouts.megatron_legacy import RankFilesWriter
@@ -77,10 +77,18 @@ def test_a_conversion_carries_the_state_where_it_can_and_says_why_not_elsewhere(
         dist = TorchDistWriter(tp2, keep_source_args=True)
         writer, notes = with_optimizer_state(dist, tp2, reader)  # at any TP/PP too
         assert notes == [] and writer.weights is dist
-        assert with_optimizer_state(TorchDistWriter(target, keep_source_args=True), target, reader,
+        writer, notes = with_optimizer_state(dist, tp2, reader, sharding="fully_reshardable")
+        assert notes == [] and writer.sharding == "fully_reshardable"
+        writer, notes = with_optimizer_state(TorchDistWriter(target, keep_source_args=True), target, reader,
+                                             distributed=False)  # the plain optimizer, fp32
+        assert notes == [] and writer.sharding == "plain"
+        bf16 = TargetLayout(tp=1, iteration=10, dtype=torch.bfloat16)
+        assert with_optimizer_state(TorchDistWriter(bf16, keep_source_args=True), bf16, reader,
                                     distributed=False)[1] == [
-            "optimizer state dropped: torch_dist output carries the distributed optimizer's dp_reshardable state "
-            "only (of models without experts; write --format torch for the plain optimizer)"]
+            "optimizer state dropped: torch_dist output carries the plain optimizer's state of fp32 models only "
+            "(this one is bfloat16; write --format torch, or --distributed-optimizer)"]
+        with pytest.raises(BadInput, match="--optimizer-sharding is a torch_dist sharding type"):
+            with_optimizer_state(weights, target, reader, sharding="fully_reshardable")
         release = TargetLayout(tp=1, release=True)
         assert with_optimizer_state(weights, release, reader)[1] == [
             "optimizer state dropped: Megatron loads none from a release checkpoint"]

@@ -209,3 +209,71 @@ def test_real_tp2_pp2_state_through_per_rank_files_comes_back_as_megatron_wrote_
     for name, values in original.items():
         for key in KEYS:
             assert torch.equal(back[name][key], values[key]), (name, key)
+
+
+def test_fully_reshardable_state_is_written_with_megatrons_entries_and_every_value(tmp_path):
+    source = fixture_path("gpt2do_dist_tp1dp2", "fully_reshardable")
+    ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1)  # the source's sharding type
+    assert optimizer_entries(tmp_path / "again") == optimizer_entries(source)
+    # the dp_reshardable twin of the same run, asked for fully_reshardable, gives the same
+    ckptkit("reshard", fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable"), tmp_path / "twin", "--tp", 1,
+            "--pp", 1, "--optimizer-sharding", "fully_reshardable")
+    assert optimizer_entries(tmp_path / "twin") == optimizer_entries(source)
+    info, original = every_tensor(source)
+    for written_path in (tmp_path / "again", tmp_path / "twin"):
+        written_info, written = every_tensor(written_path)
+        assert written_info.param_groups == info.param_groups and written_info.step == info.step
+        for name, values in original.items():
+            for key in KEYS:
+                assert torch.equal(written[name][key], values[key]), (written_path.name, name, key)
+
+
+def test_fully_reshardable_at_tp2_pp2_reads_back_every_value(tmp_path):
+    source = fixture_path("gpt2do_dist_tp2pp2")
+    ckptkit("reshard", source, tmp_path / "fully", "--tp", 2, "--pp", 2, "--optimizer-sharding", "fully_reshardable")
+    assert optimizer_entries(tmp_path / "fully")[2] == "fully_reshardable"
+    _, original = every_tensor(source)
+    _, written = every_tensor(tmp_path / "fully")
+    for name, values in original.items():
+        for key in KEYS:
+            assert torch.equal(written[name][key], values[key]), (name, key)
+
+
+# Megatron-LM's non-distributed optimizer in torch_dist (fp32 GPT-2 style, TP2, vocabulary 250)
+PLAIN = ("gpt2o_dist_plain_tp2",)
+
+
+def test_plain_optimizer_state_is_read_with_the_weights_as_masters():
+    with open_checkpoint(fixture_path(*PLAIN)) as weights, read_optimizer_state(weights) as state:
+        assert (state.sharding, state.info.kind, state.info.step) == ("plain", "non-distributed", 10.0)
+        for tensor in state.canonical():
+            values = state.tensor(tensor.name)
+            assert torch.equal(values["param"], weights.tensor(tensor.name)), tensor.name
+            assert values["exp_avg_sq"].min() >= 0 and values["exp_avg_sq"].abs().sum() > 0, tensor.name
+
+
+def test_plain_optimizer_state_through_per_rank_files_comes_back_as_megatron_wrote_it(tmp_path):
+    source = fixture_path(*PLAIN)
+    ckptkit("reshard", source, tmp_path / "pp2", "--tp", 1, "--pp", 2, "--format", "torch")
+    ckptkit("reshard", tmp_path / "pp2", tmp_path / "back", "--tp", 2, "--pp", 1, "--format", "torch_dist")
+    assert optimizer_entries(tmp_path / "back") == optimizer_entries(source)
+    info, original = every_tensor(source)
+    back_info, back = every_tensor(tmp_path / "back")
+    assert back_info.param_groups == info.param_groups and back_info.step == info.step
+    for name, values in original.items():
+        for key in KEYS:
+            assert torch.equal(back[name][key], values[key]), (name, key)
+
+
+def test_distributed_state_becomes_plain_in_torch_dist_and_back(tmp_path):
+    source = fixture_path("gpt2do_dist_tp2pp2")
+    ckptkit("reshard", source, tmp_path / "plain", "--tp", 1, "--pp", 1, "--no-distributed-optimizer")
+    assert optimizer_entries(tmp_path / "plain")[1]["optimizer"]["state"]["common_step"] == 10.0
+    ckptkit("reshard", tmp_path / "plain", tmp_path / "back", "--tp", 2, "--pp", 2, "--dp", 1,
+            "--distributed-optimizer")
+    assert optimizer_entries(tmp_path / "back") == optimizer_entries(source)
+    _, original = every_tensor(source)
+    _, back = every_tensor(tmp_path / "back")
+    for name, values in original.items():
+        for key in KEYS:
+            assert torch.equal(back[name][key], values[key]), (name, key)

@@ -219,17 +219,20 @@ def hf_to_megatron_command(source, destination, tp, pp, vpp, ep, etp, dtype, nam
               help="Output format (default: the source's).")
 @click.option("--make-vocab-size-divisible-by", type=int, help="Default: the source's.")
 @click.option("--optimizer/--no-optimizer", default=True, show_default=True,
-              help="Carry the optimizer state (per-rank files) to the new layout, or drop it.")
+              help="Carry the optimizer state to the new layout, or drop it.")
 @click.option("--dp", type=click.IntRange(min=1), help="Data-parallel size of the run that resumes "
               "(default: the source's); re-buckets the distributed optimizer's state.")
 @click.option("--distributed-optimizer/--no-distributed-optimizer", default=None,
               help="Write the state for Megatron's distributed optimizer or the plain one (default: as the source).")
+@click.option("--optimizer-sharding", type=click.Choice(["dp_reshardable", "fully_reshardable"]),
+              help="With --format torch_dist: how the distributed optimizer's state is stored (default: the "
+                   "source's torch_dist sharding, else dp_reshardable, Megatron's default).")
 @dry_run_option
 @source_options
 @handle_errors
 def reshard_command(source, destination, tp, pp, vpp, ep, etp, dtype, naming, overwrite, workers, target_format,
-                    make_vocab_size_divisible_by, optimizer, dp, distributed_optimizer, dry_run, strict,
-                    trust_remote_pickle, as_json):
+                    make_vocab_size_divisible_by, optimizer, dp, distributed_optimizer, optimizer_sharding, dry_run,
+                    strict, trust_remote_pickle, as_json):
     """Rewrite a Megatron checkpoint at other TP/PP/EP/DP sizes, keeping iteration, args and
     the optimizer state, so that training resumes on the new layout.
 
@@ -242,6 +245,8 @@ def reshard_command(source, destination, tp, pp, vpp, ep, etp, dtype, naming, ov
       ckptkit reshard checkpoints/llama-tp2dp4/ checkpoints/llama-tp4dp2/ --tp 4 --pp 1 --dp 2
       ckptkit reshard checkpoints/gpt2/ checkpoints/gpt2-tp1pp4/ --tp 1 --pp 4 --dry-run --json
       ckptkit reshard checkpoints/mixtral-ep2/ checkpoints/mixtral-ep4/ --tp 1 --pp 1 --ep 4
+      ckptkit reshard checkpoints/llama-dist/ checkpoints/llama-tp2pp2/ --tp 2 --pp 2 --dp 4 \\
+          --format torch_dist --optimizer-sharding fully_reshardable
     """
     from ..convert import reshard
 
@@ -251,7 +256,8 @@ def reshard_command(source, destination, tp, pp, vpp, ep, etp, dtype, naming, ov
                          naming=naming, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                          overwrite=overwrite, strict=strict, trust_remote_pickle=trust_remote_pickle,
                          progress=progress.advance, on_start=progress.start, workers=workers, dry_run=dry_run,
-                         optimizer=optimizer, dp=dp, distributed_optimizer=distributed_optimizer)
+                         optimizer=optimizer, dp=dp, distributed_optimizer=distributed_optimizer,
+                         optimizer_sharding=optimizer_sharding)
     render_conversion(result, as_json, dry_run)
 
 

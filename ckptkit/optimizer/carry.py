@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..errors import BadInput, InternalError, Unsupported
 from ..layouts.base import CheckpointReader, CheckpointWriter
 from ..plan import Plan
@@ -105,20 +107,26 @@ def _optimizer_files(target: OptimizerTarget) -> list[str]:
 
 
 def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointReader, *, dp: int | None = None,
-                         distributed: bool | None = None) -> tuple[CheckpointWriter, list[str]]:
+                         distributed: bool | None = None,
+                         sharding: str | None = None) -> tuple[CheckpointWriter, list[str]]:
     """``weights`` (the weight writer of a conversion to ``layout``, a ``TargetLayout``) made to
     carry ``reader``'s optimizer state, and notes on what was not carried.
 
     ``dp`` and ``distributed`` default to the source's (its args' DP size, its optimizer
-    kind). The state is left out, with a note, where the source has none, where the target
-    is torch_dist and the optimizer not the distributed one (torch_dist holds the distributed
-    optimizer's state, written as ``dp_reshardable`` by :class:`TorchDistWithOptimizerState`),
-    or at a release target
-    (Megatron loads no optimizer from one).
+    kind). A torch_dist target holds the distributed optimizer's state as ``sharding``
+    (``dp_reshardable``, Megatron's default, or ``fully_reshardable``; default: the
+    source's where it is a torch_dist one of these, else ``dp_reshardable``) or the plain
+    optimizer's (fp32 models; :class:`TorchDistWithOptimizerState`). The state is left out,
+    with a note, where the source has none, where a torch_dist target cannot hold it (the
+    plain optimizer of a bf16/fp16 model, experts), or at a release target (Megatron loads
+    no optimizer from one).
     """
     from ..layouts.torch_dist_writer import TorchDistWriter
     from . import read_optimizer_state
+    from .torch_dist import PLAIN, SHARDING_TYPES
 
+    if sharding is not None and sharding not in SHARDING_TYPES:
+        raise BadInput(f"unknown optimizer sharding {sharding!r} (choose {' or '.join(SHARDING_TYPES)})")
     absent = optimizer_state_absence(reader)
     if absent is not None:
         return weights, [f"no optimizer state carried: {absent}"]
@@ -130,40 +138,60 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
     if distributed is None:
         distributed = source.kind == "distributed"
     if isinstance(weights, TorchDistWriter):
-        if not distributed or source.kind != "distributed" or reader.spec.num_experts:
-            return weights, ["optimizer state dropped: torch_dist output carries the distributed optimizer's "
-                             "dp_reshardable state only (of models without experts; write --format torch "
-                             "for the plain optimizer)"]
-        return TorchDistWithOptimizerState(weights, dp=dp), []
+        if reader.spec.num_experts:
+            return weights, ["optimizer state dropped: torch_dist output carries no optimizer state of models with "
+                             "experts yet (write --format torch)"]
+        if not distributed:
+            dtype = layout.dtype or reader.meta.dtype
+            if dtype != torch.float32:
+                return weights, [f"optimizer state dropped: torch_dist output carries the plain optimizer's state of "
+                                 f"fp32 models only (this one is {str(dtype).removeprefix('torch.')}; write --format "
+                                 "torch, or --distributed-optimizer)"]
+            return TorchDistWithOptimizerState(weights, dp=dp, sharding=PLAIN), []
+        if sharding is None:
+            sharding = source.source.get("sharding") if source.source.get("sharding") in SHARDING_TYPES \
+                else "dp_reshardable"
+        return TorchDistWithOptimizerState(weights, dp=dp, sharding=sharding), []
+    if sharding is not None:
+        raise BadInput("--optimizer-sharding is a torch_dist sharding type; per-rank files (--format torch) "
+                       "hold the distributed optimizer in distrib_optim.pt")
     target = OptimizerTarget.from_layout(layout, dp=dp, distributed=distributed, args=reader.meta.args)
     return WithOptimizerState(weights, target), []
 
 
-
 @dataclass
 class TorchDistWithOptimizerState(CheckpointWriter):
-    """A ``torch_dist`` checkpoint as ``weights`` writes it, with the source's distributed
-    optimizer state in the same save as Megatron's ``dp_reshardable`` sharding type
-    (:class:`.torch_dist.DpReshardableEntries`)."""
+    """A ``torch_dist`` checkpoint as ``weights`` writes it, with the source's optimizer state
+    in the same save, as Megatron keeps it: the distributed optimizer's ``dp_reshardable``
+    (:class:`.torch_dist.DpReshardableEntries`) or ``fully_reshardable`` type, or the plain
+    optimizer (``plain``; both :class:`.torch_dist.ModelSpaceEntries`)."""
 
     weights: CheckpointWriter
     dp: int = 1
+    sharding: str = "dp_reshardable"
 
     def plan(self, reader: CheckpointReader) -> Plan:
         plan = self.weights.plan(reader)
-        plan.target = {**plan.target, "optimizer": {"distributed": True, "dp": self.dp, "sharding": "dp_reshardable"}}
+        plan.target = {**plan.target, "optimizer": {"distributed": self.sharding != "plain", "dp": self.dp,
+                                                    "sharding": self.sharding}}
         return plan
 
     def write(self, reader, plan, out, files=None, progress=None) -> list[str]:
         from ..layouts import torch_dist
         from . import read_optimizer_state
-        from .torch_dist import DpReshardableEntries
+        from .torch_dist import DpReshardableEntries, ModelSpaceEntries
 
         target = plan.detail.target
+        padded = target.padded_vocab(reader.spec)
         with read_optimizer_state(reader) as state:
-            entries = DpReshardableEntries(state, reader.spec, padded_vocab_size=target.padded_vocab(reader.spec),
-                                           dp=self.dp, args=reader.meta.args, param_dtype=target.dtype,
-                                           naming=target.naming, tp=target.tp, pp=target.pp, vpp=target.vpp)
+            if self.sharding == "dp_reshardable":
+                entries = DpReshardableEntries(state, reader.spec, padded_vocab_size=padded, dp=self.dp,
+                                               args=reader.meta.args, param_dtype=target.dtype,
+                                               naming=target.naming, tp=target.tp, pp=target.pp, vpp=target.vpp)
+            else:
+                entries = ModelSpaceEntries(state, reader.spec, sharding=self.sharding, padded_vocab_size=padded,
+                                            dp=self.dp, tp=target.tp, etp=target.etp, naming=target.naming,
+                                            param_dtype=target.dtype or reader.meta.dtype)
             return torch_dist.write(reader, Path(out), target, progress=progress, finish=False, optimizer=entries)
 
     def finish(self, reader, plan, out) -> list[str]:

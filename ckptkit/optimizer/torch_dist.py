@@ -22,6 +22,13 @@ or on request are read, checked on real Megatron-LM checkpoints
   ``optimizer.state.{param,exp_avg,exp_avg_sq}.MODEL_KEY`` with the model key's global
   shape and chunks (stacked over layers); the param groups are in the common state's
   ``optimizer["optimizer"]``.
+* ``plain``, the non-distributed optimizer (no ``--use-distributed-optimizer``; no sharding
+  type is stored): model space too, ``optimizer.state.{exp_avg,exp_avg_sq}.MODEL_KEY``;
+  an fp32 model's weights are its masters; the common state's ``optimizer`` holds the
+  param groups (without ``step``) and ``state: {"common_step": tensor(step)}``. Checked on a
+  real fp32 checkpoint (``gpt2o_dist_plain_tp2``); bf16/fp16 models keep their masters as
+  ``optimizer.state.fp32_param.MODEL_KEY`` (Megatron's ``Float16OptimizerWithFloat16Params``),
+  which no real checkpoint here shows, so they are refused.
 
 Every canonical tensor is read alone, as region reads of the entries above.
 """
@@ -36,6 +43,9 @@ from .distrib_optim import rank_layout
 from .state import RESUME_CHECKED_ARGS, STATE_KEYS, OptimizerInfo, OptimizerState, assemble
 
 SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
+PLAIN = "plain"  # the non-distributed optimizer
+# Model-space state keys of each type, and where the fp32 masters are
+MODEL_SPACE_KEYS = {"fully_reshardable": STATE_KEYS, PLAIN: ("exp_avg", "exp_avg_sq")}
 DP_PREFIX = "optimizer.distributed.dp_group_idx_{group}"
 
 
@@ -90,15 +100,30 @@ class TorchDistOptimizerState(OptimizerState):
         if not optimizer_keys:
             raise BadInput(f"{self.folder}: no optimizer state (saved with --no-save-optim)")
         self.sharding = sharding_type(common)
-        if self.sharding not in SHARDING_TYPES:
+        if self.sharding is None and not getattr(meta.args, "use_distributed_optimizer", False):
+            self.sharding = PLAIN
+            if meta.dtype != torch.float32:
+                raise Unsupported(f"{self.folder}: the non-distributed optimizer of a {meta.dtype} torch_dist "
+                                  "checkpoint (masters as optimizer.state.fp32_param.*) is not read: no real "
+                                  "checkpoint of that kind has been checked")
+        if self.sharding not in (*SHARDING_TYPES, PLAIN):
             raise Unsupported(f"{self.folder}: distributed optimizer sharding type {self.sharding!r}; ckptkit reads "
                               f"{' and '.join(SHARDING_TYPES)}")
         if self.spec.num_experts:
             raise Unsupported(f"{self.folder}: optimizer state of mixtures of experts is not supported")
         self.settings = BufferSettings.from_args(meta.args, param_dtype=meta.dtype)
         where = f"{self.folder}: {self.sharding} optimizer state"
+        common_step = None
         if self.sharding == "dp_reshardable":
             groups = self._read_dp_reshardable(meta, where)
+        elif self.sharding == PLAIN:
+            entry = common.get("optimizer")
+            groups = entry.get("param_groups") if isinstance(entry, dict) else None
+            state = entry.get("state") if isinstance(entry, dict) else None
+            common_step = state.get("common_step") if isinstance(state, dict) else None
+            if common_step is None:
+                raise BadInput(f"{where}: no common_step in the common state's optimizer entry")
+            common_step = float(common_step)
         else:
             entry = common.get("optimizer")
             inner = entry.get("optimizer") if isinstance(entry, dict) else None
@@ -106,14 +131,15 @@ class TorchDistOptimizerState(OptimizerState):
         if not isinstance(groups, list) or not groups:
             raise BadInput(f"{where}: no param_groups")
         groups = [dict(group) for group in groups]
-        steps = {group.pop("step", None) for group in groups}
+        steps = {group.pop("step", None) for group in groups} | {common_step}
         for group in groups:
             group.pop("params", None)
         steps.discard(None)
         if len(steps) != 1:
             raise BadInput(f"{where}: optimizer steps {sorted(steps)}; expected one common step")
         self.info = OptimizerInfo(
-            kind="distributed", step=steps.pop(), param_groups=groups, grad_scaler=None,
+            kind="non-distributed" if self.sharding == PLAIN else "distributed", step=steps.pop(),
+            param_groups=groups, grad_scaler=None,
             opt_param_scheduler=common.get("opt_param_scheduler"),
             training={key: common[key] for key in ("num_floating_point_operations_so_far",) if key in common},
             source={"format": "torch_dist", "sharding": self.sharding, "tp": meta.tp, "pp": meta.pp, "vpp": meta.vpp,
@@ -223,7 +249,9 @@ class TorchDistOptimizerState(OptimizerState):
                             lambda tp_rank: self._bucket_pieces(tp_rank, pp_stage, chunk, parameter_name, keys), keys)
         regions, out = [], {}
         place = self.weights.stored_place(name)
-        for key in keys:
+        if self.sharding == PLAIN and "param" in keys:  # an fp32 model's weights are its masters
+            out["param"] = self.weights.tensor(name).to(torch.float32)
+        for key in (key for key in keys if key in MODEL_SPACE_KEYS[self.sharding]):
             stored_key = f"optimizer.state.{key}.{place.key}"
             entry = self.stored.get(stored_key)
             if entry is None:
@@ -239,7 +267,7 @@ class TorchDistOptimizerState(OptimizerState):
             out[key] = target.view(shape)
         self._check_float32(regions)
         self._read_regions(self.weights.files, regions)
-        return out
+        return {key: out[key] for key in keys}
 
     def close(self) -> None:
         if self.owns_weights:
@@ -274,8 +302,6 @@ class DpReshardableEntries:
 
         if spec.num_experts:
             raise Unsupported("optimizer state of mixtures of experts is not supported")
-        if state.info.kind != "distributed":
-            raise Unsupported("torch_dist optimizer state is written for the distributed optimizer only")
         self.state, self.spec, self.padded, self.tp = state, spec, padded_vocab_size, tp
         settings = BufferSettings.from_args(args, dp=dp, param_dtype=param_dtype) if args is not None \
             else BufferSettings(dp=dp, param_dtype=param_dtype)
@@ -364,3 +390,77 @@ def _bucket_chunks(buffer, bucket, dp: int) -> list[tuple[int, int, object]]:
         owner = next((slot for slot in slots if slot.start - bucket.start <= low < slot.end - bucket.start), None)
         chunks.append((low, high, owner))
     return chunks
+
+
+class ModelSpaceEntries:
+    """What a ``torch_dist`` checkpoint written by :func:`ckptkit.layouts.torch_dist.write`
+    needs to hold ``state`` in model space: the distributed optimizer's
+    ``fully_reshardable`` type, or the non-distributed optimizer (``plain``, fp32 models:
+    the weights are the masters). Each state key gets the chunks of the model key it
+    belongs to::
+
+        decoder.layers.self_attention.linear_qkv.weight          [L, 3h, h], a chunk per layer and TP rank
+        optimizer.state.exp_avg.decoder.layers.self_attention.linear_qkv.weight   the same chunks, fp32
+
+    Data is produced per write item, one canonical tensor's state kept at a time.
+    """
+
+    def __init__(self, state: OptimizerState, spec, *, sharding: str, padded_vocab_size: int, dp: int, tp: int,
+                 etp: int | None = None, naming: str = "mcore-local", param_dtype: torch.dtype = torch.float32):
+        from ..layouts.torch_dist.write import _tensor_item, plan_items
+
+        if spec.num_experts:
+            raise Unsupported("optimizer state of mixtures of experts is not supported")
+        if sharding == PLAIN and param_dtype != torch.float32:
+            raise Unsupported(f"the non-distributed optimizer of a {param_dtype} torch_dist checkpoint is not "
+                              "written: its layout (optimizer.state.fp32_param.*) is not checked on a real "
+                              "checkpoint (write --format torch, or --distributed-optimizer)")
+        self.state, self.spec, self.padded = state, spec, padded_vocab_size
+        self.keys = MODEL_SPACE_KEYS[sharding]
+        self._canonical = {tensor.name: tensor for tensor in state.canonical()}
+        model_items, model_sources = plan_items(spec, tp, padded_vocab_size, torch.float32, etp=etp, naming=naming)
+        self.items, self._sources = [], {}
+        for model_item in model_items:
+            data = model_item.tensor_data
+            for key in self.keys:
+                item = _tensor_item(f"optimizer.state.{key}.{model_item.index.fqn}", tuple(data.size),
+                                    tuple(data.chunk.offsets), tuple(data.chunk.sizes), torch.float32)
+                self.items.append(item)
+                self._sources[item.index] = (model_sources[model_item.index], key, len(data.size))
+        info = state.info
+        self.payloads = {}
+        if sharding == PLAIN:
+            self.common = {"optimizer": {"param_groups": [dict(group) for group in info.param_groups],
+                                         "state": {"common_step": torch.tensor(float(info.step))}}}
+            self.content_metadata = {}
+            self.args_fields = {"use_distributed_optimizer": False, "data_parallel_size": dp, "no_save_optim": None,
+                                "dist_ckpt_optim_fully_reshardable": False, **info.resume_args}
+        else:
+            groups = [{**group, "step": info.step} for group in info.param_groups]
+            self.common = {"optimizer": {"optimizer": {"param_groups": groups},
+                                         "param_state_sharding_type": "fully_reshardable"}}
+            self.content_metadata = {"distrib_optim_sharding_type": "fully_reshardable",
+                                     "distrib_optim_fully_reshardable_mem_efficient": False}
+            self.args_fields = {"use_distributed_optimizer": True, "data_parallel_size": dp, "no_save_optim": None,
+                                "dist_ckpt_optim_fully_reshardable": True, **info.resume_args}
+        if info.opt_param_scheduler is not None:
+            self.common["opt_param_scheduler"] = info.opt_param_scheduler
+        self.common.update(info.training)
+        self._current: tuple[str | None, dict | None] = (None, None)
+
+    def resolve(self, write_item) -> torch.Tensor:
+        from ..spec import rule_for
+
+        chunk, key, dims = self._sources[write_item.index]
+        if self._current[0] != chunk.canonical:
+            self._current = (None, None)
+            rule = rule_for(self.spec, self._canonical[chunk.canonical].rule, self.padded)
+            values = {name: rule.fit(value) for name, value in self.state.tensor(chunk.canonical, self.keys).items()}
+            self._current = (chunk.canonical, values)
+        piece = self._current[1][key]
+        for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
+            piece = piece.narrow(dim, offset, size)
+        piece = piece.clone()
+        for _ in range(dims - len(chunk.sizes)):
+            piece = piece.unsqueeze(0)  # the layer and expert axes of a stacked key
+        return piece
