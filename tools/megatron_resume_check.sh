@@ -12,9 +12,13 @@
 # 2. baseline: Megatron resumes from its own checkpoint (same layout) to iteration 15.
 # 3. ckptkit reshards weights and optimizer state (ckptkit.convert.reshard, in the order
 #    RUNS lists them) to each run's layout, and Megatron resumes from each to iteration 15.
-#    RUNS holds NAME:FROM:FORMAT:TP:PP:DP:DISTRIBUTED entries (FROM: "source" or an earlier
-#    run; DISTRIBUTED 1 for the distributed optimizer, 0 for the plain one; the run takes
-#    TP x PP x DP GPUs). The default, for a per-rank source:
+#    RUNS holds NAME:FROM:FORMAT:TP:PP:DP:DISTRIBUTED[:SHARDING[:EP]] entries (FROM:
+#    "source" or an earlier run; DISTRIBUTED 1 for the distributed optimizer, 0 for the plain
+#    one; SHARDING the torch_dist optimizer sharding, dp_reshardable or fully_reshardable, "-"
+#    for the default; EP the expert-parallel size, default the source's; the run takes
+#    TP x PP x DP GPUs). SOURCE may add EP as a fifth field; SOURCE_DISTRIBUTED=0 trains the
+#    source with the plain optimizer. MODEL_KIND llama4g has 4 query groups (for TP4), moe is
+#    a Mixtral-style bf16 model with 4 experts. The default, for a per-rank source:
 #      tp2:source:torch:2:1:1:1       a TP change
 #      pp2:source:torch:1:2:1:1       a PP change
 #      dp1:source:torch:1:1:1:1       a DP change (1 GPU)
@@ -34,20 +38,25 @@
 # (neither Transformer Engine nor apex on the image; see ../shared/docs/formats.md): the
 # script applies them to a copy of the tree and stops if their code is not found.
 #
-# STEP_FIX=1 applies a third fix, not yet run: without Transformer Engine or apex,
+# STEP_FIX=1 applies two more fixes. Without Transformer Engine or apex,
 # DistributedOptimizer.load_state_dict puts one step tensor into the state of every
 # parameter, and torch's AdamW then adds 1 to it once per parameter at each step, so from the
 # second resumed iteration on Adam's bias correction uses step 10 + N*k (N: the parameters in
-# the rank's shard, which depend on the layout) instead of 10 + k. With STEP_FIX=0 (the
-# default, as the figures in docs/optimizer.md were made) resumed runs at different layouts
-# drift apart from iteration 12 on for that reason; the non-distributed optimizer (its own
-# step per parameter) is unaffected. The fix gives each parameter its own copy.
+# the rank's shard, which depend on the layout) instead of 10 + k; the fix gives each
+# parameter its own copy. Loading torch_dist (dp_reshardable), the parameter state also
+# carries the step the optimizer had before loading (0), which _set_main_param_and_optimizer_states
+# copied over the loaded one, so every torch_dist resume restarted Adam's bias correction at
+# step 1; the fix leaves the step to the param groups, as the code's comments intend. With
+# STEP_FIX=0 (the default, as the first figures in docs/optimizer.md were made) resumed runs
+# drift from the uninterrupted one from iteration 12 on for these reasons; the
+# non-distributed optimizer (its own step per parameter) is unaffected.
 #
 # The reshards run one after another on the CPU, and the resumes side by side on the same
 # GPUs (each its own process group and port; the model is tiny); SIDE_BY_SIDE=0 runs them
 # one after another.
 #
-# Needs as many GPUs as the largest layout (2 for the default) and a Megatron-LM source tree. From the repo root:
+# Needs as many GPUs as the largest layout (2 for the default) and a Megatron-LM source tree.
+# From the repo root:
 #   MEGATRON_PATH=$PWD/.devdata/megatron OUT=/tmp/resume-check bash tools/megatron_resume_check.sh
 # CKPTKIT_PATH is where ckptkit is imported from (default: this repo), for one a clean copy
 # of a commit: mkdir -p .devdata/ckptkit-head && git archive HEAD ckptkit | tar -x -C .devdata/ckptkit-head
@@ -64,6 +73,7 @@ set -u
 : "${WORK:=/tmp/resume-check-work}"
 : "${MODEL_KIND:=llama}"
 : "${SOURCE:=torch 1 1 2}"
+: "${SOURCE_DISTRIBUTED:=1}"
 : "${RUNS:=tp2:source:torch:2:1:1:1 pp2:source:torch:1:2:1:1 dp1:source:torch:1:1:1:1 nodist:source:torch:1:1:2:0}"
 : "${SIDE_BY_SIDE:=1}"
 : "${STEP_FIX:=0}"
@@ -91,6 +101,11 @@ fixes = [
 if sys.argv[2] == "1":
     # load_state_dict: each parameter's own step (one shared tensor is advanced once per parameter)
     fixes.append(('                s["step"] = step\n', '                s["step"] = step.clone()\n'))
+    # torch_dist (dp_reshardable): the parameter state loaded from the checkpoint carries the
+    # "step" tensor of the optimizer as it was before loading (a LocalNonpersistentObject: 0
+    # after fix 1), which _set_main_param_and_optimizer_states copied over the loaded step
+    fixes.append(("                if not isinstance(tensors.get(key), torch.Tensor):\n",
+                  "                if key == \"step\" or not isinstance(tensors.get(key), torch.Tensor):\n"))
 for old, new in fixes:
     if text.count(old) != 1:
         sys.exit(f"{path}: the code to fix was not found once: {old!r}")
@@ -109,6 +124,16 @@ case $MODEL_KIND in
            --num-query-groups 2 --ffn-hidden-size 320 --swiglu --normalization RMSNorm
            --position-embedding-type rope --disable-bias-linear --untie-embeddings-and-output-weights
            --seq-length 64 --max-position-embeddings 64 --bf16"; DTYPE=bfloat16 ;;
+  llama4g) MODEL="--num-layers 4 --hidden-size 128 --num-attention-heads 8 --group-query-attention
+           --num-query-groups 4 --ffn-hidden-size 320 --swiglu --normalization RMSNorm
+           --position-embedding-type rope --disable-bias-linear --untie-embeddings-and-output-weights
+           --seq-length 64 --max-position-embeddings 64 --bf16"; DTYPE=bfloat16 ;;
+  moe) MODEL="--num-layers 2 --hidden-size 64 --num-attention-heads 4 --group-query-attention
+           --num-query-groups 2 --ffn-hidden-size 128 --swiglu --normalization RMSNorm
+           --position-embedding-type rope --disable-bias-linear --untie-embeddings-and-output-weights
+           --seq-length 64 --max-position-embeddings 64 --bf16 --num-experts 4 --moe-ffn-hidden-size 64
+           --moe-router-topk 2 --moe-token-dispatcher-type alltoall --moe-router-load-balancing-type aux_loss
+           --moe-aux-loss-coeff 0.01"; DTYPE=bfloat16 ;;
   gpt2) MODEL="--num-layers 4 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 256
           --seq-length 64 --max-position-embeddings 64"; DTYPE=float32 ;;
 esac
@@ -128,20 +153,24 @@ megatron() {  # NAME GPUS PORT ARGS...
 }
 background() { if [ "$SIDE_BY_SIDE" = 1 ]; then "$@" & else "$@"; fi; }
 
-read -r SOURCE_FORMAT SOURCE_TP SOURCE_PP SOURCE_DP <<<"$SOURCE"
+read -r SOURCE_FORMAT SOURCE_TP SOURCE_PP SOURCE_DP SOURCE_EP <<<"$SOURCE"
+SOURCE_EP=${SOURCE_EP:-1}
+SOURCE_OPTIMIZER=--use-distributed-optimizer
+[ "$SOURCE_DISTRIBUTED" = 1 ] || SOURCE_OPTIMIZER=""
 NAMES=""
 for spec in $RUNS; do NAMES="$NAMES ${spec%%:*}"; done
 
 # 1. train to iteration 15, saving at 10, with the distributed optimizer
 megatron train $((SOURCE_TP * SOURCE_PP * SOURCE_DP)) "$PORT" --ckpt-format "$SOURCE_FORMAT" \
   --tensor-model-parallel-size "$SOURCE_TP" --pipeline-model-parallel-size "$SOURCE_PP" \
-  --use-distributed-optimizer --train-iters 15 --save "$WORK/source" --save-interval 10
+  --expert-model-parallel-size "$SOURCE_EP" $SOURCE_OPTIMIZER --train-iters 15 --save "$WORK/source" \
+  --save-interval 10
 [ -d "$WORK/source/iter_0000010" ] || { echo "no checkpoint at iteration 10"; exit 1; }
 rm -rf "$WORK/source/iter_0000015" && echo 10 >"$WORK/source/latest_checkpointed_iteration.txt"
 ls -lR "$WORK/source" >>"$OUT/train.log"
 
 # 3. ckptkit reshards weights and optimizer state
-reshard() {  # NAME FROM FORMAT TP PP DP DISTRIBUTED
+reshard() {  # NAME FROM FORMAT TP PP DP DISTRIBUTED [SHARDING [EP]]
   # from $WORK, so that the ckptkit of the current folder does not shadow CKPTKIT_PATH
   (cd "$WORK" && PYTHONPATH=$CKPTKIT_PATH python3 - "$@") >"$OUT/reshard_$1.log" 2>&1 <<'EOF'
 import sys
@@ -151,7 +180,10 @@ from ckptkit.inspection import inspect_checkpoint
 print("ckptkit from", ckptkit.__file__)
 name, source, target_format = sys.argv[1:4]
 tp, pp, dp, distributed = map(int, sys.argv[4:8])
-result = reshard(source, name, tp=tp, pp=pp, format=target_format, dp=dp, distributed_optimizer=bool(distributed))
+sharding = sys.argv[8] if len(sys.argv) > 8 and sys.argv[8] not in ("", "-") else None
+ep = int(sys.argv[9]) if len(sys.argv) > 9 else None
+result = reshard(source, name, tp=tp, pp=pp, ep=ep, format=target_format, dp=dp,
+                 distributed_optimizer=bool(distributed), optimizer_sharding=sharding)
 print(*result.notes, sep="\n")
 print(inspect_checkpoint(name).optimizer)
 from ckptkit.layouts import open_checkpoint
@@ -166,19 +198,21 @@ EOF
 for spec in $RUNS; do IFS=: read -r -a fields <<<"$spec"; reshard "${fields[@]}"; done
 
 # 2. and 4. Megatron resumes from its own checkpoint (baseline) and from each reshard
-resume() {  # NAME FORMAT TP PP DP DISTRIBUTED PORT
-  local name=$1 format=$2 tp=$3 pp=$4 dp=$5 distributed=$6 port=$7 flags=""
+resume() {  # NAME FORMAT TP PP DP DISTRIBUTED SHARDING EP PORT
+  local name=$1 format=$2 tp=$3 pp=$4 dp=$5 distributed=$6 sharding=$7 ep=$8 port=$9 flags=""
   [ "$distributed" = 1 ] && flags=--use-distributed-optimizer
+  [ "$sharding" = fully_reshardable ] && flags="$flags --dist-ckpt-optim-fully-reshardable"
   megatron "$name" $((tp * pp * dp)) "$port" --ckpt-format "$format" --tensor-model-parallel-size "$tp" \
-    --pipeline-model-parallel-size "$pp" $flags --train-iters 15 --load "$WORK/$name" --no-load-rng \
-    --exit-on-missing-checkpoint
+    --pipeline-model-parallel-size "$pp" --expert-model-parallel-size "${ep:-1}" $flags --train-iters 15 \
+    --load "$WORK/$name" --no-load-rng --exit-on-missing-checkpoint
 }
 ln -sfn "$WORK/source" "$WORK/baseline"
-background resume baseline "$SOURCE_FORMAT" "$SOURCE_TP" "$SOURCE_PP" "$SOURCE_DP" 1 $((PORT + 10))
+background resume baseline "$SOURCE_FORMAT" "$SOURCE_TP" "$SOURCE_PP" "$SOURCE_DP" "$SOURCE_DISTRIBUTED" - \
+  "$SOURCE_EP" $((PORT + 10))
 port=$((PORT + 20))
 for spec in $RUNS; do
-  IFS=: read -r name from format tp pp dp distributed <<<"$spec"
-  background resume "$name" "$format" "$tp" "$pp" "$dp" "$distributed" $port
+  IFS=: read -r name from format tp pp dp distributed sharding ep <<<"$spec"
+  background resume "$name" "$format" "$tp" "$pp" "$dp" "$distributed" "${sharding:--}" "${ep:-$SOURCE_EP}" $port
   port=$((port + 10))
 done
 wait

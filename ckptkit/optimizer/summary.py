@@ -101,7 +101,9 @@ def _per_rank(reader: CheckpointReader) -> OptimizerSummary:
 
 
 def _torch_dist(reader) -> OptimizerSummary:
-    keys = [key for key in getattr(reader.metadata, "state_dict_metadata", {}) if key.startswith("optimizer.")]
+    from ..layouts.torch_dist.keys import is_optimizer_key
+
+    keys = [key for key in getattr(reader.metadata, "state_dict_metadata", {}) if is_optimizer_key(key)]
     args = reader.meta.args
     if not keys:
         return OptimizerSummary("none", note="no optimizer entries (saved with --no-save-optim)")
@@ -113,11 +115,14 @@ def _torch_dist(reader) -> OptimizerSummary:
     weights = str(reader.meta.dtype).removeprefix("torch.")
     try:
         with read_optimizer_state(reader) as state:
-            info, settings = state.info, state.settings
+            info, settings, stored_as = state.info, state.settings, state.sharding
     except (BadInput, Unsupported) as error:
         return OptimizerSummary("unread", sharding.strip(), dp=_data_parallel_size(args), dtypes={"weights": weights},
                                 note=f"{len(keys)} optimizer entries: {error}")
     dtypes = {"weights": weights, "master params": "float32", "moments": "float32",
               "grad buffers": str(settings.grad_dtype).removeprefix("torch.")}
+    if info.kind == "non-distributed":  # model space; an fp32 model's weights are the masters
+        sharding = f"torch_dist {stored_as} (model space)"
+        dtypes = {"weights": weights, "master params": "float32 (the weights)", "moments": "float32"}
     return OptimizerSummary(info.kind, sharding.strip(), info.step, info.source.get("dp") or _data_parallel_size(args),
                             dtypes)

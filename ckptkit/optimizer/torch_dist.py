@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BadInput, Unsupported
+from ..layouts.torch_dist.keys import is_optimizer_key
 from ..spec import canonical_tensors
 from .buffers import BufferSettings
 from .distrib_optim import rank_layout
@@ -96,7 +97,7 @@ class TorchDistOptimizerState(OptimizerState):
         self.stored = weights.metadata.state_dict_metadata
         self._canonical = {tensor.name: tensor for tensor in canonical_tensors(self.spec)}
         common = weights.common_state
-        optimizer_keys = [key for key in self.stored if key.startswith("optimizer.")]
+        optimizer_keys = [key for key in self.stored if is_optimizer_key(key)]
         if not optimizer_keys:
             raise BadInput(f"{self.folder}: no optimizer state (saved with --no-save-optim)")
         self.sharding = sharding_type(common)

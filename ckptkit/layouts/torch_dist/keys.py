@@ -29,6 +29,20 @@ COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", sha
 
 # Entries that are not model weights: never read for weights.
 _NON_WEIGHT_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine_state", "common_state")
+# Optimizer entries: "optimizer." alone, or "chained_N.optimizer." when Megatron chains one
+# optimizer per parameter kind (the experts' apart from the rest in a mixture of experts).
+_OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer\.")
+
+
+def is_optimizer_key(key: str) -> bool:
+    """Whether a stored key is optimizer state.
+
+    >>> is_optimizer_key("chained_1.optimizer.distributed.dp_group_idx_0.optimizer/shard_0_1")
+    True
+    """
+    return _OPTIMIZER_KEY.match(key) is not None
+
+
 # ShardedObject keys: KEY/shard_OFFSETS_SHAPE, dotted over several axes (an expert's: 0.3_2.4)
 _EXTRA_STATE = re.compile(r"\._extra_state/shard_[\d.]+_[\d.]+$")
 _PER_LAYER_KEY = re.compile(r"^decoder\.layers\.\d+\.")

@@ -18,7 +18,7 @@ from ..base import CheckpointMeta, CheckpointReader
 from ..megatron_common import naming_from_args, parallel_sizes, source_iteration
 from ..torch_dist_folders import CONFIG_FILE, DCP_METADATA, NAME, locate_checkpoint_dir
 from .keys import (_EXTRA_STATE, _NON_WEIGHT_PREFIXES, COMMON_STATE_KEY, LEGACY_COMMON_FILE, StoredPlace,
-                   is_known_key, stored_places)
+                   is_known_key, is_optimizer_key, stored_places)
 from .metadata import load_pickled_bytes, read_dcp_metadata
 from .regions import _DistFiles, _read_regions, _Region
 
@@ -133,7 +133,7 @@ class TorchDistReader(CheckpointReader):
         for key, entry in stored.items():
             if key in expected:
                 self._check_entry(key, entry, expected[key])
-            elif key.startswith("optimizer."):
+            elif is_optimizer_key(key):
                 skipped["optimizer"].append(key)
             elif _EXTRA_STATE.search(key):
                 skipped["extra_state"].append(key)
