@@ -72,10 +72,73 @@ def rope_scaling_from_args(args) -> dict | None:
 MEGATRON_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+# Megatron's MLA YaRN: only the factor and the two mscales are args (--rotary-scaling-factor,
+# --mscale, --mscale-all-dim); the rest are MLATransformerConfig defaults no arg reaches
+# (megatron/core/transformer/transformer_config.py; megatron/training/argument_utils.py fills
+# the config from args of the same name, and there are none).
+MEGATRON_MLA_YARN_FIXED = {"original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def mla_fields_from_args(args) -> dict:
+    """The spec's multi-latent attention fields (empty without ``--multi-latent-attention``).
+
+    The value head is the spec's ``head_dim`` (Megatron's output projection reads
+    ``v_head_dim`` per head). MLA's rotary type defaults to YaRN in Megatron
+    (MLATransformerConfig.rope_type); YaRN with factor 1 is plain RoPE.
+    """
+    if not _get(args, "multi_latent_attention", default=False):
+        return {}
+    if not _get(args, "qk_layernorm", default=False):
+        raise Unsupported("multi-latent attention without its q/kv norms (no --qk-layernorm) is not supported: "
+                          "DeepSeek models normalise both bottlenecks")
+    factor = float(_get(args, "rotary_scaling_factor", default=1.0))
+    rope_type = _get(args, "rope_type", default="yarn")
+    mscale, mscale_all_dim = float(_get(args, "mscale", default=1.0)), float(_get(args, "mscale_all_dim", default=0.0))
+    scaling = None
+    if rope_type == "yarn" and factor != 1.0:
+        scaling = {"rope_type": "yarn", "factor": factor, **MEGATRON_MLA_YARN_FIXED, "mscale": mscale,
+                   "mscale_all_dim": mscale_all_dim}
+    elif rope_type == "rope" and factor != 1.0 and mscale_all_dim:
+        # MLA scales its softmax by YaRN's mscale whatever the rotary type (multi_latent_attention.py)
+        raise Unsupported(f"rope_type rope with rotary_scaling_factor {factor} and mscale_all_dim {mscale_all_dim}: "
+                          "Megatron scales the attention by YaRN's mscale without YaRN's frequencies")
+    elif rope_type not in ("yarn", "rope"):
+        raise Unsupported(f"MLA rope_type {rope_type!r} is not supported (rope or yarn)")
+    q_lora = _get(args, "q_lora_rank")
+    return dict(
+        multi_latent_attention=True, q_lora_rank=int(q_lora or 0), kv_lora_rank=int(args.kv_lora_rank),
+        qk_head_dim=int(args.qk_head_dim), qk_pos_emb_head_dim=int(args.qk_pos_emb_head_dim),
+        head_dim=int(args.v_head_dim), num_query_groups=args.num_attention_heads, qk_layernorm=False,
+        rope_scaling=scaling,
+    )
+
+
+def mla_args(spec: ModelSpec) -> dict:
+    """The Megatron args of the spec's attention's MLA fields (off for other attention)."""
+    if not spec.multi_latent_attention:
+        return dict(multi_latent_attention=False)
+    scaling = spec.rope_scaling or {}
+    return dict(
+        multi_latent_attention=True, q_lora_rank=spec.q_lora_rank or None, kv_lora_rank=spec.kv_lora_rank,
+        qk_head_dim=spec.qk_head_dim, qk_pos_emb_head_dim=spec.qk_pos_emb_head_dim, v_head_dim=spec.head_dim,
+        # Megatron's local core attention views its output as kv_channels per head
+        kv_channels=spec.head_dim, qk_layernorm=True, use_rope_scaling=False,
+        rope_type="yarn" if scaling else "rope", rotary_scaling_factor=scaling.get("factor", 1.0),
+        mscale=scaling.get("mscale", 1.0), mscale_all_dim=scaling.get("mscale_all_dim", 0.0),
+    )
+
+
 def check_expressible(spec: ModelSpec) -> None:
     """Refuse, before anything is written, a model Megatron's args cannot describe."""
     scaling = spec.rope_scaling
     if scaling is None:
+        return
+    if spec.multi_latent_attention:
+        fixed = {name: scaling.get(name) for name in MEGATRON_MLA_YARN_FIXED}
+        if scaling.get("rope_type") != "yarn" or fixed != MEGATRON_MLA_YARN_FIXED:
+            raise Unsupported(f"RoPE scaling {scaling}: Megatron's multi-latent attention YaRN fixes "
+                              + ", ".join(f"{name}={value}" for name, value in MEGATRON_MLA_YARN_FIXED.items())
+                              + " (only the factor and the mscales are arguments)")
         return
     fixed = {name: scaling.get(name) for name in MEGATRON_LLAMA3_FIXED}
     if scaling.get("rope_type") != "llama3" or fixed != MEGATRON_LLAMA3_FIXED:
@@ -87,7 +150,7 @@ def check_expressible(spec: ModelSpec) -> None:
 def megatron_caveats(spec: ModelSpec) -> list[str]:
     """What Megatron-LM may compute differently from the args ckptkit writes for ``spec``."""
     caveats = []
-    if spec.rope_scaling and spec.rope_scaling["factor"] != 8.0:
+    if spec.rope_scaling and spec.rope_scaling["rope_type"] == "llama3" and spec.rope_scaling["factor"] != 8.0:
         # gpt_builders.py passes use_rope_scaling but not the factor to GPTModel (default 8),
         # at least up to Megatron-LM d98e8a6 (2026-08).
         caveats.append(f"rope_scaling_factor {spec.rope_scaling['factor']} is in the args, but Megatron-LM's "
@@ -126,36 +189,30 @@ def moe_layers_from_args(args, num_layers: int) -> tuple[int, ...] | None:
     return None if all(pattern) else pattern
 
 
-# Router features that change what the model computes and that no bridge carries yet.
-_UNSUPPORTED_MOE = {
-    "moe_router_enable_expert_bias": (False, "expert bias (DeepSeek-V3 routing)"),
-    "moe_router_num_groups": (None, "group-limited routing"),
-    "moe_router_group_topk": (None, "group-limited routing"),
-}
-
-
 def moe_fields_from_args(args, num_layers: int) -> dict:
     """The spec's mixture-of-experts fields (empty for a dense model)."""
     experts = _get(args, "num_experts")
     if not experts:
         return {}
     score = _get(args, "moe_router_score_function", default="softmax")
-    if score != "softmax":
-        raise Unsupported(f"MoE router score function {score!r} (only softmax is supported)")
-    scaling = _get(args, "moe_router_topk_scaling_factor")
-    if scaling not in (None, 1, 1.0):
-        raise Unsupported(f"moe_router_topk_scaling_factor {scaling} is not supported")
-    for name, (default, what) in _UNSUPPORTED_MOE.items():
-        if _get(args, name, default=default) not in (default, False, None):
-            raise Unsupported(f"{what} ({name}={_get(args, name)}) is not supported")
+    if score not in ("softmax", "sigmoid"):
+        raise Unsupported(f"MoE router score function {score!r} (softmax or sigmoid are supported)")
+    if _get(args, "moe_router_topk_limited_devices") is not None:
+        raise Unsupported("device-limited routing (moe_router_topk_limited_devices) is not supported")
     return dict(
+        moe_router_score_function=score,
+        moe_router_expert_bias=bool(_get(args, "moe_router_enable_expert_bias", default=False)),
+        moe_router_num_groups=int(_get(args, "moe_router_num_groups", default=0) or 0),
+        moe_router_group_topk=int(_get(args, "moe_router_group_topk", default=0) or 0),
+        moe_router_topk_scaling_factor=float(_get(args, "moe_router_topk_scaling_factor", default=1.0) or 1.0),
         num_experts=int(experts),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size", "ffn_hidden_size")),
         moe_router_topk=int(_get(args, "moe_router_topk", default=2)),
         moe_layers=moe_layers_from_args(args, args.num_layers),
         moe_shared_expert_size=int(_get(args, "moe_shared_expert_intermediate_size", default=0)),
         moe_shared_expert_gate=bool(_get(args, "moe_shared_expert_gate", default=False)),
-        moe_router_pre_softmax=bool(_get(args, "moe_router_pre_softmax", default=False)),
+        # the sigmoid path ignores it (moe_utils.py, topk_routing_with_score_function)
+        moe_router_pre_softmax=score == "softmax" and bool(_get(args, "moe_router_pre_softmax", default=False)),
     )
 
 
@@ -169,7 +226,12 @@ def moe_args(spec: ModelSpec) -> dict:
         moe_layer_freq=list(spec.moe_layers) if spec.moe_layers is not None else 1,
         moe_shared_expert_intermediate_size=spec.moe_shared_expert_size or None,
         moe_shared_expert_gate=spec.moe_shared_expert_gate, moe_router_pre_softmax=spec.moe_router_pre_softmax,
-        moe_router_score_function="softmax", moe_grouped_gemm=False,
+        moe_router_score_function=spec.moe_router_score_function, moe_grouped_gemm=False,
+        moe_router_enable_expert_bias=spec.moe_router_expert_bias,
+        moe_router_num_groups=spec.moe_router_num_groups or None,
+        moe_router_group_topk=spec.moe_router_group_topk or None,
+        moe_router_topk_scaling_factor=(spec.moe_router_topk_scaling_factor
+                                        if spec.moe_router_topk_scaling_factor != 1.0 else None),
     )
 
 
@@ -197,7 +259,7 @@ def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkp
         position_embedding = _position_embedding(args)
         if position_embedding == "rope":
             _check_rotary(args)
-        spec = ModelSpec(
+        fields = dict(
             family="",
             num_layers=args.num_layers,
             hidden_size=hidden,
@@ -220,6 +282,8 @@ def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkp
             qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
             **moe_fields_from_args(args, args.num_layers),
         )
+        fields.update(mla_fields_from_args(args))  # MLA's head sizes, norms and rotary scaling
+        spec = ModelSpec(**fields)
     except Unsupported as error:
         raise Unsupported(f"{source}: {error}") from None
     recorded = architecture or _get(args, ARCHITECTURE_FIELD)
@@ -278,10 +342,11 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         ckpt_format="torch",
     )
     fields.update(moe_args(spec))
+    fields.update(mla_args(spec))
     bridge = BRIDGES.get(spec.family)
     fields[ARCHITECTURE_FIELD] = bridge.architecture if bridge and bridge.mismatch(spec) is None else None
     check_expressible(spec)
-    if spec.rope_scaling:
+    if spec.rope_scaling and spec.rope_scaling["rope_type"] == "llama3":
         fields["rope_scaling_factor"] = spec.rope_scaling["factor"]
     for name, value in fields.items():
         setattr(args, name, value)

@@ -17,6 +17,7 @@ decoder.layers.{L}.pre_mlp_layernorm.weight/bias   replic.
 decoder.layers.{L}.mlp.linear_fc1.weight/bias      column   gated: [all gate; all up]
 decoder.layers.{L}.mlp.linear_fc2.weight           row      .bias replicated
 decoder.layers.{L}.mlp.router.weight               replic.  MoE layers: [experts, hidden]
+decoder.layers.{L}.mlp.router.expert_bias          replic.  expert bias: [experts], float32
 decoder.layers.{L}.mlp.experts.local_experts.{E}.  gated/   MoE layers instead of linear_fc1/2;
     linear_fc1.weight / linear_fc2.weight          row      E global, cut over ETP
 decoder.layers.{L}.mlp.shared_experts.linear_fc1/2 gated/   shared expert, cut over TP;
@@ -27,11 +28,36 @@ output_layer.weight                                vocab    untied embeddings on
 
 Vocabulary tensors may carry padding rows past ``vocab_size`` (what Megatron saved);
 they are dropped for Hugging Face and re-made for another tensor-parallel size.
+
+A multi-latent attention (MLA) layer has, instead of ``linear_qkv`` and the per-head q/k
+norms, these ``decoder.layers.{L}.self_attention.`` tensors (``.weight`` each; ``pos`` is
+qk_pos_emb_head_dim, ``qk`` qk_head_dim, ``v`` v_head_dim):
+
+=====================  =======  ==============================================
+linear_q_down_proj     column   q_lora_rank only: [q_lora, hidden]
+q_layernorm            replic.  q_lora_rank only: [q_lora]
+linear_q_up_proj       column   q_lora_rank only: [heads x (qk + pos), q_lora]
+linear_q_proj          column   no q_lora_rank: [heads x (qk + pos), hidden]
+linear_kv_down_proj    column   [kv_lora + pos, hidden]
+kv_layernorm           replic.  [kv_lora]
+linear_kv_up_proj      column   [heads x (qk + v), kv_lora]
+=====================  =======  ==============================================
+
+MLA's projections are all column parallel in Megatron-Core's local layer spec
+(megatron/core/models/gpt/gpt_layer_specs.py, ``get_gpt_layer_local_submodules``): the
+down projections too, their rows cut over TP and gathered before the norms
+(megatron/core/transformer/multi_latent_attention.py, ``_qkv_down_projection``). Rows of
+the up projections are grouped per head (``[qk_head_dim nope rows, qk_pos_emb_head_dim
+rope rows]`` per query head, ``[qk_head_dim k rows, v_head_dim v rows]`` per head of
+``linear_kv_up_proj``), so a TP rank holds whole heads; ``linear_kv_down_proj`` rows are
+``[kv_lora_rank latent rows, qk_pos_emb_head_dim shared rope-key rows]``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 from . import rules
 from .errors import BadInput
@@ -61,7 +87,9 @@ class ModelSpec:
     tied_embeddings: bool = True
     rope_theta: float = 10000.0
     # Hugging Face form: {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, or None
+    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, or with multi-latent
+    # attention {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+    # "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}, or None
     rope_scaling: dict | None = field(default=None, hash=False)
     sliding_window: int | None = None  # tokens a query sees, itself included (HF's sliding_window)
     qk_layernorm: bool = False  # per-head norm of queries and keys before RoPE (Qwen3)
@@ -75,11 +103,35 @@ class ModelSpec:
     moe_shared_expert_size: int = 0  # ffn of the shared expert (0: none)
     moe_shared_expert_gate: bool = False  # sigmoid(gate_weight . x) scales the shared expert
     moe_router_pre_softmax: bool = False
+    # DeepSeek routing: "sigmoid" scores (renormalised over the chosen k when k > 1), an
+    # expert bias added for the choice only, the top-k chosen among the best
+    # moe_router_group_topk of moe_router_num_groups groups (0: no groups), and the chosen
+    # weights scaled by moe_router_topk_scaling_factor.
+    moe_router_score_function: str = "softmax"
+    moe_router_expert_bias: bool = False
+    moe_router_num_groups: int = 0
+    moe_router_group_topk: int = 0
+    moe_router_topk_scaling_factor: float = 1.0
+    # Multi-latent attention (DeepSeek-V2/V3): queries through a q_lora_rank bottleneck (0:
+    # one linear_q_proj), keys and values through a kv_lora_rank one; each head's query and
+    # key are qk_head_dim plain dims plus qk_pos_emb_head_dim rotary dims (the rotary key
+    # shared by every head), its value v_head_dim (= head_dim). Both bottlenecks are
+    # RMS-normalised. The rotary dims are rotated in interleaved pairs.
+    multi_latent_attention: bool = False
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_head_dim: int = 0
+    qk_pos_emb_head_dim: int = 0
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
             raise BadInput(f"{self.num_attention_heads} attention heads are not divisible "
                            f"into {self.num_query_groups} query groups")
+
+    @property
+    def query_head_dim(self) -> int:
+        """Rows per query head of MLA's query projection: plain dims, then rotary dims."""
+        return self.qk_head_dim + self.qk_pos_emb_head_dim
 
     @property
     def heads_per_group(self) -> int:
@@ -113,20 +165,55 @@ class CanonicalTensor:
     # global expert index of an expert's tensor: held whole by one expert-parallel rank
     # (expert // (num_experts / EP)) and cut over the expert tensor-parallel ranks
     expert: int | None = None
+    # a dtype the tensor keeps whatever the model's: Megatron keeps the router's expert bias
+    # in float32 (megatron/core/transformer/moe/router.py, _maintain_float32_expert_bias)
+    dtype: torch.dtype | None = None
 
 
-def _layer_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
-    hidden, ffn = spec.hidden_size, spec.ffn_hidden_size
+def stored_dtype(tensor: CanonicalTensor, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``tensor`` is written in for a model of ``model_dtype``."""
+    return tensor.dtype or model_dtype
+
+
+def kept_dtypes(spec: "ModelSpec") -> dict[str, torch.dtype]:
+    """The canonical tensors that keep their own dtype whatever the model's: name -> dtype."""
+    return {tensor.name: tensor.dtype for tensor in canonical_tensors(spec) if tensor.dtype is not None}
+
+
+def _attention_entries(spec: ModelSpec) -> list[tuple]:
+    """(suffix, shape, rule, present) of a layer's query/key/value projections and norms."""
+    hidden = spec.hidden_size
+    if spec.multi_latent_attention:
+        heads, q_lora, kv_lora = spec.num_attention_heads, spec.q_lora_rank, spec.kv_lora_rank
+        query_rows = heads * spec.query_head_dim
+        return [
+            ("self_attention.linear_q_down_proj.weight", (q_lora, hidden), "column", bool(q_lora)),
+            ("self_attention.q_layernorm.weight", (q_lora,), "replicated", bool(q_lora)),
+            ("self_attention.linear_q_up_proj.weight", (query_rows, q_lora), "column", bool(q_lora)),
+            ("self_attention.linear_q_proj.weight", (query_rows, hidden), "column", not q_lora),
+            ("self_attention.linear_kv_down_proj.weight", (kv_lora + spec.qk_pos_emb_head_dim, hidden), "column",
+             True),
+            ("self_attention.kv_layernorm.weight", (kv_lora,), "replicated", True),
+            ("self_attention.linear_kv_up_proj.weight", (heads * (spec.qk_head_dim + spec.head_dim), kv_lora),
+             "column", True),
+        ]
     qkv_rows = (spec.num_attention_heads + 2 * spec.num_query_groups) * spec.head_dim
-    entries = [
-        ("input_layernorm.weight", (hidden,), "replicated", True),
-        ("input_layernorm.bias", (hidden,), "replicated", spec.has_norm_bias),
+    return [
         ("self_attention.linear_qkv.weight", (qkv_rows, hidden), "qkv", True),
         ("self_attention.linear_qkv.bias", (qkv_rows,), "qkv", spec.add_qkv_bias),
         ("self_attention.q_layernorm.weight", (spec.head_dim,), "replicated", spec.qk_layernorm),
         ("self_attention.q_layernorm.bias", (spec.head_dim,), "replicated", spec.qk_layernorm and spec.has_norm_bias),
         ("self_attention.k_layernorm.weight", (spec.head_dim,), "replicated", spec.qk_layernorm),
         ("self_attention.k_layernorm.bias", (spec.head_dim,), "replicated", spec.qk_layernorm and spec.has_norm_bias),
+    ]
+
+
+def _layer_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
+    hidden, ffn = spec.hidden_size, spec.ffn_hidden_size
+    entries = [
+        ("input_layernorm.weight", (hidden,), "replicated", True),
+        ("input_layernorm.bias", (hidden,), "replicated", spec.has_norm_bias),
+        *_attention_entries(spec),
         ("self_attention.linear_proj.weight", (hidden, spec.num_attention_heads * spec.head_dim), "row", True),
         ("self_attention.linear_proj.bias", (hidden,), "replicated", spec.add_bias_linear),
         ("pre_mlp_layernorm.weight", (hidden,), "replicated", True),
@@ -162,6 +249,9 @@ def _moe_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
     prefix = LAYER.format(layer=layer)
     tensors = [CanonicalTensor(prefix + "mlp.router.weight", (spec.num_experts, spec.hidden_size), "replicated",
                                layer)]
+    if spec.moe_router_expert_bias:
+        tensors.append(CanonicalTensor(prefix + "mlp.router.expert_bias", (spec.num_experts,), "replicated", layer,
+                                       dtype=torch.float32))
     for expert in range(spec.num_experts):
         tensors += _mlp_tensors(spec, f"mlp.experts.local_experts.{expert}.", spec.moe_ffn_hidden_size, layer,
                                 expert, biases=False)
@@ -231,6 +321,11 @@ def check_parallel_sizes(spec: ModelSpec, tp: int, pp: int, vpp: int = 1, ep: in
     ]
     if spec.moe_shared_expert_size:
         problems.append((spec.moe_shared_expert_size % tp, f"shared expert ffn size {spec.moe_shared_expert_size}"))
+    if spec.multi_latent_attention:
+        # the down projections are column parallel in Megatron's local spec (see the module docstring)
+        kv_down_rows = spec.kv_lora_rank + spec.qk_pos_emb_head_dim
+        problems += [(spec.q_lora_rank % tp, f"q_lora_rank {spec.q_lora_rank}"),
+                     (kv_down_rows % tp, f"kv_lora_rank + qk_pos_emb_head_dim = {kv_down_rows}")]
     for remainder, what in problems:
         if remainder:
             raise BadInput(f"TP={tp} does not divide {what}")

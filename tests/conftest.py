@@ -46,14 +46,19 @@ def make_hf_model(folder: Path, family: str = "gpt2", seed: int = 0, dtype=torch
                      vocab_size=101, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
                      pad_token_id=None),
         **MOE_FACTORY_DEFAULTS,
+        **DEEPSEEK_FACTORY_DEFAULTS,
     }[family].copy()  # a copy: the MoE defaults are shared module-level dicts
     defaults.update(config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **defaults))
-    # Make every parameter non-trivial (norm weights are ones, biases zeros at init).
+    # Make every parameter non-trivial (norm weights are ones, biases zeros at init), and
+    # DeepSeek-V3's expert bias (a saved buffer, zeros at init).
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.02)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.add_(torch.randn_like(buffer) * 0.02)
     model = model.to(dtype)
     model.save_pretrained(folder)
     return folder
@@ -108,6 +113,20 @@ def copy_fixture(tmp_path):
 
     return copy
 
+
+# DeepSeek: MLA with every head size distinct (q_lora 24, kv_lora 16, nope 8, rope 4, v 12),
+# layer 0 dense, 8 routed experts in 4 groups of which 2 are chosen, top-4, 2 shared experts.
+_DEEPSEEK_COMMON = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=48, moe_intermediate_size=16, n_shared_experts=2, first_k_dense_replace=1,
+                        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                        max_position_embeddings=32, vocab_size=101, tie_word_embeddings=False, bos_token_id=None,
+                        eos_token_id=None)
+DEEPSEEK_FACTORY_DEFAULTS = {
+    "deepseek_v3": dict(_DEEPSEEK_COMMON, n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2,
+                        routed_scaling_factor=2.5, num_nextn_predict_layers=0),
+    "deepseek_v2": dict(_DEEPSEEK_COMMON, n_routed_experts=4, num_experts_per_tok=2, topk_method="greedy",
+                        routed_scaling_factor=1.5),
+}
 
 MOE_FACTORY_DEFAULTS = {
     "mixtral": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

@@ -80,6 +80,15 @@ MOE_CASES = {
     "qwen2-moe-every-second-layer": ("qwen2_moe", {**FOUR_LAYERS, "mlp_only_layers": [], "decoder_sparse_step": 2}),
     "qwen3-moe": ("qwen3_moe", FOUR_LAYERS),
     "qwen3-moe-without-renormalisation": ("qwen3_moe", {**FOUR_LAYERS, "norm_topk_prob": False}),
+    # MLA with q_lora_rank, sigmoid routing with expert bias, 2 of 4 groups, scaling 2.5, layer 0 dense
+    "deepseek-v3": ("deepseek_v3", FOUR_LAYERS),
+    "deepseek-v3-yarn": ("deepseek_v3", {**FOUR_LAYERS, "max_position_embeddings": 16384, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}}),
+    "deepseek-v3-without-groups": ("deepseek_v3", {**FOUR_LAYERS, "n_group": 1, "topk_group": 1,
+                                                   "first_k_dense_replace": 2}),
+    "deepseek-v2": ("deepseek_v2", FOUR_LAYERS),
+    "deepseek-v2-lite-without-q-lora": ("deepseek_v2", {**FOUR_LAYERS, "q_lora_rank": None}),
 }
 
 

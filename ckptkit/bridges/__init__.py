@@ -2,7 +2,7 @@
 
 Adding a family is one file beside these and one line in ``BRIDGES``. The order is the
 order in which a Megatron checkpoint that records no Hugging Face architecture is
-claimed: the most specific families first (mixtures of experts; Qwen3 has q/k norms, Qwen2
+claimed: the most specific families first (DeepSeek's multi-latent attention, mixtures of experts; Qwen3 has q/k norms, Qwen2
 q/k/v-only biases, Mistral a sliding window), plain Llama and GPT-2 last. Phi-3 claims nothing: its
 Megatron model is a Llama's, so only a recorded architecture (or ``--architecture``)
 picks it.
@@ -15,6 +15,7 @@ from __future__ import annotations
 from ..errors import BadInput, Unsupported
 from ..spec import ModelSpec
 from .base import Bridge, HfMapping
+from .deepseek_v3 import DEEPSEEK_V2, DEEPSEEK_V3
 from .gpt2 import GPT2
 from .llama import LLAMA
 from .mistral import MISTRAL
@@ -26,7 +27,7 @@ from .qwen3 import QWEN3
 from .qwen3_moe import QWEN3_MOE
 
 BRIDGES: dict[str, Bridge] = {bridge.name: bridge for bridge in (
-    QWEN3_MOE, QWEN2_MOE, MIXTRAL, QWEN3, QWEN2, MISTRAL, PHI3, LLAMA, GPT2)}
+    DEEPSEEK_V3, DEEPSEEK_V2, QWEN3_MOE, QWEN2_MOE, MIXTRAL, QWEN3, QWEN2, MISTRAL, PHI3, LLAMA, GPT2)}
 BY_ARCHITECTURE = {bridge.architecture: bridge for bridge in BRIDGES.values()}
 BY_MODEL_TYPE = {bridge.model_type: bridge for bridge in BRIDGES.values()}
 

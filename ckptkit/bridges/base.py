@@ -38,6 +38,8 @@ class HfMapping:
     hf_names: tuple[str, ...]
     to_hf: ToHf
     from_hf: FromHf
+    # a dtype the HF tensors keep whatever the model's (transformers' _keep_in_fp32_modules_strict)
+    hf_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)

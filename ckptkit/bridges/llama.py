@@ -93,10 +93,12 @@ def llama_like_config(spec: ModelSpec, dtype: torch.dtype, architecture: str, mo
     return config
 
 
-def llama_like_problem(spec: ModelSpec, moe: bool = False) -> str | None:
-    """Why a spec is not a Llama-like model at all (SwiGLU, RMSNorm, RoPE; dense unless ``moe``)."""
+def llama_like_problem(spec: ModelSpec, moe: bool = False, mla: bool = False) -> str | None:
+    """Why a spec is not a Llama-like model at all (SwiGLU, RMSNorm, RoPE; dense unless ``moe``;
+    multi-head or grouped-query attention unless ``mla``)."""
     return first_problem(
         (moe or not spec.num_experts, "a mixture of experts"),
+        (mla or not spec.multi_latent_attention, "multi-latent attention"),
         (spec.gated, f"activation {spec.activation}; expected SwiGLU"),
         (spec.normalization == "RMSNorm", f"{spec.normalization}; expected RMSNorm"),
         (spec.position_embedding == "rope", f"{spec.position_embedding} positions; expected RoPE"),

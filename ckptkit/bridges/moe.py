@@ -67,8 +67,19 @@ def routing_fields(config: dict, normalised_key: str | None = "norm_topk_prob") 
     return {"moe_router_topk": config["num_experts_per_tok"], "moe_router_pre_softmax": not normalised}
 
 
-def moe_problem(spec: ModelSpec, *, shared_expert: bool) -> str | None:
+def softmax_routing_problem(spec: ModelSpec) -> str | None:
+    """Why a router is not a plain softmax router (DeepSeek's routing features)."""
     return first_problem(
+        (spec.moe_router_score_function == "softmax", f"{spec.moe_router_score_function} router scores"),
+        (not spec.moe_router_expert_bias, "an expert bias"),
+        (not spec.moe_router_num_groups, "group-limited routing"),
+        (spec.moe_router_topk_scaling_factor == 1.0,
+         f"routing weights scaled by {spec.moe_router_topk_scaling_factor}"),
+    )
+
+
+def moe_problem(spec: ModelSpec, *, shared_expert: bool) -> str | None:
+    return softmax_routing_problem(spec) or first_problem(
         (spec.num_experts > 0, "no mixture of experts"),
         (bool(spec.moe_shared_expert_size) == shared_expert,
          "a shared expert" if not shared_expert else "no shared expert"),

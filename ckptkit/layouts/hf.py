@@ -22,7 +22,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 
-from ..errors import BadInput
+from ..errors import BadInput, Unsupported
 from ..bridges import Bridge, HfMapping, bridge_for_config
 from ..safe_load import safe_torch_load
 from ..safetensors_stream import DTYPE_NAMES, StreamingSafetensorsWriter
@@ -93,6 +93,59 @@ def spec_from_config(bridge: Bridge, config: dict, path: Path) -> ModelSpec:
         raise BadInput(f"{path}: {error}") from None
     except (TypeError, ValueError, ZeroDivisionError) as error:
         raise BadInput(f"{path}: invalid value ({str(error).splitlines()[0]})") from None
+
+
+# Hub FP8 checkpoints (DeepSeek-V3/R1): a float8_e4m3fn weight W of [rows, cols] comes with
+# W_scale_inv, float32 [ceil(rows / bh), ceil(cols / bw)] for quantization_config's
+# weight_block_size [bh, bw]; the weight the model computes with is fp8 -> float32, times the
+# scale of its block (DeepSeek-V3's inference/kernel.py, weight_dequant; fp8_cast_bf16.py).
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_SCALE_SUFFIX = "_scale_inv"
+
+
+def fp8_block_size(config: dict, path: Path) -> tuple[int, int] | None:
+    """``quantization_config.weight_block_size`` of an FP8 checkpoint; None when not quantized."""
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return None
+    method = quantization.get("quant_method")
+    if method != "fp8":
+        raise Unsupported(f"{path}: quantization {method!r} is not supported (block-scaled fp8 is)")
+    block = quantization.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(size, int) and size > 0 for size in block)):
+        raise Unsupported(f"{path}: fp8 weight_block_size {block!r}: only block-scaled fp8 ([rows, cols]) is "
+                          "supported")
+    return int(block[0]), int(block[1])
+
+
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                      what: str = "fp8 weight") -> torch.Tensor:
+    """``weight`` (fp8, [rows, cols]) times its block scales -> float32, exactly: each fp8 value
+    is exact in float32, and each product is one float32 rounding.
+
+    Block (i, j) is rows ``i*bh ..`` and columns ``j*bw ..`` (the last ones may be partial). A
+    [3, 3] weight in [2, 2] blocks has scales [2, 2]: rows 0-1 cols 0-1 scaled by s[0, 0],
+    rows 0-1 col 2 by s[0, 1], row 2 cols 0-1 by s[1, 0], row 2 col 2 by s[1, 1].
+
+    >>> w = torch.ones(3, 3).to(torch.float8_e4m3fn)
+    >>> dequantize_blocks(w, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), (2, 2)).tolist()
+    [[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [3.0, 3.0, 4.0]]
+    """
+    if weight.dim() != 2:
+        raise BadInput(f"{what}: fp8 tensor of shape {tuple(weight.shape)}; block scales need a matrix")
+    rows, cols = weight.shape
+    block_rows, block_cols = block
+    expected = (-(-rows // block_rows), -(-cols // block_cols))
+    if tuple(scale_inv.shape) != expected:
+        raise BadInput(f"{what}: block scales of shape {tuple(scale_inv.shape)}; expected {expected} for "
+                       f"[{rows}, {cols}] in blocks of {block_rows} x {block_cols}")
+    full = weight.to(torch.float32)
+    scale = scale_inv.to(torch.float32)
+    for block_row in range(expected[0]):  # one band of rows at a time: no full-size scale tensor
+        band = full[block_row * block_rows:(block_row + 1) * block_rows]
+        band.mul_(scale[block_row].repeat_interleave(block_cols)[:cols])
+    return full
 
 
 def read_index(path: Path) -> dict:
@@ -181,6 +234,8 @@ class HfReader(CheckpointReader):
         self._open: dict = {}
         self._data: dict[str, _SafetensorsData] = {}
         self.location = self._locate_tensors()
+        self.fp8_block = fp8_block_size(config, self.folder / "config.json")
+        self.config_dtype = config.get("torch_dtype") or config.get("dtype")
         first_name = self.table["embedding.word_embeddings.weight"][1][0]
         self.meta = CheckpointMeta(
             layout=self.layout_name, path=self.folder, dtype=self._dtype_of(first_name),
@@ -213,9 +268,27 @@ class HfReader(CheckpointReader):
         return self._open[file_name]
 
     def _dtype_of(self, hf_name: str) -> torch.dtype:
-        return self.hf_tensor(hf_name).dtype
+        """The model's dtype, from one of its tensors; an FP8 checkpoint's is its config's
+        (what its weights are dequantized to by default)."""
+        dtype = self._stored(hf_name).dtype
+        if dtype in FP8_DTYPES:
+            return parse_dtype(self.config_dtype or "bfloat16")
+        return dtype
 
     def hf_tensor(self, hf_name: str) -> torch.Tensor:
+        """The tensor as the model computes with it: an FP8 weight dequantized (float32)."""
+        stored = self._stored(hf_name)
+        if stored.dtype not in FP8_DTYPES:
+            return stored
+        if self.fp8_block is None:
+            raise BadInput(f"{self.folder}: {hf_name} is {stored.dtype} but config.json has no FP8 "
+                           "quantization_config with a weight_block_size")
+        scale_name = hf_name + FP8_SCALE_SUFFIX
+        if scale_name not in self.location:
+            raise BadInput(f"{self.folder}: FP8 tensor {hf_name} has no {scale_name}")
+        return dequantize_blocks(stored, self._stored(scale_name), self.fp8_block, f"{self.folder}: {hf_name}")
+
+    def _stored(self, hf_name: str) -> torch.Tensor:
         file_name = self.location.get(hf_name)
         if file_name is None:
             raise BadInput(f"{self.folder}: tensor {hf_name} missing from the checkpoint")
@@ -254,6 +327,9 @@ class HfReader(CheckpointReader):
                     raise BadInput(f"{self.folder / self.location[hf_name]}: {hf_name} has shape {actual}; "
                                    f"expected {shape} from config.json")
         notes = []
+        if self.fp8_block is not None:  # each FP8 weight's block scales
+            expected_names.update(name + FP8_SCALE_SUFFIX for name in list(expected_names)
+                                  if name + FP8_SCALE_SUFFIX in self.location)
         for hf_name in sorted(set(self.location) - expected_names):
             if any(hf_name.endswith(pattern) or hf_name == pattern for pattern in self.bridge.ignorable):
                 continue
@@ -337,17 +413,16 @@ def plan_output(bridge: Bridge, spec: ModelSpec, dtype: torch.dtype, max_shard_s
     planned, source_of = {}, {}
     for canonical in canonical_tensors(spec):
         mapping, hf_names = table[canonical.name]
-        meta_full = torch.empty(canonical.shape, device="meta", dtype=dtype)
+        meta_full = torch.empty(canonical.shape, device="meta", dtype=mapping.hf_dtype or dtype)
         for hf_name, meta in zip(hf_names, mapping.to_hf(meta_full, spec)):
             planned[hf_name] = meta
             source_of[hf_name] = canonical.name
-    element = torch.empty((), dtype=dtype).element_size()
     split = split_state_dict_into_shards_factory(
-        planned, get_storage_size=lambda meta: meta.numel() * element,
+        planned, get_storage_size=lambda meta: meta.numel() * meta.element_size(),
         filename_pattern=hub_constants.SAFETENSORS_WEIGHTS_FILE_PATTERN, max_shard_size=max_shard_size)
-    shards = [HfShardPlan(file_name, {name: (dtype, tuple(planned[name].shape)) for name in names})
+    shards = [HfShardPlan(file_name, {name: (planned[name].dtype, tuple(planned[name].shape)) for name in names})
               for file_name, names in split.filename_to_tensors.items()]
-    return HfPlan(shards, source_of, sum(meta.numel() * element for meta in planned.values()))
+    return HfPlan(shards, source_of, sum(meta.numel() * meta.element_size() for meta in planned.values()))
 
 
 def write(reader: CheckpointReader, out_dir: Path, bridge: Bridge, *, dtype: torch.dtype,
@@ -372,7 +447,8 @@ def write(reader: CheckpointReader, out_dir: Path, bridge: Bridge, *, dtype: tor
                 if hf_name not in pending:
                     canonical = plan.source_of[hf_name]
                     mapping, hf_names = table[canonical]
-                    full = reader.tensor(canonical).to(dtype)  # no copy when the dtype is already right
+                    # no copy when the dtype is already right
+                    full = reader.tensor(canonical).to(mapping.hf_dtype or dtype)
                     pending.update((name, tensor) for name, tensor in zip(hf_names, mapping.to_hf(full, spec))
                                    if name in mine)
                     del full

@@ -62,6 +62,7 @@ _MCORE_LOCAL_LAYER = {
     # expert of SequentialMLP (grouped GEMM, TEGroupedMLP, spells them weight0..weightN-1:
     # accepted on read), the shared expert and its gate.
     "mlp.router.weight": ["mlp.router.weight"],
+    "mlp.router.expert_bias": ["mlp.router.expert_bias"],
     EXPERT + "linear_fc1.weight": [EXPERT + "linear_fc1.weight", "mlp.experts.linear_fc1.weight{expert}"],
     EXPERT + "linear_fc2.weight": [EXPERT + "linear_fc2.weight", "mlp.experts.linear_fc2.weight{expert}"],
     "mlp.shared_experts.linear_fc1.weight": ["mlp.shared_experts.linear_fc1.weight"],
@@ -69,9 +70,40 @@ _MCORE_LOCAL_LAYER = {
     "mlp.shared_experts.gate_weight": ["mlp.shared_experts.gate_weight"],
 }
 
+# Multi-latent attention in the local spec (megatron/core/models/gpt/gpt_layer_specs.py,
+# get_gpt_layer_local_submodules with multi_latent_attention): every projection a module of
+# its own and the q/kv norms too. Its torch_dist keys are these same names: the local MLA
+# spec maps no keys to Transformer Engine's (no sharded_state_dict_keys_map).
+_MCORE_LOCAL_MLA_LAYER = {
+    suffix: [suffix] for suffix in (
+        "self_attention.linear_q_down_proj.weight", "self_attention.q_layernorm.weight",
+        "self_attention.linear_q_up_proj.weight", "self_attention.linear_q_proj.weight",
+        "self_attention.linear_kv_down_proj.weight", "self_attention.kv_layernorm.weight",
+        "self_attention.linear_kv_up_proj.weight")
+}
+
+# The linears of an MLA layer's attention with an ``_extra_state`` entry, in the order Megatron's
+# state dict has them (linear_proj is built first, by the Attention base class).
+MLA_LINEARS = ("self_attention.linear_proj", "self_attention.linear_q_down_proj",
+               "self_attention.linear_q_up_proj", "self_attention.linear_kv_down_proj",
+               "self_attention.linear_kv_up_proj")
+MLA_LINEARS_WITHOUT_Q_LORA = ("self_attention.linear_proj", "self_attention.linear_q_proj",
+                              "self_attention.linear_kv_down_proj", "self_attention.linear_kv_up_proj")
+
+
+def attention_linears(spec) -> tuple[str, ...] | None:
+    """The attention linears with an ``_extra_state`` in a layer of ``spec``'s model when they
+    are not the naming's own (MLA's), else None."""
+    if not spec.multi_latent_attention:
+        return None
+    return MLA_LINEARS if spec.q_lora_rank else MLA_LINEARS_WITHOUT_Q_LORA
+
 # Transformer Engine fuses each norm into the linear that follows it. A MoE layer has no
 # linear_fc1 to fuse into: its pre-MLP norm is a module of its own (gpt_layer_specs.py,
 # ``pre_mlp_layernorm=backend.layer_norm(...) if num_experts``), spelled as below.
+# MLA has no Transformer Engine names here: TE fuses its q/kv norms into the up projections
+# and keeps the down projections whole on every TP rank (TELinear, parallel_mode "duplicated"),
+# another partition than the local spec's.
 _MCORE_TE_LAYER = {
     **_MCORE_LOCAL_LAYER,
     "input_layernorm.weight": ["self_attention.linear_qkv.layer_norm_weight"],
@@ -83,6 +115,7 @@ _MCORE_TE_MOE_LAYER = {
     "pre_mlp_layernorm.weight": ["pre_mlp_layernorm.weight"],
     "pre_mlp_layernorm.bias": ["pre_mlp_layernorm.bias"],
 }
+_MCORE_LOCAL_LAYER.update(_MCORE_LOCAL_MLA_LAYER)
 
 # 2024 Megatron-LM says input_norm/post_attention_norm/final_norm; older versions say
 # *_layernorm, and older still `attention` for `self_attention`.
@@ -147,6 +180,8 @@ class Naming:
     moe_layer_names: dict = field(default_factory=dict, hash=False)  # a MoE layer's spellings, where they differ
     moe_extra_state_linears: tuple[str, ...] = ()
     shared_expert_extra_state_linears: tuple[str, ...] = ()
+    # what to write instead, named when a canonical tensor has no spelling here
+    instead: str = "write mcore-local or mcore-te"
 
     def file_name(self, canonical_suffix: str, local_layer: int | None, *, moe_layer: bool = False,
                   expert_offset: int = 0) -> str:
@@ -158,30 +193,42 @@ class Naming:
         >>> NAMINGS["mcore-local"].file_name("mlp.experts.local_experts.5.linear_fc1.weight", 0, expert_offset=4)
         'decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight'
         """
-        names = self.global_names if local_layer is None else self.layer_names
-        template, expert = expert_of(canonical_suffix) if local_layer is not None else (canonical_suffix, None)
-        if moe_layer and template in self.moe_layer_names:
-            names = self.moe_layer_names
-        if template not in names:
-            raise Unsupported(f"the {self.name} naming has no name for {canonical_suffix} "
-                              "(pre-Core models lack it): write mcore-local or mcore-te")
         if local_layer is None:
-            return names[template][0]
-        spelled = names[template][0]
+            if canonical_suffix not in self.global_names:
+                raise Unsupported(f"the {self.name} naming has no name for {canonical_suffix}: {self.instead}")
+            return self.global_names[canonical_suffix][0]
+        template, expert = expert_of(canonical_suffix)
+        spelled = self.layer_spelling(template, moe_layer=moe_layer)
         if expert is not None:
             spelled = spelled.format(expert=expert - expert_offset)
         return f"{self.layer_prefixes[0]}{local_layer}.{spelled}"
 
+    def layer_spelling(self, suffix: str, *, moe_layer: bool = False) -> str:
+        """The spelling we write inside a layer for a canonical per-layer suffix (an expert's
+        with its ``{expert}`` placeholder).
+
+        >>> NAMINGS["mcore-te"].layer_spelling("input_layernorm.weight")
+        'self_attention.linear_qkv.layer_norm_weight'
+        """
+        names = self.moe_layer_names if moe_layer and suffix in self.moe_layer_names else self.layer_names
+        if suffix not in names:
+            raise Unsupported(f"the {self.name} naming has no name for {suffix}: {self.instead}")
+        return names[suffix][0]
+
     def extra_state_names(self, local_layer: int, *, moe_layer: bool = False, local_experts: int = 0,
-                          shared_expert: bool = False) -> list[str]:
+                          shared_expert: bool = False, attention: tuple[str, ...] | None = None) -> list[str]:
         """The ``_extra_state`` keys of one layer: its linears', and in a MoE layer each of its
-        ``local_experts`` experts' and the shared expert's."""
+        ``local_experts`` experts' and the shared expert's. ``attention`` names the attention's
+        linears when they are not this naming's fused QKV and projection (MLA's:
+        :func:`attention_linears`)."""
         if not moe_layer:
             linears = list(self.extra_state_linears)
         else:
             linears = [linear.format(expert=expert) for linear in self.moe_extra_state_linears
                        for expert in (range(local_experts) if "{expert}" in linear else [None])]
             linears += list(self.shared_expert_extra_state_linears) if shared_expert else []
+        if attention is not None:
+            linears = list(attention) + [linear for linear in linears if not linear.startswith("self_attention.")]
         return [f"{self.layer_prefixes[0]}{local_layer}.{linear}._extra_state" for linear in linears]
 
     def parse(self, file_key: str):
@@ -242,9 +289,11 @@ NAMINGS = {
                tuple(_MCORE_SHARED_EXPERT_LINEARS)),
         Naming("mcore-te", ("decoder.layers.",), _MCORE_TE_LAYER, _MCORE_GLOBAL, ("output_layer.weight",),
                tuple(_MCORE_LINEARS), "output_layer._extra_state", _MCORE_TE_MOE_LAYER, tuple(_MCORE_MOE_LINEARS),
-               tuple(_MCORE_SHARED_EXPERT_LINEARS)),
+               tuple(_MCORE_SHARED_EXPERT_LINEARS),
+               instead="multi-latent attention is written for Megatron's local spec only: write mcore-local"),
         Naming("legacy", ("language_model.encoder.layers.", "language_model.transformer.layers."),
-               _LEGACY_LAYER, _LEGACY_GLOBAL, ("word_embeddings_for_head.weight",), tuple(_LEGACY_LINEARS)),
+               _LEGACY_LAYER, _LEGACY_GLOBAL, ("word_embeddings_for_head.weight",), tuple(_LEGACY_LINEARS),
+               instead="pre-Core models lack it: write mcore-local or mcore-te"),
     )
 }
 

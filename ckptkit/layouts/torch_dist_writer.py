@@ -71,7 +71,7 @@ class TorchDistWriter(MegatronWriter):
             raise InternalError(f"{where}: written checkpoint does not read back ({error})") from None
         items, _ = torch_dist.plan_items(spec, target.tp, target.padded_vocab(spec), target.dtype, etp=target.etp,
                                          naming=target.naming)
-        planned = {item.index.fqn: (target.dtype, tuple(item.tensor_data.size)) for item in items}
+        planned = {item.index.fqn: (item.tensor_data.properties.dtype, tuple(item.tensor_data.size)) for item in items}
         stored = metadata.state_dict_metadata
         found = {key: (entry.properties.dtype, tuple(entry.size)) for key, entry in stored.items()
                  if isinstance(entry, TensorStorageMetadata) and not key.startswith(other_keys)}

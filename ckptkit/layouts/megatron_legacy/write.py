@@ -17,12 +17,12 @@ import torch
 from ...errors import BadInput, InternalError, Unsupported
 from ...plan import Plan, PlannedFile
 from ...safe_load import safe_torch_load
-from ...spec import ModelSpec, canonical_tensors, check_parallel_sizes, rule_for
+from ...spec import ModelSpec, canonical_tensors, check_parallel_sizes, kept_dtypes, rule_for
 from ...torch_stream import StreamingTorchWriter
 from ..base import CheckpointReader, compare_with_plan
 from ..megatron_common import (WRITE_CHECKPOINT_VERSION, MegatronWriter, TargetLayout, check_tracker,
                                target_args, write_tracker)
-from ..megatron_names import NAMINGS
+from ..megatron_names import NAMINGS, attention_linears
 from ..tracker import TRACKER
 from .discovery import NAME, RANK_FILE, rank_dir_name
 from .files import _flatten
@@ -110,7 +110,8 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
                 for layer in layers:
                     extra += naming.extra_state_names(layer - layers.start, moe_layer=spec.is_moe_layer(layer),
                                                       local_experts=experts_per_rank,
-                                                      shared_expert=bool(spec.moe_shared_expert_size))
+                                                      shared_expert=bool(spec.moe_shared_expert_size),
+                                                      attention=attention_linears(spec))
                 head_present = place == last and (not spec.tied_embeddings or target.pp * target.vpp > 1)
                 if head_present and naming.head_extra_state:
                     extra.append(naming.head_extra_state)
@@ -187,6 +188,7 @@ class RankFilesWriter(MegatronWriter):
         out, label = Path(out), Path(label)
         detail = plan.detail
         check_tracker(out, detail.target, label)
+        kept = kept_dtypes(detail.spec)  # the expert bias stays float32, as Megatron keeps it
         for entry, planned_file in zip(detail.entries, plan.files):
             where = label / planned_file.path
             try:
@@ -200,7 +202,10 @@ class RankFilesWriter(MegatronWriter):
                 found = {key: (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else value
                          for key, value in stored.items()}
                 planned = dict.fromkeys(extra_keys)
-                planned.update((key, (detail.target.dtype, shape)) for key, shape in chunk_shapes.items())
+                canonical_of = {planned_tensor.file_key: planned_tensor.canonical for chunk in entry.chunks
+                                for planned_tensor in chunk}
+                planned.update((key, (kept.get(canonical_of[key], detail.target.dtype), shape))
+                               for key, shape in chunk_shapes.items())
                 compare_with_plan(where, found, planned)
 
 
@@ -231,6 +236,7 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
     """
     spec = reader.spec
     dtype = target.dtype or reader.meta.dtype
+    kept = kept_dtypes(spec)  # the expert bias stays float32, as Megatron keeps it
     padded = target.padded_vocab(spec)
     plan = plan_files(spec, target)
     folder = out_dir / target.folder_name
@@ -253,7 +259,7 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
             for chunk_index, name, holders in _stage_reads(stage_files, spec):
                 planned = holders[0][1]
                 rule = rule_for(spec, planned.rule, padded)
-                full = rule.fit(reader.tensor(planned.copy_of or name).to(dtype))  # no copy when the dtype is right
+                full = rule.fit(reader.tensor(planned.copy_of or name).to(kept.get(name, dtype)))  # no copy if right
                 # Views of ``full`` where a rank holds one box: a replicated tensor is written from one copy.
                 pieces = {tp_rank: rule.shard(full, target.tp, tp_rank)
                           for tp_rank in sorted({entry.tp_rank for entry, _ in holders})}

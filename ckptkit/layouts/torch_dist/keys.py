@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ...spec import CanonicalTensor, ModelSpec
-from ..megatron_names import EXPERT, NAMINGS, expert_of
+from ..megatron_names import EXPERT, NAMINGS, attention_linears, expert_of
 
 LEGACY_COMMON_FILE = "common.pt"
 COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", shape (1,), offset (0,))
@@ -84,11 +84,14 @@ class StoredPlace:
         return (*self.index, *offsets), (*(1 for _ in self.index), *sizes)
 
 
-def _layer_spellings(suffix: str, moe_layer: bool, naming: str | None) -> list[str]:
+def _layer_spellings(suffix: str, moe_layer: bool, naming: str | None, mla: bool = False) -> list[str]:
     """Stored spellings of a per-layer suffix: the one Megatron writes for ``naming`` first,
-    then (``naming`` None, for reading) every one accepted."""
+    then (``naming`` None, for reading) every one accepted. A multi-latent attention model
+    keeps the local names (its local spec maps no keys to Transformer Engine's)."""
     if suffix.startswith(EXPERT):
         return [_STORED_EXPERTS + suffix[len(EXPERT):]]
+    if naming is not None and mla:
+        return [NAMINGS[naming].layer_spelling(suffix, moe_layer=moe_layer)]
     if naming is not None:
         table = _TE.moe_layer_names if naming == "mcore-te" and moe_layer and suffix in _TE.moe_layer_names \
             else _TE.layer_names
@@ -121,7 +124,7 @@ def stored_place(spec: ModelSpec, canonical: CanonicalTensor, naming: str = "mco
     if canonical.layer is None:
         return StoredPlace(_TE.global_names[canonical.name][0])
     suffix = _layer_suffix(canonical)
-    spelling = _layer_spellings(suffix, spec.is_moe_layer(canonical.layer), naming)[0]
+    spelling = _layer_spellings(suffix, spec.is_moe_layer(canonical.layer), naming, spec.multi_latent_attention)[0]
     return _place(spec, canonical, spelling, keys_per_layer(spec))
 
 
@@ -200,11 +203,14 @@ def extra_state_keys(spec: ModelSpec) -> list[str]:
     expert's), over the layer axis or, keyed per layer, with shape (1,) (an expert's over
     the expert axis: ``shard_L.E_layers.experts`` or ``shard_E_experts``)."""
     per_layer = keys_per_layer(spec)
+    attention = attention_linears(spec)
     keys = []
     for layer in range(spec.num_layers):
         moe = spec.is_moe_layer(layer)
         linears = list(_TE.extra_state_linears) if not moe else list(_TE.moe_extra_state_linears) + \
             (list(_TE.shared_expert_extra_state_linears) if spec.moe_shared_expert_size else [])
+        if attention is not None:
+            linears = list(attention) + [linear for linear in linears if not linear.startswith("self_attention.")]
         prefix = f"{_LAYER_PREFIX}{layer}." if per_layer else _LAYER_PREFIX
         index, axes = ((), ()) if per_layer else ((layer,), (spec.num_layers,))
         for linear in linears:

@@ -25,7 +25,7 @@ from torch.futures import Future
 
 from ... import safe_load
 from ...errors import BadInput, CkptError, InternalError, Unsupported
-from ...spec import canonical_tensors, check_parallel_sizes, rule_for
+from ...spec import canonical_tensors, check_parallel_sizes, rule_for, stored_dtype
 from ...streaming_io import DirectWriteFile
 from ..base import CheckpointReader
 from ..megatron_common import WRITE_CHECKPOINT_VERSION, TargetLayout, target_args, write_tracker
@@ -77,7 +77,8 @@ def plan_items(spec, tp: int, padded_vocab: int, dtype, *, etp: int | None = Non
         # linear_fc1 two per rank), in the order of the rows (columns) they hold.
         boxes = sorted({box for rank in range(ranks) for box in rule.boxes(shape, ranks, rank)})
         for offsets, sizes in boxes:
-            item = _tensor_item(place.key, place.global_shape(shape), *place.box(offsets, sizes), dtype)
+            item = _tensor_item(place.key, place.global_shape(shape), *place.box(offsets, sizes),
+                                stored_dtype(canonical, dtype))
             items.append(item)
             sources[item.index] = _PlannedChunk(canonical.name, offsets, sizes)
     return items, sources
@@ -263,7 +264,8 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
     def read_tensor(name: str) -> torch.Tensor:
         canonical = by_name[name]
         rule = rule_for(spec, canonical.rule, padded)
-        full = rule.fit(reader.tensor(name).to(dtype))  # the vocabulary re-padded to the target's rows
+        # the vocabulary re-padded to the target's rows; the expert bias kept in float32
+        full = rule.fit(reader.tensor(name).to(stored_dtype(canonical, dtype)))
         expected = rule.full_shape(canonical.shape)
         if tuple(full.shape) != tuple(expected):
             raise BadInput(f"{reader.meta.path}: {name} has shape {tuple(full.shape)}; expected {tuple(expected)}")
