@@ -280,6 +280,7 @@ def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkp
             rope_scaling=rope_scaling_from_args(args) if position_embedding == "rope" else None,
             sliding_window=sliding_window_from_args(args),
             qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
+            mtp_num_layers=int(_get(args, "mtp_num_layers", default=0) or 0),
             **moe_fields_from_args(args, args.num_layers),
         )
         fields.update(mla_fields_from_args(args))  # MLA's head sizes, norms and rotary scaling
@@ -323,7 +324,7 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
         rotary_percent=1.0, rotary_interleaved=False,
         use_rope_scaling=spec.rope_scaling is not None,
-        qk_layernorm=spec.qk_layernorm,
+        qk_layernorm=spec.qk_layernorm, mtp_num_layers=spec.mtp_num_layers or None,
         window_size=(spec.sliding_window - 1, 0) if spec.sliding_window else None,
         normalization=spec.normalization, norm_epsilon=spec.norm_epsilon, layernorm_epsilon=spec.norm_epsilon,
         swiglu=spec.gated, openai_gelu=gelu_tanh, bias_gelu_fusion=False, bias_swiglu_fusion=False,

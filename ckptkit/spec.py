@@ -23,6 +23,9 @@ decoder.layers.{L}.mlp.experts.local_experts.{E}.  gated/   MoE layers instead o
 decoder.layers.{L}.mlp.shared_experts.linear_fc1/2 gated/   shared expert, cut over TP;
     .weight, .gate_weight                          row/rep. gate_weight [1, hidden]
 decoder.final_layernorm.weight/bias                replic.
+mtp.layers.{D}.enorm/hnorm/final_layernorm.weight  replic.  multi-token prediction depth D
+mtp.layers.{D}.eh_proj.weight                      column   [hidden, 2 x hidden]
+mtp.layers.{D}.transformer_layer.*                 (layer)  as decoder.layers.{last}.*
 output_layer.weight                                vocab    untied embeddings only
 =================================================  =======  ==========================
 
@@ -55,7 +58,7 @@ rope rows]`` per query head, ``[qk_head_dim k rows, v_head_dim v rows]`` per hea
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -122,6 +125,9 @@ class ModelSpec:
     kv_lora_rank: int = 0
     qk_head_dim: int = 0
     qk_pos_emb_head_dim: int = 0
+    # Multi-token prediction layers (DeepSeek-V3's; Megatron's --mtp-num-layers), on the last
+    # pipeline stage, each shaped as the last decoder layer
+    mtp_num_layers: int = 0
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -263,6 +269,38 @@ def _moe_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
     return tensors
 
 
+MTP = "mtp.layers.{depth}."
+MTP_LAYER = "transformer_layer."  # the MTP layer's transformer layer, as Megatron's torch_dist keys say
+
+
+def _mtp_tensors(spec: ModelSpec, depth: int) -> list[CanonicalTensor]:
+    """One multi-token prediction layer: its norms of the next token's embedding (enorm) and
+    of the previous depth's hidden state (hnorm), the projection of both concatenated
+    ([embedding, hidden] columns), a transformer layer built as the last decoder layer (its
+    experts too), and its final norm. The embedding and output head are the model's own."""
+    hidden, prefix = spec.hidden_size, MTP.format(depth=depth)
+    last = LAYER.format(layer=spec.num_layers - 1)
+    layer = [replace(tensor, name=prefix + MTP_LAYER + tensor.name[len(last):], layer=None)
+             for tensor in _layer_tensors(spec, spec.num_layers - 1)]
+    return [CanonicalTensor(prefix + "enorm.weight", (hidden,), "replicated"),
+            CanonicalTensor(prefix + "hnorm.weight", (hidden,), "replicated"),
+            CanonicalTensor(prefix + "eh_proj.weight", (hidden, 2 * hidden), "column"),
+            *layer,
+            CanonicalTensor(prefix + "final_layernorm.weight", (hidden,), "replicated")]
+
+
+def mtp_part(name: str) -> tuple[int, str] | None:
+    """``(depth, rest)`` of a multi-token prediction layer's canonical name, else None.
+
+    >>> mtp_part("mtp.layers.0.transformer_layer.mlp.router.weight")
+    (0, 'transformer_layer.mlp.router.weight')
+    """
+    if not name.startswith("mtp.layers."):
+        return None
+    depth, rest = name[len("mtp.layers."):].split(".", 1)
+    return int(depth), rest
+
+
 def canonical_tensors(spec: ModelSpec) -> list[CanonicalTensor]:
     """Every canonical tensor of the model, in the order Megatron builds them."""
     hidden = spec.hidden_size
@@ -275,6 +313,8 @@ def canonical_tensors(spec: ModelSpec) -> list[CanonicalTensor]:
     tensors.append(CanonicalTensor("decoder.final_layernorm.weight", (hidden,), "replicated"))
     if spec.has_norm_bias:
         tensors.append(CanonicalTensor("decoder.final_layernorm.bias", (hidden,), "replicated"))
+    for depth in range(spec.mtp_num_layers):
+        tensors += _mtp_tensors(spec, depth)
     if not spec.tied_embeddings:
         tensors.append(CanonicalTensor("output_layer.weight", (spec.vocab_size, hidden), "vocab"))
     return tensors

@@ -33,16 +33,25 @@ gate; the first ``first_k_dense_replace`` layers are dense MLPs of ``intermediat
 transformers keeps ``mlp.gate.weight`` and ``e_score_correction_bias`` in float32, and so
 do the files ckptkit writes.
 
-Not carried (yet): the multi-token prediction layers (``num_nextn_predict_layers``; the
-Hub's ``model.layers.{num_hidden_layers}.*``, which transformers does not load either): a
-converted model has none, and its config says 0.
+Multi-token prediction (V3's ``num_nextn_predict_layers``, Megatron's ``--mtp-num-layers``):
+the Hub keeps depth D as one more layer, ``model.layers.{num_hidden_layers + D}``, which
+transformers does not load. Megatron <-> Hub::
+
+    mtp.layers.D.enorm / hnorm              model.layers.{N+D}.enorm / hnorm
+    mtp.layers.D.eh_proj                    model.layers.{N+D}.eh_proj     [hidden, 2 x hidden]
+    mtp.layers.D.transformer_layer.*        model.layers.{N+D}.self_attn.*, mlp.*, the two norms
+    mtp.layers.D.final_layernorm            model.layers.{N+D}.shared_head.norm
+    embedding / output_layer (shared)       model.layers.{N+D}.embed_tokens / shared_head.head (copies)
+
+A folder whose config declares MTP layers without their weights (what transformers saves) is
+read without them, with a note.
 """
 from __future__ import annotations
 
 import torch
 
-from ..errors import Unsupported
-from ..spec import ModelSpec
+from ..errors import BadInput, Unsupported
+from ..spec import MTP, MTP_LAYER, ModelSpec
 from .base import Bridge, HfMapping, first_problem, halves, halves_back, same, same_back
 from .llama import IGNORABLE, llama_like_mappings, llama_like_problem, rope_theta
 from .moe import expert_mappings, refuse_zero
@@ -100,8 +109,8 @@ def _common_spec(config: dict, family: str, rope_scaling: dict | None, **routing
         head_dim=config["v_head_dim"], position_embedding="rope", normalization="RMSNorm",
         norm_epsilon=config.get("rms_norm_eps", 1e-6), activation="swiglu", add_bias_linear=False,
         add_qkv_bias=False, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rope_theta=rope_theta(config), rope_scaling=rope_scaling, multi_latent_attention=True, q_lora_rank=config.get("q_lora_rank") or 0,
-        kv_lora_rank=config["kv_lora_rank"], qk_head_dim=config["qk_nope_head_dim"],
+        rope_theta=rope_theta(config), rope_scaling=rope_scaling, multi_latent_attention=True,
+        q_lora_rank=config.get("q_lora_rank") or 0, kv_lora_rank=config["kv_lora_rank"], qk_head_dim=config["qk_nope_head_dim"],
         qk_pos_emb_head_dim=config["qk_rope_head_dim"], num_experts=experts,
         moe_ffn_hidden_size=config["moe_intermediate_size"], moe_router_topk=config["num_experts_per_tok"],
         moe_layers=_dense_layers(config),
@@ -134,7 +143,7 @@ def _v3_spec(config: dict) -> ModelSpec:
                           "renormalises the chosen sigmoid weights exactly when more than one is chosen")
     refuse_zero(config, "n_shared_experts")
     return _common_spec(config, "deepseek_v3", _yarn(config, allowed=True), moe_router_score_function="sigmoid",
-                        moe_router_expert_bias=True,
+                        moe_router_expert_bias=True, mtp_num_layers=config.get("num_nextn_predict_layers") or 0,
                         **_groups(config, 2, "DeepseekV3 scores a group by the sum of its top 2"))
 
 
@@ -180,6 +189,7 @@ def _v3_mismatch(spec: ModelSpec) -> str | None:
         (groups_ok, f"groups scored by their top {spec.moe_router_topk // max(1, spec.moe_router_group_topk)} "
                     "(DeepseekV3: top 2)"),
         (spec.rope_scaling is None or spec.rope_scaling["rope_type"] == "yarn", "RoPE scaling other than yarn"),
+        (not spec.mtp_num_layers or not spec.tied_embeddings, "multi-token prediction with tied embeddings"),
     )
 
 
@@ -191,6 +201,7 @@ def _v2_mismatch(spec: ModelSpec) -> str | None:
         (not spec.moe_router_expert_bias, "an expert bias"),
         (groups_ok, "groups scored by more than their best expert"),
         (spec.rope_scaling is None, "RoPE scaling"),
+        (not spec.mtp_num_layers, "multi-token prediction layers"),
     )
 
 
@@ -223,7 +234,8 @@ def _v3_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
     config = _common_config(spec, dtype, DEEPSEEK_V3)
     config.setdefault("n_group", 1)
     config.setdefault("topk_group", 1)
-    config.update(norm_topk_prob=spec.moe_router_topk > 1, rope_interleave=True, num_nextn_predict_layers=0)
+    config.update(norm_topk_prob=spec.moe_router_topk > 1, rope_interleave=True,
+                  num_nextn_predict_layers=spec.mtp_num_layers)
     return config
 
 
@@ -253,13 +265,50 @@ def shared_expert_mappings() -> list[HfMapping]:
 def _mappings(spec: ModelSpec) -> list[HfMapping]:
     router, *experts = expert_mappings(_MLP + "gate.weight", _MLP + "experts.{expert}.", "gate_proj.weight",
                                        "up_proj.weight", "down_proj.weight")
-    return [
+    mappings = [
         *llama_like_mappings(spec), *mla_mappings(),
         HfMapping(router.canonical, router.hf_names, same, same_back, hf_dtype=torch.float32),
         HfMapping(LAYER + "mlp.router.expert_bias", (_MLP + "gate.e_score_correction_bias",), same, same_back,
                   hf_dtype=torch.float32),
         *experts, *shared_expert_mappings(),
     ]
+    return mappings if not spec.mtp_num_layers else _with_mtp(mappings, spec)
+
+
+def _copies(mapping: HfMapping, extra_names: list[str]) -> HfMapping:
+    """``mapping`` also writing its tensor under ``extra_names`` (the MTP layers' copies of the
+    embedding and head), and reading it back only where every copy is the same."""
+    def to_hf(tensor, spec):
+        first = mapping.to_hf(tensor, spec)
+        return first + first[:1] * len(extra_names)
+
+    def from_hf(tensors, spec):
+        for name, copy in zip(extra_names, tensors[1:]):
+            if not torch.equal(copy, tensors[0]):
+                raise BadInput(f"{name} differs from {mapping.hf_names[0]}: Megatron's multi-token prediction "
+                               "layers share the model's embedding and output head")
+        return mapping.from_hf(tensors[:1], spec)
+
+    return HfMapping(mapping.canonical, mapping.hf_names + tuple(extra_names), to_hf, from_hf, mapping.hf_dtype)
+
+
+def _with_mtp(mappings: list[HfMapping], spec: ModelSpec) -> list[HfMapping]:
+    """The mappings plus every multi-token prediction depth's (see the module docstring)."""
+    hub_layers = [f"model.layers.{spec.num_layers + depth}." for depth in range(spec.mtp_num_layers)]
+    shared = {"embedding.word_embeddings.weight": "embed_tokens.weight",
+              "output_layer.weight": "shared_head.head.weight"}
+    result = [_copies(mapping, [layer + shared[mapping.canonical] for layer in hub_layers])
+              if mapping.canonical in shared else mapping for mapping in mappings]
+    for depth, hub in enumerate(hub_layers):
+        ours = MTP.format(depth=depth)
+        own = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+               "final_layernorm.weight": "shared_head.norm.weight"}
+        result += [HfMapping(ours + name, (hub + theirs,), same, same_back) for name, theirs in own.items()]
+        result += [HfMapping(mapping.canonical.replace(LAYER, ours + MTP_LAYER),
+                             tuple(name.replace(HF_LAYER, hub) for name in mapping.hf_names),
+                             mapping.to_hf, mapping.from_hf, mapping.hf_dtype)
+                   for mapping in mappings if mapping.canonical.startswith(LAYER)]
+    return result
 
 
 DEEPSEEK_V3 = Bridge("deepseek_v3", "DeepseekV3ForCausalLM", "deepseek_v3", _v3_spec, _v3_config, _mappings,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -234,6 +234,7 @@ class HfReader(CheckpointReader):
         self._open: dict = {}
         self._data: dict[str, _SafetensorsData] = {}
         self.location = self._locate_tensors()
+        self.read_notes = self._drop_absent_mtp_layers()
         self.fp8_block = fp8_block_size(config, self.folder / "config.json")
         self.config_dtype = config.get("torch_dtype") or config.get("dtype")
         first_name = self.table["embedding.word_embeddings.weight"][1][0]
@@ -243,6 +244,20 @@ class HfReader(CheckpointReader):
         )
 
     layout_name = "hf-safetensors"
+
+    def _drop_absent_mtp_layers(self) -> list[str]:
+        """A config may declare multi-token prediction layers whose weights the folder lacks
+        (transformers neither loads nor saves them): the model is read without them."""
+        if not self.spec.mtp_num_layers:
+            return []
+        names = [hf_names[0] for canonical, (_, hf_names) in self.table.items() if canonical.startswith("mtp.")]
+        if any(name in self.location for name in names):
+            return []  # present: read (a partial set fails as missing tensors)
+        declared = self.spec.mtp_num_layers
+        self.spec = replace(self.spec, mtp_num_layers=0)
+        self.table = hf_table(self.bridge, self.spec)
+        return [f"{self.folder}: config.json declares {declared} multi-token prediction layer(s) whose weights "
+                f"are not in the folder (transformers saves none); converted without them"]
 
     def _locate_tensors(self) -> dict[str, str]:
         if (self.folder / SAFETENSORS_INDEX).is_file():
@@ -326,7 +341,7 @@ class HfReader(CheckpointReader):
                 if actual != shape:
                     raise BadInput(f"{self.folder / self.location[hf_name]}: {hf_name} has shape {actual}; "
                                    f"expected {shape} from config.json")
-        notes = []
+        notes = list(self.read_notes)
         if self.fp8_block is not None:  # each FP8 weight's block scales
             expected_names.update(name + FP8_SCALE_SUFFIX for name in list(expected_names)
                                   if name + FP8_SCALE_SUFFIX in self.location)

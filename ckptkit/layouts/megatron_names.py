@@ -21,6 +21,12 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import Unsupported
+from ..spec import MTP, MTP_LAYER, mtp_part
+
+# A multi-token prediction layer's own tensors; its transformer layer is the module
+# ``mtp_model_layer`` in per-rank files (torch_dist keys say ``transformer_layer``, canonical too).
+MTP_OWN = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "final_layernorm.weight")
+PER_RANK_MTP_LAYER = "mtp_model_layer."
 
 # The canonical (and per-rank file) prefix of one expert's MLP, with its expert placeholder.
 EXPERT = "mlp.experts.local_experts.{expert}."
@@ -193,6 +199,8 @@ class Naming:
         >>> NAMINGS["mcore-local"].file_name("mlp.experts.local_experts.5.linear_fc1.weight", 0, expert_offset=4)
         'decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight'
         """
+        if local_layer is None and mtp_part(canonical_suffix) is not None:
+            return self._mtp_name(canonical_suffix)
         if local_layer is None:
             if canonical_suffix not in self.global_names:
                 raise Unsupported(f"the {self.name} naming has no name for {canonical_suffix}: {self.instead}")
@@ -202,6 +210,44 @@ class Naming:
         if expert is not None:
             spelled = spelled.format(expert=expert - expert_offset)
         return f"{self.layer_prefixes[0]}{local_layer}.{spelled}"
+
+    def _mtp_name(self, canonical: str) -> str:
+        """A multi-token prediction tensor's key: its transformer layer is the module
+        ``mtp_model_layer`` (megatron/core/transformer/multi_token_prediction.py), spelled as a
+        decoder layer inside; experts keep their global index (one EP rank holds them all:
+        :meth:`mtp_extra_state_names` refuses more)."""
+        if self.name != "mcore-local":
+            raise Unsupported(f"the {self.name} naming has no name for {canonical}: multi-token prediction "
+                              "layers are written for Megatron's local spec only: write mcore-local")
+        depth, rest = mtp_part(canonical)
+        if not rest.startswith(MTP_LAYER):
+            return canonical
+        template, expert = expert_of(rest[len(MTP_LAYER):])
+        spelled = self.layer_spelling(template)
+        if expert is not None:
+            spelled = spelled.format(expert=expert)
+        return f"{MTP.format(depth=depth)}{PER_RANK_MTP_LAYER}{spelled}"
+
+    def mtp_extra_state_names(self, spec, local_experts: int) -> list[str]:
+        """The ``_extra_state`` keys of the multi-token prediction layers (on the last stage):
+        ``eh_proj``'s and its transformer layer's linears. Their experts are written under global
+        indices, so every expert must be on one EP rank."""
+        if not spec.mtp_num_layers:
+            return []
+        last = spec.num_layers - 1
+        moe = spec.is_moe_layer(last)
+        if moe and local_experts != spec.num_experts:
+            raise Unsupported("per-rank files of multi-token prediction layers with expert parallelism (EP>1) are "
+                              "not supported: write torch_dist (--format torch_dist) or EP=1")
+        inner = self.extra_state_names(0, moe_layer=moe, local_experts=local_experts,
+                                       shared_expert=bool(spec.moe_shared_expert_size),
+                                       attention=attention_linears(spec))
+        names = []
+        for depth in range(spec.mtp_num_layers):
+            prefix = MTP.format(depth=depth)
+            names.append(f"{prefix}eh_proj._extra_state")
+            names += [f"{prefix}{PER_RANK_MTP_LAYER}{name[len(self.layer_prefixes[0]) + 2:]}" for name in inner]
+        return names
 
     def layer_spelling(self, suffix: str, *, moe_layer: bool = False) -> str:
         """The spelling we write inside a layer for a canonical per-layer suffix (an expert's
@@ -242,6 +288,8 @@ class Naming:
         ``("mlp.experts.local_experts.{expert}.linear_fc1.weight", 1, 0)``.
         """
         lookup = _reverse_lookup(self)
+        if file_key.startswith("mtp.layers."):
+            return self._parse_mtp(file_key, lookup)
         if file_key in lookup["global"]:
             return lookup["global"][file_key], None, None
         if file_key in self.tied_head:
@@ -258,6 +306,25 @@ class Naming:
                     expert = pattern.match(rest)
                     if expert:
                         return template, layer, int(expert.group(1))
+        return None
+
+
+    def _parse_mtp(self, file_key: str, lookup: dict):
+        """A multi-token prediction key as its canonical name (layer None; experts are global)."""
+        depth, rest = mtp_part(file_key)
+        prefix = MTP.format(depth=depth)
+        if rest in MTP_OWN:
+            return file_key, None, None
+        for spelled_layer in (PER_RANK_MTP_LAYER, MTP_LAYER):
+            if not rest.startswith(spelled_layer):
+                continue
+            inner = rest[len(spelled_layer):]
+            if inner in lookup["layer"]:
+                return f"{prefix}{MTP_LAYER}{lookup['layer'][inner]}", None, None
+            for pattern, template in lookup["experts"]:
+                expert = pattern.match(inner)
+                if expert:
+                    return f"{prefix}{MTP_LAYER}{template.format(expert=int(expert.group(1)))}", None, None
         return None
 
 

@@ -115,6 +115,8 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
                 head_present = place == last and (not spec.tied_embeddings or target.pp * target.vpp > 1)
                 if head_present and naming.head_extra_state:
                     extra.append(naming.head_extra_state)
+                if place == last:  # Megatron builds the multi-token prediction layers on the last stage
+                    extra += naming.mtp_extra_state_names(spec, experts_per_rank)
                 chunks.append(entries)
                 extra_states.append(extra)
             relative = f"{rank_dir_name(tp_rank, pp_stage, target.pp, ep_rank, target.ep)}/{RANK_FILE}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ...spec import CanonicalTensor, ModelSpec
+from ...spec import MTP, MTP_LAYER, CanonicalTensor, ModelSpec, mtp_part
 from ..megatron_names import EXPERT, NAMINGS, attention_linears, expert_of
 
 LEGACY_COMMON_FILE = "common.pt"
@@ -121,6 +121,8 @@ def stored_place(spec: ModelSpec, canonical: CanonicalTensor, naming: str = "mco
     itself; expert 5 of layer 1 is index (1, 5) of ``decoder.layers.mlp.experts.experts.
     linear_fc1.weight``.
     """
+    if mtp_part(canonical.name) is not None:
+        return _mtp_places(spec, canonical, naming)[0]
     if canonical.layer is None:
         return StoredPlace(_TE.global_names[canonical.name][0])
     suffix = _layer_suffix(canonical)
@@ -132,10 +134,30 @@ def stored_places(spec: ModelSpec, canonical: CanonicalTensor) -> list[StoredPla
     """Every place a checkpoint may hold ``canonical`` in, for reading: each accepted
     spelling, keyed per layer and stacked over layers (Megatron's choice depends on its
     version and flags, so the stored keys decide)."""
+    if mtp_part(canonical.name) is not None:
+        return _mtp_places(spec, canonical, None)
     if canonical.layer is None:
         return [StoredPlace(name) for name in _STORED_SPELLINGS[canonical.name]]
     spellings = _layer_spellings(_layer_suffix(canonical), spec.is_moe_layer(canonical.layer), None)
     return [_place(spec, canonical, spelling, per_layer) for per_layer in (True, False) for spelling in spellings]
+
+
+def _mtp_places(spec: ModelSpec, canonical: CanonicalTensor, naming: str | None) -> list[StoredPlace]:
+    """Where a multi-token prediction tensor is: its own key (``mtp.layers.D.enorm.weight``), or
+    for its transformer layer ``mtp.layers.D.transformer_layer.`` and the layer's spelling, with
+    an expert axis for an expert (megatron/core/transformer/multi_token_prediction.py,
+    ``MultiTokenPredictionLayer.sharded_state_dict``: no layer axis). ``naming`` None: every
+    place accepted on read."""
+    depth, rest = mtp_part(canonical.name)
+    if not rest.startswith(MTP_LAYER):
+        return [StoredPlace(canonical.name)]
+    last = spec.num_layers - 1
+    suffix = expert_of(rest[len(MTP_LAYER):])[0]
+    spellings = _layer_spellings(suffix, spec.is_moe_layer(last), naming, spec.multi_latent_attention)
+    prefix = f"{MTP.format(depth=depth)}{MTP_LAYER}"
+    if canonical.expert is None:
+        return [StoredPlace(prefix + spelling) for spelling in spellings]
+    return [StoredPlace(prefix + spelling, (canonical.expert,), (spec.num_experts,)) for spelling in spellings]
 
 
 def stored_key(canonical: CanonicalTensor, spec: ModelSpec | None = None) -> str:
@@ -220,4 +242,26 @@ def extra_state_keys(spec: ModelSpec) -> list[str]:
             stored = f"{prefix}{_STORED_EXPERTS}{linear[len(EXPERT):]}._extra_state"
             keys += [_object_key(stored, (*index, expert), (*axes, spec.num_experts))
                      for expert in range(spec.num_experts)]
+    return keys + _mtp_extra_state_keys(spec, attention)
+
+
+def _mtp_extra_state_keys(spec: ModelSpec, attention) -> list[str]:
+    """The multi-token prediction layers' ``_extra_state`` objects: ``eh_proj``'s and their
+    transformer layer's linears, keyed without a layer axis (shard_0_1; an expert's over the
+    expert axis)."""
+    keys = []
+    moe = spec.is_moe_layer(spec.num_layers - 1)
+    linears = list(_TE.extra_state_linears) if not moe else list(_TE.moe_extra_state_linears) + \
+        (list(_TE.shared_expert_extra_state_linears) if spec.moe_shared_expert_size else [])
+    if attention is not None:
+        linears = list(attention) + [linear for linear in linears if not linear.startswith("self_attention.")]
+    for depth in range(spec.mtp_num_layers):
+        prefix = MTP.format(depth=depth)
+        keys.append(_object_key(f"{prefix}eh_proj._extra_state", (0,), (1,)))
+        for linear in linears:
+            if not linear.startswith(EXPERT):
+                keys.append(_object_key(f"{prefix}{MTP_LAYER}{linear}._extra_state", (0,), (1,)))
+                continue
+            stored = f"{prefix}{MTP_LAYER}{_STORED_EXPERTS}{linear[len(EXPERT):]}._extra_state"
+            keys += [_object_key(stored, (expert,), (spec.num_experts,)) for expert in range(spec.num_experts)]
     return keys
