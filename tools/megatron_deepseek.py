@@ -17,13 +17,19 @@ for the fixtures' tokens (float32, eager attention) and ckptkit's Megatron check
   TP2 EP1 (another layout than written) with ``--dist-ckpt-strictness raise_all``.
 - ``v2_torch_ep2``: DeepseekV2ForCausalLM (softmax, top-2 of 4 greedy, scaling 1.5) ->
   ``hf-to-megatron --ep 2`` (per-rank), loaded at EP2.
+- ``v3mtp_dist_ep2`` and ``v3mtp_torch_tp2``: the DeepseekV3 model with one multi-token
+  prediction layer added in the Hub's layout (:func:`add_mtp_layer`), as torch_dist at EP2
+  (loaded at TP2) and per-rank at TP2, loaded with ``--mtp-num-layers 1``: the main logits are
+  transformers', and Megatron's MTP logits are kept for tests/test_deepseek.py.
 
 ``compare`` reads ``RUN_logits.pt`` (tools/megatron_deepseek_logits.py) and prints max / mean
 |Megatron - transformers| over the 1000 real vocabulary columns.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +53,9 @@ MODELS = {
 }
 # run -> (model, hf-to-megatron options, how Megatron loads it)
 RUNS = {
+    "v3mtp_dist_ep2": ("v3mtp", ["--tp", "1", "--pp", "1", "--ep", "2", "--format", "torch_dist"],
+                       "with an MTP layer: torch_dist written at EP2, loaded at TP2 EP1"),
+    "v3mtp_torch_tp2": ("v3mtp", ["--tp", "2", "--pp", "1"], "with an MTP layer: per-rank TP2, loaded at TP2"),
     "v3_torch_tp2": ("v3", ["--tp", "2", "--pp", "1"], "per-rank TP2, loaded at TP2"),
     "v3_dist_ep2": ("v3", ["--tp", "1", "--pp", "1", "--ep", "2", "--format", "torch_dist"],
                     "torch_dist written at EP2, loaded at TP2 EP1"),
@@ -81,6 +90,34 @@ def make_model(folder: Path, model_type: str, fields: dict) -> torch.Tensor:
         return model.eval()(tokens()).logits.float()
 
 
+def add_mtp_layer(folder: Path) -> None:
+    """One multi-token prediction layer in the Hub's layout beside the model transformers saved:
+    ``model.layers.{N}.*`` shaped as the last layer (random), enorm, hnorm, eh_proj,
+    shared_head.norm, and copies of the embedding and head."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    last, mtp = config["num_hidden_layers"] - 1, config["num_hidden_layers"]
+    state = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    hidden = config["hidden_size"]
+    added = {name.replace(f"model.layers.{last}.", f"model.layers.{mtp}."):
+             (torch.randn(tensor.shape, generator=generator) * (0.05 if tensor.dim() == 1 else 0.02)
+              + (1.0 if name.endswith("layernorm.weight") else 0.0)).to(tensor.dtype)
+             for name, tensor in state.items() if name.startswith(f"model.layers.{last}.")}
+    added.update({
+        f"model.layers.{mtp}.enorm.weight": 1 + torch.randn(hidden, generator=generator) * 0.02,
+        f"model.layers.{mtp}.hnorm.weight": 1 + torch.randn(hidden, generator=generator) * 0.02,
+        f"model.layers.{mtp}.eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=generator) * 0.02,
+        f"model.layers.{mtp}.shared_head.norm.weight": 1 + torch.randn(hidden, generator=generator) * 0.02,
+        f"model.layers.{mtp}.embed_tokens.weight": state["model.embed_tokens.weight"].clone(),
+        f"model.layers.{mtp}.shared_head.head.weight": state["lm_head.weight"].clone(),
+    })
+    save_file({**state, **added}, folder / "model.safetensors", metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def tokens() -> torch.Tensor:
     """The fixtures' tokens (tools/make_megatron_deepseek_fixture.sh)."""
     torch.manual_seed(0)
@@ -91,6 +128,9 @@ def prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     references = {name: make_model(out / f"{name}_hf", model_type, fields)
                   for name, (model_type, fields) in MODELS.items()}
+    shutil.copytree(out / "v3_hf", out / "v3mtp_hf", dirs_exist_ok=True)
+    add_mtp_layer(out / "v3mtp_hf")
+    references["v3mtp"] = references["v3"]  # transformers computes no MTP head: the main logits
     for run, (model, options, _) in RUNS.items():
         ckptkit("hf-to-megatron", str(out / f"{model}_hf"), str(out / run), *options, "--overwrite")
         torch.save({"tokens": tokens()}, out / f"{run}_tokens.pt")

@@ -6,6 +6,7 @@
 #   $CHECK/v3_torch_tp2   DeepseekV3 -> hf-to-megatron --tp 2                      (per-rank)
 #   $CHECK/v3_dist_ep2    DeepseekV3 -> hf-to-megatron --ep 2 --format torch_dist
 #   $CHECK/v2_torch_ep2   DeepseekV2 -> hf-to-megatron --ep 2                      (per-rank)
+#   $CHECK/v3mtp_*        DeepseekV3 with a Hub-layout MTP layer -> torch_dist EP2 / per-rank TP2
 # and $CHECK/RUN_tokens.pt. Afterwards `python3 tools/megatron_deepseek.py compare $CHECK RESULTS`
 # compares $OUT/RUN_logits.pt with transformers' logits ($CHECK/RUN_reference.pt).
 #
@@ -15,14 +16,14 @@
 # Needs 2 GPUs; every run uses both (per-rank files load only at the layout that wrote them; the
 # torch_dist one is loaded at TP2 EP1, another layout, with --dist-ckpt-strictness raise_all).
 # The model is built as tools/megatron_deepseek_local.py explains, with the fixtures' flags
-# (tools/megatron_deepseek_flags.sh) less --mtp-num-layers (ckptkit writes no MTP layer). A key
+# (tools/megatron_deepseek_flags.sh), --mtp-num-layers only for the v3mtp runs. A key
 # mismatch in the torch format shows as "load_return: ..." in RUN.log (Megatron's strict load then
 # retries with strict=False), so that line must be absent. Leaves $OUT/RUN_logits.pt and $OUT/RUN.log.
 set -u
 : "${MEGATRON_PATH:?set MEGATRON_PATH to a Megatron-LM source tree}"
 : "${CHECK:=.devdata/dscheck}"
 : "${OUT:=/tmp/megatron-deepseek-check}"
-RUNS=${RUNS:-"v3_torch_tp2 v3_dist_ep2 v2_torch_ep2"}
+RUNS=${RUNS:-"v3_torch_tp2 v3_dist_ep2 v2_torch_ep2 v3mtp_dist_ep2 v3mtp_torch_tp2"}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export MEGATRON_PATH PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -36,14 +37,15 @@ run_one() {  # RUN PORT
     v2_*) model=("${V2[@]}") ;;
   esac
   local kept=() skip=0 flag
-  for flag in "${model[@]}"; do  # no --mtp-num-layers N: ckptkit writes no MTP layer
+  for flag in "${model[@]}"; do  # --mtp-num-layers only where the HF model has an MTP layer
     if [ $skip = 1 ]; then skip=0; continue; fi
-    if [ "$flag" = --mtp-num-layers ]; then skip=1; continue; fi
+    if [ "$flag" = --mtp-num-layers ] && [ "${run#v3mtp}" = "$run" ]; then skip=1; continue; fi
     kept+=("$flag")
   done
   model=("${kept[@]}")
   case $run in
-    *_dist_*) fmt=(torch_dist --dist-ckpt-strictness raise_all) par=(--tensor-model-parallel-size 2 --expert-model-parallel-size 1) ;;
+    *_dist_*) fmt=(torch_dist --dist-ckpt-strictness raise_all)
+      par=(--tensor-model-parallel-size 2 --expert-model-parallel-size 1) ;;
     *_tp2) fmt=(torch) par=(--tensor-model-parallel-size 2 --expert-model-parallel-size 1) ;;
     *) fmt=(torch) par=(--tensor-model-parallel-size 1 --expert-model-parallel-size 2) ;;
   esac
