@@ -19,9 +19,27 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "inspect", "convert", "reshard", "verify"]
 
-# The submodule ckptkit.convert shares its name with the function below. Importing it
-# first means later `import ckptkit.convert` finds it loaded and leaves the function bound.
-from . import convert as _conversions  # noqa: E402
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+
+
+class _Package(_types.ModuleType):
+    """The ``ckptkit`` package, whose function ``convert`` shares its name with the
+    submodule ``ckptkit.convert``.
+
+    Python binds a submodule as an attribute of its package when it is first imported,
+    which would replace the function. The submodule is imported lazily (it imports torch:
+    a second that ``ckptkit --help`` does not need), so that binding is refused here
+    instead; ``import ckptkit.convert`` and ``sys.modules`` still give the module.
+    """
+
+    def __setattr__(self, name, value):
+        if name == "convert" and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 def inspect(path, **options):
@@ -60,9 +78,11 @@ def convert(source, destination, *, to: str, tp: int = 1, pp: int = 1, vpp: int 
     >>> result.target_layout["tp"], len(result.files)  # 4 rank files and the tracker
     (2, 5)
     """
+    import importlib
+
     from .errors import BadInput
 
-    conversions = _conversions
+    conversions = importlib.import_module(f"{__name__}.convert")  # the submodule, not this function
     if to == "hf":
         return conversions.megatron_to_hf(source, destination, dtype=dtype, progress=progress, **options)
     if to == "megatron":

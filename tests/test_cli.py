@@ -6,6 +6,7 @@ import pkgutil
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -106,5 +107,25 @@ def test_every_command_module_registers_its_commands_on_main():
     registered = {command.name: command for module in command_modules() if not module.endswith(".shell")
                   for command in importlib.import_module(module).COMMANDS}
     registered["train"] = train
-    assert main.commands == registered
+    context = click.Context(main)
+    assert {name: main.get_command(context, name) for name in main.list_commands(context)} == registered
     assert set(COMMANDS) | {"push", "train"} == set(main.commands)
+
+
+def test_help_lists_every_command_without_importing_torch():
+    """``ckptkit --help`` stays quick: the trainer's command (which imports torch) is listed with
+    its own short help but imported only when run."""
+    check = ("import sys; from click.testing import CliRunner; from ckptkit.cli import main; "
+             "result = CliRunner().invoke(main, ['--help']); assert result.exit_code == 0, result.output; "
+             "assert 'torch' not in sys.modules, 'torch was imported'; print(result.output)")
+
+    completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+
+    assert completed.returncode == 0, completed.stderr
+    listed = completed.stdout.split("Commands:")[1]
+    for name in set(COMMANDS) | {"push", "train"}:
+        assert f"  {name} " in listed
+    from ckptkit.cli import LAZY_COMMANDS
+    from ckptkit.train.command import train
+
+    assert LAZY_COMMANDS["train"][2] == train.get_short_help_str(limit=200)

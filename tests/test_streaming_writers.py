@@ -146,3 +146,62 @@ def test_streamed_torch_file_passes_zip_crc_checks(tmp_path):
         writer.finish({"w": torch.randn(3000, 7), "b": torch.arange(10), "nested": {"h": torch.ones(2).half()}})
     with zipfile.ZipFile(tmp_path / "model.pt") as archive:
         assert archive.testzip() is None
+
+
+# ---------------------------------------------------------------------------- reads straight into place
+
+def _file_of(path, data: bytes):
+    import os
+
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
+
+
+def test_a_read_fills_a_block_of_columns_in_place_and_leaves_the_rest(tmp_path):
+    """A row-parallel TP piece is read straight into its columns of the merged tensor."""
+    from ckptkit.streaming_io import read_into
+
+    piece = torch.arange(3000 * 7, dtype=torch.int16).reshape(3000, 7)  # 3000 rows: several preadv calls
+    fd = _file_of(tmp_path / "piece.bin", b"header" + piece.numpy().tobytes())
+    merged = torch.full((3000, 20), -1, dtype=torch.int16)
+    read_into(fd, merged[:, 5:12], offset=6)
+    assert torch.equal(merged[:, 5:12], piece)
+    assert (merged[:, :5] == -1).all() and (merged[:, 12:] == -1).all()
+
+
+def test_a_read_into_a_transposed_view_fills_it_in_element_order(tmp_path):
+    from ckptkit.streaming_io import read_into
+
+    values = torch.randn(33, 9).half()
+    fd = _file_of(tmp_path / "values.bin", values.numpy().tobytes())
+    out = torch.empty(9, 33, dtype=torch.float16)
+    read_into(fd, out.t(), offset=0)
+    assert torch.equal(out.t(), values)
+
+
+def test_a_read_past_the_end_of_the_file_is_refused(tmp_path):
+    from ckptkit.streaming_io import read_into
+
+    fd = _file_of(tmp_path / "short.bin", bytes(100))
+    with pytest.raises(EOFError):
+        read_into(fd, torch.empty(20, 10, dtype=torch.float16)[:, :5], offset=0)
+
+
+def test_write_threads_of_different_files_share_one_byte_budget(tmp_path):
+    """Eight TP ranks' files written at once hold no more than one file would."""
+    import threading
+
+    from ckptkit.streaming_io import DirectWriteFile, OrderedWriteThread, PendingBytes
+
+    budget = PendingBytes(max_bytes=3000)
+    release = threading.Event()
+    writes = [OrderedWriteThread(DirectWriteFile(tmp_path / f"{index}.bin"), pending=budget) for index in range(4)]
+    for write in writes[:3]:
+        write.submit(release.wait, 1000)
+    assert budget.pending == 3000
+    threading.Timer(0.2, release.set).start()
+    writes[3].submit(lambda: None, 1000)  # waits: the other files' jobs hold the whole budget
+    assert release.is_set()
+    for write in writes:
+        write.close()
+    assert budget.pending == 0

@@ -59,9 +59,10 @@ def dry_run_option(command):
 
 
 def _conversion_process() -> None:
-    from ..streaming_io import keep_freed_memory_for_reuse
+    from ..streaming_io import keep_freed_memory_for_reuse, one_thread_per_operation
 
     keep_freed_memory_for_reuse()  # a conversion process: reuse freed pages (see streaming_io)
+    one_thread_per_operation()  # its own threads do the CPU work (see streaming_io)
 
 
 # ---------------------------------------------------------------------------- megatron-to-hf

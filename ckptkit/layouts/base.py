@@ -65,6 +65,21 @@ class CheckpointReader:
         """The full canonical tensor ``name`` (vocab tensors may keep padding rows)."""
         raise NotImplementedError
 
+    def fetch(self, name: str):
+        """The file reads of :meth:`tensor`: what :meth:`assemble` makes ``name`` from.
+
+        A conversion (:mod:`ckptkit.pipeline`) fetches on one thread, in order, and
+        assembles on a pool of threads; a reader whose tensors need CPU work after the
+        reads (transposes, regrouping) splits :meth:`tensor` into the two. By default
+        everything happens here.
+        """
+        return self.tensor(name)
+
+    def assemble(self, name: str, fetched) -> torch.Tensor:
+        """``name`` from what :meth:`fetch` returned, without touching the files or the
+        reader's state (it runs on any thread)."""
+        return fetched
+
     def validate(self) -> list[str]:
         """Check the files before anything is written; return warnings, raise BadInput."""
         return []

@@ -11,6 +11,7 @@ Reading is lazy: ``safe_open`` per shard (only the requested tensor's bytes are 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -25,7 +26,8 @@ from safetensors import safe_open
 from ..errors import BadInput, Unsupported
 from ..bridges import Bridge, HfMapping, bridge_for_config
 from ..safe_load import safe_torch_load
-from ..safetensors_stream import DTYPE_NAMES, StreamingSafetensorsWriter
+from .. import pipeline
+from ..safetensors_stream import DTYPE_NAMES, StreamingSafetensorsWriter, storage_order
 from ..streaming_io import read_tensor
 from ..spec import ModelSpec, canonical_tensors
 from .base import CheckpointMeta, CheckpointReader
@@ -319,10 +321,17 @@ class HfReader(CheckpointReader):
                            f"({str(error).splitlines()[0]})") from None
 
     def tensor(self, name: str) -> torch.Tensor:
+        return self.assemble(name, self.fetch(name))
+
+    def fetch(self, name: str) -> list[torch.Tensor]:
+        """The Hugging Face tensors ``name`` is made from, read from their shards."""
         if name not in self.table:
             raise BadInput(f"{self.folder}: no canonical tensor {name}")
+        return [self.hf_tensor(hf_name) for hf_name in self.table[name][1]]
+
+    def assemble(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """``name`` from its Hugging Face tensors: the bridge's transform (transposes, fusing)."""
         mapping, hf_names = self.table[name]
-        parts = [self.hf_tensor(hf_name) for hf_name in hf_names]
         try:
             return mapping.from_hf(parts, self.spec)
         except RuntimeError as error:
@@ -454,23 +463,29 @@ def write(reader: CheckpointReader, out_dir: Path, bridge: Bridge, *, dtype: tor
     table = hf_table(bridge, spec)
     shards = [shard for shard in plan.shards if only is None or shard.file_name in only]
     mine = {name for shard in shards for name in shard.tensors}
+
+    def to_hf(canonical: str):  # on the pipeline's threads; no copy when the dtype is already right
+        mapping, hf_names = table[canonical]
+        hf_dtype = mapping.hf_dtype or dtype
+        return lambda full: [(name, tensor) for name, tensor in zip(hf_names, mapping.to_hf(full.to(hf_dtype), spec))
+                             if name in mine]
+
+    # Canonical tensors in the order the shards first need them, made ahead (ckptkit.pipeline).
+    needed = dict.fromkeys(plan.source_of[name] for shard in shards for name in storage_order(shard.tensors))
+    made = pipeline.produced(reader, [(canonical, to_hf(canonical)) for canonical in needed])
     pending: dict[str, torch.Tensor] = {}
     written = []
-    for shard in shards:
-        with StreamingSafetensorsWriter(out_dir / shard.file_name, shard.tensors) as out:
-            for hf_name in out.order:
-                if hf_name not in pending:
-                    canonical = plan.source_of[hf_name]
-                    mapping, hf_names = table[canonical]
-                    # no copy when the dtype is already right
-                    full = reader.tensor(canonical).to(mapping.hf_dtype or dtype)
-                    pending.update((name, tensor) for name, tensor in zip(hf_names, mapping.to_hf(full, spec))
-                                   if name in mine)
-                    del full
-                    if progress:
-                        progress(canonical)
-                out.write(hf_name, pending.pop(hf_name))
-        written.append(shard.file_name)
+    with contextlib.closing(made):
+        for shard in shards:
+            with StreamingSafetensorsWriter(out_dir / shard.file_name, shard.tensors) as out:
+                for hf_name in out.order:
+                    if hf_name not in pending:
+                        canonical, tensors = next(made)
+                        pending.update(tensors)
+                        if progress:
+                            progress(canonical)
+                    out.write(hf_name, pending.pop(hf_name))
+            written.append(shard.file_name)
     if finish:
         written += write_index(out_dir, bridge, spec, dtype=dtype, max_shard_size=max_shard_size)
     return written

@@ -111,8 +111,9 @@ class _RankFiles:
 
     def read_rows_into(self, tp_rank: int, pp_stage: int, stored: torch.Tensor, rows: range,
                        out: torch.Tensor) -> bool:
-        """Read rows ``rows`` of ``stored`` straight into contiguous ``out``; False when the
-        tensor is not one that can be read that way (memory-mapped, or a strided view)."""
+        """Read rows ``rows`` of ``stored`` straight into ``out`` (contiguous, or a view whose
+        rows are: :func:`ckptkit.streaming_io.read_into`); False when the stored tensor is not
+        one that can be read that way (memory-mapped, or a strided view)."""
         if not self.can_read_rows(stored):
             return False
         row_bytes = stored[0].numel() * stored.element_size() if stored.dim() else stored.element_size()

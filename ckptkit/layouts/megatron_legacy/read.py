@@ -238,15 +238,16 @@ class MegatronLegacyReader(CheckpointReader):
                merged: torch.Tensor) -> None:
         """Put one rank's stored piece (its boxes, concatenated along dim 0) into ``merged``.
 
-        Where every box is a block of whole rows, its rows are read from the file straight
-        into place: one pass, no ``cat``. Otherwise (row-parallel column blocks, memory-mapped
-        or strided stored tensors, an old ``checkpoint_version`` whose rows the rule reorders)
-        the piece is read, then copied into its boxes.
+        Where each row of every box is contiguous in ``merged`` (a block of whole rows, or a
+        row-parallel block of columns), the rows are read from the file straight into place:
+        one pass, no staging buffer, no ``cat``. Otherwise (memory-mapped or strided stored
+        tensors, an old ``checkpoint_version`` whose rows the rule reorders) the piece is
+        read, then copied into its boxes.
         """
         targets = [merged[box_slices(box)] for box in boxes]
         files = self.ep_files[location.ep_rank]
         straight = self.meta.checkpoint_version >= 2.0 and files.can_read_rows(stored) and \
-            all(target.is_contiguous() for target in targets)
+            all(target.is_contiguous() or (target.dim() > 1 and target[0].is_contiguous()) for target in targets)
         if straight:
             row = 0
             for target in targets:

@@ -7,6 +7,7 @@ local indices. What both Megatron formats share (target, args, tracker) is in
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ... import pipeline
 from ...errors import BadInput, InternalError, Unsupported
 from ...plan import Plan, PlannedFile
 from ...safe_load import safe_torch_load
@@ -225,6 +227,21 @@ def _stage_reads(stage_files: list[PlannedRankFile], spec: ModelSpec) -> list[tu
     return [(chunk_index, name, reads[(chunk_index, name)]) for chunk_index, name in order]
 
 
+def _pieces(spec: ModelSpec, holders: list, padded: int, dtype: torch.dtype, tp: int):
+    """The function making a canonical tensor's pieces for the TP ranks of ``holders``, each
+    contiguous (on a :mod:`ckptkit.pipeline` thread). A piece that is one block of rows is a
+    view of the full tensor, and a replicated tensor is one copy for every rank: both are
+    written without a copy (:meth:`StreamingTorchWriter.add_tensor`)."""
+    rule = rule_for(spec, holders[0][1].rule, padded)
+    tp_ranks = sorted({entry.tp_rank for entry, _ in holders})
+
+    def cut(full: torch.Tensor) -> dict[int, torch.Tensor]:
+        full = rule.fit(full.to(dtype))  # no copy when the dtype is right
+        return {tp_rank: rule.shard(full, tp, tp_rank).contiguous() for tp_rank in tp_ranks}
+
+    return cut
+
+
 def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, progress=None,
           only=None, finish: bool = True) -> list[str]:
     """Write ``reader``'s model as Megatron per-rank files under ``out_dir`` (a fresh folder).
@@ -258,20 +275,17 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
                 path = folder / entry.relative_path
                 path.parent.mkdir(parents=True, exist_ok=True)
                 writers[entry.relative_path] = StreamingTorchWriter(path)
-            for chunk_index, name, holders in _stage_reads(stage_files, spec):
-                planned = holders[0][1]
-                rule = rule_for(spec, planned.rule, padded)
-                full = rule.fit(reader.tensor(planned.copy_of or name).to(kept.get(name, dtype)))  # no copy if right
-                # Views of ``full`` where a rank holds one box: a replicated tensor is written from one copy.
-                pieces = {tp_rank: rule.shard(full, target.tp, tp_rank)
-                          for tp_rank in sorted({entry.tp_rank for entry, _ in holders})}
-                del full
-                for entry, planned in holders:
-                    refs[entry.relative_path][chunk_index][planned.file_key] = \
-                        writers[entry.relative_path].add_tensor(pieces[entry.tp_rank])
-                del pieces
-                if progress:
-                    progress(name)
+            reads = _stage_reads(stage_files, spec)
+            jobs = [(holders[0][1].copy_of or name, _pieces(spec, holders, padded, kept.get(name, dtype), target.tp))
+                    for _, name, holders in reads]
+            with contextlib.closing(pipeline.produced(reader, jobs)) as made:
+                for (chunk_index, name, holders), (_, pieces) in zip(reads, made):
+                    for entry, planned in holders:
+                        refs[entry.relative_path][chunk_index][planned.file_key] = \
+                            writers[entry.relative_path].add_tensor(pieces[entry.tp_rank])
+                    del pieces
+                    if progress:
+                        progress(name)
             for entry in stage_files:
                 models = []
                 for chunk_index, chunk_refs in enumerate(refs[entry.relative_path]):
