@@ -287,7 +287,7 @@ class HfReader(CheckpointReader):
     def _dtype_of(self, hf_name: str) -> torch.dtype:
         """The model's dtype, from one of its tensors; an FP8 checkpoint's is its config's
         (what its weights are dequantized to by default)."""
-        dtype = self._stored(hf_name).dtype
+        dtype = self._stored_dtype(hf_name)
         if dtype in FP8_DTYPES:
             return parse_dtype(self.config_dtype or "bfloat16")
         return dtype
@@ -304,6 +304,20 @@ class HfReader(CheckpointReader):
         if scale_name not in self.location:
             raise BadInput(f"{self.folder}: FP8 tensor {hf_name} has no {scale_name}")
         return dequantize_blocks(stored, self._stored(scale_name), self.fp8_block, f"{self.folder}: {hf_name}")
+
+    def _stored_dtype(self, hf_name: str) -> torch.dtype:
+        """A tensor's stored dtype, from the shard's header (no data read)."""
+        file_name = self.location.get(hf_name)
+        if file_name is None or Path(file_name).suffix != ".safetensors":
+            return self._stored(hf_name).dtype
+        try:
+            code = self._handle(file_name).get_slice(hf_name).get_dtype()
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise BadInput(f"{self.folder / file_name}: cannot read tensor {hf_name} "
+                           f"({str(error).splitlines()[0]})") from None
+        if code not in _DTYPES_BY_CODE:
+            raise BadInput(f"{self.folder / file_name}: tensor {hf_name} has unsupported dtype {code}")
+        return _DTYPES_BY_CODE[code]
 
     def _stored(self, hf_name: str) -> torch.Tensor:
         file_name = self.location.get(hf_name)
@@ -399,7 +413,7 @@ class HfBinReader(HfReader):
             self._open[file_name] = state
         return self._open[file_name]
 
-    def hf_tensor(self, hf_name: str) -> torch.Tensor:
+    def _stored(self, hf_name: str) -> torch.Tensor:
         file_name = self.location.get(hf_name)
         if file_name is None:
             raise BadInput(f"{self.folder}: tensor {hf_name} missing from the checkpoint")
@@ -409,7 +423,7 @@ class HfBinReader(HfReader):
         return value
 
     def _shape_of(self, hf_name: str) -> tuple:
-        return tuple(self.hf_tensor(hf_name).shape)
+        return tuple(self._stored(hf_name).shape)
 
 
 # ---------------------------------------------------------------------------- writing
