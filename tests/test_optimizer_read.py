@@ -35,7 +35,7 @@ def test_each_tp_rank_stored_its_rule_s_piece_of_the_canonical_state():
         for canonical in state.canonical():
             full = state.tensor(canonical.name)
             rule = rule_for(state.spec, canonical.rule, state.padded_vocab_size)
-            pp_stage, chunk, position = state._where[canonical.name]
+            pp_stage, chunk, position, _ = state._where[canonical.name]
             for tp_rank in range(2):
                 stored = state._pieces(tp_rank, pp_stage, chunk, position)
                 for key, values in full.items():
@@ -56,7 +56,7 @@ def test_replicated_weights_have_the_same_state_on_every_tp_rank():
         for canonical in state.canonical():
             if canonical.rule != "replicated":
                 continue
-            pp_stage, chunk, position = state._where[canonical.name]
+            pp_stage, chunk, position, _ = state._where[canonical.name]
             first, second = (state._pieces(tp_rank, pp_stage, chunk, position) for tp_rank in range(2))
             assert all(torch.equal(first[key], second[key]) for key in first), canonical.name
 
@@ -69,7 +69,7 @@ def test_step_param_groups_and_lr_schedule_come_with_the_state():
     assert info.param_groups[0]["weight_decay"] == 0.01 and info.param_groups[0]["betas"] == (0.9, 0.999)
     assert all("params" not in group and "step" not in group for group in info.param_groups)
     assert info.opt_param_scheduler["num_steps"] == 80 and info.opt_param_scheduler["lr_decay_style"] == "cosine"
-    assert info.source == {"format": "torch", "tp": 2, "pp": 1, "vpp": 1, "dp": 2, "param_dtype": "float32"}
+    assert info.source == {"format": "torch", "tp": 2, "pp": 1, "vpp": 1, "ep": 1, "dp": 2, "param_dtype": "float32"}
 
 
 def test_non_distributed_groups_and_order_match_the_real_bf16_master_copies():

@@ -93,21 +93,22 @@ def test_inspect_reports_the_torch_dist_state():
 
 
 def optimizer_entries(path):
-    """Every optimizer entry of a torch_dist checkpoint: tensors as (global shape, dtype,
-    sorted chunks), bytes entries unpickled."""
+    """Every optimizer entry of a torch_dist checkpoint (chained optimizers' too): tensors as
+    (global shape, dtype, sorted chunks), bytes entries unpickled."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     from ckptkit.layouts.torch_dist import TorchDistReader, load_pickled_bytes
+    from ckptkit.layouts.torch_dist.keys import is_optimizer_key
     from ckptkit.layouts.torch_dist.regions import _read_regions
 
     with TorchDistReader(path) as reader:
         stored = reader.metadata.state_dict_metadata
         byte_keys = [key for key, entry in stored.items()
-                     if key.startswith("optimizer.") and isinstance(entry, BytesStorageMetadata)]
+                     if is_optimizer_key(key) and isinstance(entry, BytesStorageMetadata)]
         raw = _read_regions(reader.files, [], byte_keys)
         found = {key: load_pickled_bytes(raw[key], key) for key in byte_keys}
         for key, entry in stored.items():
-            if key.startswith("optimizer.") and key not in found:
+            if is_optimizer_key(key) and key not in found:
                 found[key] = (tuple(entry.size), entry.properties.dtype,
                               sorted((tuple(chunk.offsets), tuple(chunk.sizes)) for chunk in entry.chunks))
         common = reader.common_state

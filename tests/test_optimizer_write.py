@@ -136,8 +136,8 @@ def test_virtual_pipeline_chunks_and_the_tied_head_copy_are_written_where_megatr
         for canonical in written.canonical():
             expected, found = state.tensor(canonical.name), written.tensor(canonical.name)
             assert all(torch.equal(found[key], expected[key]) for key in expected), canonical.name
-        first = written._layouts[(0, 0)].buffers
-        last = written._layouts[(1, 1)].buffers
+        first = written._layouts[(0, 0, 0)].buffers  # (TP rank, PP stage, EP rank)
+        last = written._layouts[(1, 1, 0)].buffers
     assert len(first) == len(last) == 2
     assert [len(buffer.buckets) for buffer in first] == [2, 1] and [len(buffer.buckets) for buffer in last] == [1, 2]
     assert first[0].slots[-1].parameter.name == "embedding.word_embeddings.weight"

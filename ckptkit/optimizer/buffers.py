@@ -43,6 +43,7 @@ Bucket(index=0, start=0, end=128, numel_unpadded=70, stored_start=0)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -203,6 +204,20 @@ class BufferSettings:
     pad_for_high_nccl_busbw: bool = False
     param_dtype: torch.dtype = torch.float32
     grad_dtype: torch.dtype = torch.float32
+    # the experts' optimizer shards over the expert-data-parallel group: the ranks holding the
+    # same experts (DP x TP / (EP x ETP) of them); None: no experts
+    expert_dp: int | None = None
+
+    def with_experts(self, *, tp: int, ep: int, etp: int | None = None) -> "BufferSettings":
+        """These settings for a mixture of experts at TP ``tp``, EP ``ep``, expert TP ``etp``.
+
+        >>> BufferSettings(dp=4).with_experts(tp=2, ep=2).expert_dp  # 8 ranks, 2 x 2 per expert group
+        2
+        """
+        etp = etp or tp
+        if (self.dp * tp) % (ep * etp):
+            raise BadInput(f"DP={self.dp} x TP={tp} ranks do not divide into EP={ep} x expert TP={etp}")
+        return dataclasses.replace(self, expert_dp=self.dp * tp // (ep * etp))
 
     def chunk_bucket_size(self, pp_stage: int, chunk: int) -> int | None:
         """Bucketing is off on later stages and later chunks (``get_model`` in
@@ -248,6 +263,11 @@ class BufferSettings:
                 bucket_size = num_parameters // int(args.ddp_num_buckets)
             else:
                 bucket_size = int(get("ddp_bucket_size", max(40_000_000, 1_000_000 * sharding_group)))
-        return cls(dp=data_parallel * context // instances, bucket_size=bucket_size,
-                   pad_for_high_nccl_busbw=bool(get("ddp_pad_buckets_for_high_nccl_busbw", False)),
-                   param_dtype=param_dtype, grad_dtype=torch.float32 if grad_fp32 else param_dtype)
+        settings = cls(dp=data_parallel * context // instances, bucket_size=bucket_size,
+                       pad_for_high_nccl_busbw=bool(get("ddp_pad_buckets_for_high_nccl_busbw", False)),
+                       param_dtype=param_dtype, grad_dtype=torch.float32 if grad_fp32 else param_dtype)
+        if get("num_experts") and dp is None:  # the args' own layout (another DP: see with_experts)
+            settings = settings.with_experts(tp=int(get("tensor_model_parallel_size", 1)),
+                                             ep=int(get("expert_model_parallel_size", 1)),
+                                             etp=get("expert_tensor_parallel_size"))
+        return settings

@@ -85,21 +85,23 @@ class WithOptimizerState(CheckpointWriter):
         self.weights.check(plan, out, label)
         out, label, target = Path(out), Path(label), self.target
         padded = target.padded_vocab(self.spec)
+        settings = target.settings_for(self.spec)
         for pp_stage in range(target.pp):
             for tp_rank in range(target.tp):
-                if target.distributed:
-                    relative = target.rank_path(tp_rank, pp_stage, FILE_NAME)
-                    layout = rank_layout(self.spec, tp=target.tp, tp_rank=tp_rank, pp=target.pp, pp_stage=pp_stage,
-                                         vpp=target.vpp, padded_vocab_size=padded, settings=target.settings,
-                                         naming=target.naming)
-                    try:
-                        DistribOptimFile(out / relative, layout, target.settings.buffer_key).close()
-                    except BadInput as error:
-                        raise InternalError(f"{label / relative}: written optimizer state does not read back "
-                                            f"({error})") from None
-                relative = target.rank_path(tp_rank, pp_stage, "model_optim_rng.pt")
-                if "optimizer" not in safe_torch_load(out / relative, map_location="meta"):
-                    raise InternalError(f"{label / relative}: no optimizer entry was written")
+                for ep_rank in range(target.ep):
+                    if target.distributed:
+                        relative = target.rank_path(tp_rank, pp_stage, FILE_NAME, ep_rank)
+                        layout = rank_layout(self.spec, tp=target.tp, tp_rank=tp_rank, pp=target.pp,
+                                             pp_stage=pp_stage, vpp=target.vpp, padded_vocab_size=padded,
+                                             settings=settings, naming=target.naming, ep=target.ep, ep_rank=ep_rank)
+                        try:
+                            DistribOptimFile(out / relative, layout, settings.buffer_key, ep_rank=ep_rank).close()
+                        except BadInput as error:
+                            raise InternalError(f"{label / relative}: written optimizer state does not read back "
+                                                f"({error})") from None
+                    relative = target.rank_path(tp_rank, pp_stage, "model_optim_rng.pt", ep_rank)
+                    if "optimizer" not in safe_torch_load(out / relative, map_location="meta"):
+                        raise InternalError(f"{label / relative}: no optimizer entry was written")
 
 
 def _optimizer_files(target: OptimizerTarget) -> list[str]:
@@ -138,9 +140,11 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
     if distributed is None:
         distributed = source.kind == "distributed"
     if isinstance(weights, TorchDistWriter):
-        if reader.spec.num_experts:
-            return weights, ["optimizer state dropped: torch_dist output carries no optimizer state of models with "
-                             "experts yet (write --format torch)"]
+        if reader.spec.num_experts and (not distributed or sharding == "fully_reshardable"
+                                        or layout.expert_tp != layout.tp):
+            return weights, ["optimizer state dropped: torch_dist output carries the optimizer state of a mixture "
+                             "of experts as the distributed optimizer's dp_reshardable type, with experts cut over "
+                             "TP (write --format torch for the plain optimizer)"]
         if not distributed:
             dtype = layout.dtype or reader.meta.dtype
             if dtype != torch.float32:
@@ -179,7 +183,7 @@ class TorchDistWithOptimizerState(CheckpointWriter):
     def write(self, reader, plan, out, files=None, progress=None) -> list[str]:
         from ..layouts import torch_dist
         from . import read_optimizer_state
-        from .torch_dist import DpReshardableEntries, ModelSpaceEntries
+        from .torch_dist_entries import DpReshardableEntries, ModelSpaceEntries
 
         target = plan.detail.target
         padded = target.padded_vocab(reader.spec)
@@ -187,7 +191,8 @@ class TorchDistWithOptimizerState(CheckpointWriter):
             if self.sharding == "dp_reshardable":
                 entries = DpReshardableEntries(state, reader.spec, padded_vocab_size=padded, dp=self.dp,
                                                args=reader.meta.args, param_dtype=target.dtype,
-                                               naming=target.naming, tp=target.tp, pp=target.pp, vpp=target.vpp)
+                                               naming=target.naming, tp=target.tp, pp=target.pp, vpp=target.vpp,
+                                               ep=target.ep)
             else:
                 entries = ModelSpaceEntries(state, reader.spec, sharding=self.sharding, padded_vocab_size=padded,
                                             dp=self.dp, tp=target.tp, etp=target.etp, naming=target.naming,
@@ -203,7 +208,7 @@ class TorchDistWithOptimizerState(CheckpointWriter):
         from ..layouts import torch_dist
         from .torch_dist import TorchDistOptimizerState
 
-        self.weights.check(plan, out, label, other_keys=("optimizer.",))
+        self.weights.check(plan, out, label, other_keys=("optimizer.", "chained_"))
         try:
             with torch_dist.open_reader(Path(out)) as written:
                 TorchDistOptimizerState(written).close()

@@ -157,9 +157,11 @@ class TrainingRun:
                 "lr_decay_steps": decay, "min_lr": flags.min_lr, "start_wd": start_wd, "end_wd": end_wd,
                 "wd_incr_style": flags.weight_decay_incr_style, "wd_incr_steps": increments}
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self, experts: bool = False) -> list[dict]:
         """Megatron's two default groups as torch's AdamW saves them before the first step
-        (the real fixtures' fresh ``optimizer`` entries have these keys), without ``params``.
+        (the real fixtures' fresh ``optimizer`` entries have these keys), without ``params``;
+        with ``experts``, the experts' group after them (``is_expert_parallel``; their weights
+        all decay: expert biases are not supported).
 
         ``lr`` and ``weight_decay`` are the scheduler's at step 0 (it sets them again when it
         loads). ``bias_correction`` is not torch's: Apex's and Transformer Engine's FusedAdam
@@ -171,9 +173,10 @@ class TrainingRun:
             flags.lr_warmup_iters or flags.lr_warmup_samples or flags.lr_warmup_fraction)
         lr = flags.lr_warmup_init if warming_up else flags.lr  # OptimizerParamScheduler.get_lr at step 0
         groups = []
-        for wd_mult in (1.0, 0.0):  # _get_param_groups: the default group first, then the no-decay override
+        # _get_param_groups: the default group first, then the no-decay override, then the experts'
+        for wd_mult, expert in [(1.0, False), (0.0, False), *([(1.0, True)] if experts else [])]:
             groups.append({
-                "is_expert_parallel": False, "default_config": True, "wd_mult": wd_mult, "lr_mult": 1.0,
+                "is_expert_parallel": expert, "default_config": True, "wd_mult": wd_mult, "lr_mult": 1.0,
                 "is_decoupled_lr": False, "max_lr": flags.lr, "min_lr": flags.min_lr, "lr": lr,
                 "betas": (flags.adam_beta1, flags.adam_beta2), "eps": flags.adam_eps, "weight_decay": start_wd * wd_mult,
                 "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
@@ -197,7 +200,8 @@ class FreshOptimizerState(OptimizerState):
         self.padded_vocab_size = weights.meta.padded_vocab_size or weights.spec.vocab_size
         self._canonical = {tensor.name: tensor for tensor in self.canonical()}
         self.info = OptimizerInfo(
-            kind="distributed" if distributed else "non-distributed", step=0, param_groups=run.param_groups(),
+            kind="distributed" if distributed else "non-distributed", step=0,
+            param_groups=run.param_groups(experts=bool(self.spec.num_experts)),
             opt_param_scheduler=run.scheduler_state(dp), training={"num_floating_point_operations_so_far": 0},
             source={"layout": weights.meta.layout, "fresh": True})
 

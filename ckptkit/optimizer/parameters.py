@@ -12,8 +12,12 @@ layer spec that order is::
     decoder.layers.N.self_attention.linear_qkv.{weight,bias}
     decoder.layers.N.self_attention.{q,k}_layernorm.{weight,bias}
     decoder.layers.N.pre_mlp_layernorm.{weight,bias}
-    decoder.layers.N.mlp.linear_fc1.{weight,bias}
+    decoder.layers.N.mlp.linear_fc1.{weight,bias}          a dense layer; a MoE layer instead:
     decoder.layers.N.mlp.linear_fc2.{weight,bias}
+    decoder.layers.N.mlp.router.weight
+    decoder.layers.N.mlp.experts.local_experts.E.linear_fc{1,2}.{weight,bias}   each local expert
+    decoder.layers.N.mlp.shared_experts.gate_weight        (a module's own parameters come first)
+    decoder.layers.N.mlp.shared_experts.linear_fc{1,2}.weight
     decoder.final_layernorm.{weight,bias}                  last stage, last chunk
     output_layer.weight                                    untied head, or the tied copy
 
@@ -26,6 +30,12 @@ first): it is the order ckptkit writes weights in, not the order Megatron optimi
 Each parameter is one tensor-parallel piece of a canonical tensor: its rule (and the
 padded vocabulary, for vocabulary tensors) says which region of the full tensor it
 holds and what shape it has.
+
+In a mixture of experts Megatron chains two optimizers (``ChainedOptimizer``): one over
+every other parameter and one over the experts of the rank's expert-parallel rank
+(``is_expert_parallel``), each with its own buffers and groups. An expert is named with
+its index local to the EP rank (``local_experts.1`` of EP rank 1 of 2 with 4 experts is
+global expert 3); its parameter says ``expert``.
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ from ..spec import ModelSpec, canonical_tensors, check_parallel_sizes, rule_for
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 TIED_HEAD = "output_layer.weight"
 
+_EXPERTS = "mlp.experts.local_experts"  # where the layer's local experts come, each in _EXPERT_ORDER
 # Order of a transformer layer's parameters inside named_parameters() (local layer spec).
 _LAYER_ORDER = (
     "input_layernorm.weight", "input_layernorm.bias",
@@ -50,7 +61,13 @@ _LAYER_ORDER = (
     "pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias",
     "mlp.linear_fc1.weight", "mlp.linear_fc1.bias",
     "mlp.linear_fc2.weight", "mlp.linear_fc2.bias",
+    "mlp.router.weight",
+    _EXPERTS,
+    "mlp.shared_experts.gate_weight",
+    "mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.linear_fc2.weight",
 )
+# One local expert's parameters, in order (SequentialMLP's MLP per expert)
+_EXPERT_ORDER = ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")
 _FIRST_STAGE_ORDER = (WORD_EMBEDDINGS, "embedding.position_embeddings.weight")
 _LAST_STAGE_ORDER = ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias", TIED_HEAD)
 
@@ -67,6 +84,8 @@ class ChunkPlace:
     pp_stage: int = 0
     vpp: int = 1
     chunk: int = 0
+    ep: int = 1
+    ep_rank: int = 0
 
     @property
     def is_first(self) -> bool:
@@ -94,6 +113,7 @@ class ModelParameter:
     shape: tuple[int, ...]
     shared_embedding: bool = False
     tied_copy: bool = False
+    expert: bool = False  # an expert's: in the experts' optimizer of a mixture of experts
 
     @property
     def numel(self) -> int:
@@ -118,12 +138,10 @@ def chunk_parameters(spec: ModelSpec, place: ChunkPlace, padded_vocab_size: int,
         raise Unsupported(f"optimizer state for the {naming} naming: the order in which its modules "
                           f"register parameters is not confirmed on real files (supported: "
                           f"{', '.join(SUPPORTED_NAMINGS)})")
-    if spec.num_experts:
-        raise Unsupported("optimizer state of mixture-of-experts models (expert parameters live in "
-                          "buffers of their own) is not supported yet")
-    check_parallel_sizes(spec, place.tp, place.pp, place.vpp)
-    if not (0 <= place.tp_rank < place.tp and 0 <= place.pp_stage < place.pp and 0 <= place.chunk < place.vpp):
-        raise BadInput(f"no model chunk {place} in TP={place.tp} PP={place.pp} VPP={place.vpp}")
+    check_parallel_sizes(spec, place.tp, place.pp, place.vpp, place.ep)
+    if not (0 <= place.tp_rank < place.tp and 0 <= place.pp_stage < place.pp and 0 <= place.chunk < place.vpp
+            and 0 <= place.ep_rank < place.ep):
+        raise BadInput(f"no model chunk {place} in TP={place.tp} PP={place.pp} VPP={place.vpp} EP={place.ep}")
     file_names = NAMINGS[naming]
     layers = stage_layers(spec, place.pp, place.vpp)[(place.pp_stage, place.chunk)]
     tensors = {tensor.name: tensor for tensor in canonical_tensors(spec)}
@@ -140,11 +158,23 @@ def chunk_parameters(spec: ModelSpec, place: ChunkPlace, padded_vocab_size: int,
             if canonical in tensors:
                 shared = tied_split and canonical == WORD_EMBEDDINGS
                 parameters.append(piece(canonical, file_names.file_name(canonical, None), shared_embedding=shared))
+    local_experts = spec.num_experts // place.ep if spec.num_experts else 0
+    first_expert = place.ep_rank * local_experts
     for layer in layers:
         prefix = f"decoder.layers.{layer}."
+        moe_layer = bool(spec.num_experts) and spec.is_moe_layer(layer)
         for suffix in _LAYER_ORDER:
-            if prefix + suffix in tensors:
-                parameters.append(piece(prefix + suffix, file_names.file_name(suffix, layer - layers.start)))
+            if suffix == _EXPERTS:
+                for expert in range(first_expert, first_expert + local_experts):
+                    for part in _EXPERT_ORDER:
+                        expert_suffix = f"{_EXPERTS}.{expert}.{part}"
+                        if prefix + expert_suffix in tensors:
+                            parameters.append(piece(prefix + expert_suffix, file_names.file_name(
+                                expert_suffix, layer - layers.start, moe_layer=True, expert_offset=first_expert),
+                                expert=True))
+            elif prefix + suffix in tensors:
+                parameters.append(piece(prefix + suffix, file_names.file_name(suffix, layer - layers.start,
+                                                                              moe_layer=moe_layer)))
     if place.is_last:
         for canonical in _LAST_STAGE_ORDER:
             if canonical == TIED_HEAD and tied_split:
@@ -153,14 +183,17 @@ def chunk_parameters(spec: ModelSpec, place: ChunkPlace, padded_vocab_size: int,
             elif canonical in tensors:
                 parameters.append(piece(canonical, file_names.file_name(canonical, None)))
     listed = {parameter.canonical for parameter in parameters}
-    expected = [name for name, tensor in tensors.items() if _holds(place, tensor, layers)]
+    expected = [name for name, tensor in tensors.items() if _holds(place, tensor, layers, first_expert,
+                                                                    local_experts)]
     missing = [name for name in expected if name not in listed]
     if missing:  # a canonical tensor this table does not place: refuse rather than misplace its state
         raise Unsupported(f"optimizer state: no place in Megatron's parameter order for {missing[0]}")
     return parameters
 
 
-def _holds(place: ChunkPlace, tensor, layers: range) -> bool:
+def _holds(place: ChunkPlace, tensor, layers: range, first_expert: int, local_experts: int) -> bool:
+    if tensor.expert is not None:
+        return tensor.layer in layers and first_expert <= tensor.expert < first_expert + local_experts
     if tensor.layer is not None:
         return tensor.layer in layers
     return place.is_first if tensor.name.startswith("embedding.") else place.is_last

@@ -11,7 +11,12 @@ rank by its rule (the vocabulary re-padded: added rows get zero state) and strea
   ``optimizer`` entry of ``model_optim_rng.pt``.
 
 ``model_optim_rng.pt`` is rewritten with the new entries, its tensors copied one at a time.
-``rng_state`` is carried only where the TP/PP/VPP layout is unchanged (it is per rank).
+``rng_state`` is carried only where the TP/PP/VPP/EP layout is unchanged (it is per rank).
+
+A mixture of experts gets Megatron's two chained optimizers: the non-expert parameters'
+state in every EP rank's files (``distrib_optim.pt``: in EP rank 0's only, None elsewhere),
+each expert's in its EP rank's files, each with its own param groups
+(``is_expert_parallel``).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput, InternalError
+from ..errors import BadInput, InternalError, Unsupported
 from ..layouts.megatron_legacy import RANK_FILE, iteration_dir_name, rank_dir_name
 from ..safe_load import without_stand_ins
 from ..spec import ModelSpec, check_parallel_sizes, padded_vocab_size, rule_for
@@ -55,6 +60,7 @@ class OptimizerTarget:
     vpp: int = 1
     dp: int = 1
     distributed: bool = True
+    ep: int = 1
     param_dtype: torch.dtype = torch.float32
     iteration: int = 0
     make_vocab_size_divisible_by: int = 128
@@ -79,8 +85,12 @@ class OptimizerTarget:
     def padded_vocab(self, spec: ModelSpec) -> int:
         return padded_vocab_size(spec.vocab_size, self.make_vocab_size_divisible_by, self.tp)
 
-    def rank_path(self, tp_rank: int, pp_stage: int, name: str) -> str:
-        return f"{self.folder_name}/{rank_dir_name(tp_rank, pp_stage, self.pp)}/{name}"
+    def rank_path(self, tp_rank: int, pp_stage: int, name: str, ep_rank: int = 0) -> str:
+        return f"{self.folder_name}/{rank_dir_name(tp_rank, pp_stage, self.pp, ep_rank, self.ep)}/{name}"
+
+    def settings_for(self, spec: ModelSpec) -> BufferSettings:
+        """The buffer settings, with the experts' DP size for a mixture of experts."""
+        return self.settings.with_experts(tp=self.tp, ep=self.ep) if spec.num_experts else self.settings
 
     @classmethod
     def from_layout(cls, layout, *, dp: int = 1, distributed: bool = True, args=None, **fields) -> "OptimizerTarget":
@@ -94,12 +104,15 @@ class OptimizerTarget:
         """
         if layout.release or layout.iteration is None:
             raise BadInput("Megatron loads no optimizer state from a release checkpoint: write it at an iteration")
+        if layout.etp not in (None, layout.tp):
+            raise Unsupported(f"optimizer state of experts cut over an expert TP ({layout.etp}) other than TP "
+                              f"({layout.tp}) in per-rank files")
         param_dtype = layout.dtype or torch.float32
         if args is not None:
             settings = BufferSettings.from_args(args, dp=dp, param_dtype=param_dtype)
             fields = {"bucket_size": settings.bucket_size, "pad_for_high_nccl_busbw": settings.pad_for_high_nccl_busbw,
                       "grad_reduce_in_fp32": settings.grad_dtype == torch.float32, **fields}
-        return cls(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, dp=dp, distributed=distributed,
+        return cls(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, dp=dp, distributed=distributed, ep=layout.ep,
                    param_dtype=param_dtype, iteration=layout.iteration,
                    make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by, naming=layout.naming, **fields)
 
@@ -107,8 +120,8 @@ class OptimizerTarget:
 def output_files(target: OptimizerTarget) -> list[str]:
     """The files :func:`write_optimizer_state` writes or rewrites, relative to the output folder."""
     names = [FILE_NAME, RANK_FILE] if target.distributed else [RANK_FILE]
-    return [target.rank_path(tp_rank, pp_stage, name) for pp_stage in range(target.pp)
-            for tp_rank in range(target.tp) for name in names]
+    return [target.rank_path(tp_rank, pp_stage, name, ep_rank) for pp_stage in range(target.pp)
+            for tp_rank in range(target.tp) for ep_rank in range(target.ep) for name in names]
 
 
 def write_optimizer_state(state: OptimizerState, out_dir, target: OptimizerTarget, *, progress=None) -> list[str]:
@@ -124,7 +137,7 @@ def write_optimizer_state(state: OptimizerState, out_dir, target: OptimizerTarge
     """
     out_dir = Path(out_dir)
     spec = state.spec
-    check_parallel_sizes(spec, target.tp, target.pp, target.vpp)
+    check_parallel_sizes(spec, target.tp, target.pp, target.vpp, target.ep)
     if target.param_dtype == torch.float32 and state.info.source.get("param_dtype") not in (None, "float32"):
         warnings.warn(f"the fp32 target's weights are its master copies; the source's fp32 masters of its "
                       f"{state.info.source['param_dtype']} weights are written as optimizer state only "
@@ -132,9 +145,10 @@ def write_optimizer_state(state: OptimizerState, out_dir, target: OptimizerTarge
     for relative in output_files(target):
         if relative.endswith(RANK_FILE) and not (out_dir / relative).is_file():
             raise BadInput(f"{out_dir / relative}: missing; the weights are written first, then the optimizer state")
-    same_layout = tuple(state.info.source.get(key) for key in ("tp", "pp", "vpp")) == (target.tp, target.pp, target.vpp)
+    same_layout = tuple(state.info.source.get(key, 1) for key in ("tp", "pp", "vpp", "ep")) == \
+        (target.tp, target.pp, target.vpp, target.ep)
     if not same_layout and hasattr(state, "rank_extras"):
-        warnings.warn("rng_state is not carried: it belongs to each TP/PP rank of the source layout "
+        warnings.warn("rng_state is not carried: it belongs to each TP/PP/EP rank of the source layout "
                       "(resume with --no-load-rng)", stacklevel=2)
     written = []
     for pp_stage in range(target.pp):
@@ -144,17 +158,20 @@ def write_optimizer_state(state: OptimizerState, out_dir, target: OptimizerTarge
 
 
 class _StageWriter:
-    """The optimizer files of one pipeline stage, every TP rank at once."""
+    """The optimizer files of one pipeline stage, every TP (and EP) rank at once."""
 
     def __init__(self, state: OptimizerState, out_dir: Path, target: OptimizerTarget, pp_stage: int,
                  carry_rng: bool, progress):
         self.state, self.out_dir, self.target, self.pp_stage = state, out_dir, target, pp_stage
         self.carry_rng, self.progress = carry_rng, progress
         self.padded = target.padded_vocab(state.spec)
-        self.ranks = range(target.tp)
+        self.tp_ranks = range(target.tp)
+        self.ranks = [(tp_rank, ep_rank) for tp_rank in range(target.tp) for ep_rank in range(target.ep)]
+        self.settings = target.settings_for(state.spec)
+        self.chained = bool(state.spec.num_experts)  # the experts' optimizer apart (parts 0 and 1)
 
-    def _rank_file(self, tp_rank: int) -> Path:
-        path = self.out_dir / self.target.rank_path(tp_rank, self.pp_stage, RANK_FILE)
+    def _rank_file(self, tp_rank: int, ep_rank: int = 0) -> Path:
+        path = self.out_dir / self.target.rank_path(tp_rank, self.pp_stage, RANK_FILE, ep_rank)
         if not path.is_file():
             raise BadInput(f"{path}: missing; the weights are written first, then the optimizer state")
         return path
@@ -168,16 +185,31 @@ class _StageWriter:
         if self.progress and keys[0] == STATE_KEYS[0]:
             self.progress(canonical)
         return {tp_rank: {key: rule.shard(values, self.target.tp, tp_rank).reshape(-1) for key, values in fitted.items()}
-                for tp_rank in self.ranks}
+                for tp_rank in self.tp_ranks}
 
-    def _common_entries(self, tp_rank: int) -> dict:
+    def _part_groups(self) -> list[list[dict]]:
+        """The param groups of each chained optimizer (one list without experts)."""
+        groups = self.state.info.param_groups
+        if not self.chained:
+            return [groups]
+        return [[group for group in groups if not group.get("is_expert_parallel", False)],
+                [group for group in groups if group.get("is_expert_parallel", False)]]
+
+    def _part_parameters(self, part: int, ep_rank: int) -> list[tuple[int, object]]:
+        """(chunk, parameter) of chained optimizer ``part`` on EP rank ``ep_rank``, in order."""
+        target = self.target
+        return [(chunk, parameter) for chunk in range(target.vpp) for parameter in chunk_parameters(
+            self.state.spec, ChunkPlace(target.tp, 0, target.pp, self.pp_stage, target.vpp, chunk, target.ep, ep_rank),
+            self.padded, naming=target.naming) if parameter.expert == bool(part)]
+
+    def _common_entries(self, tp_rank: int, ep_rank: int = 0) -> dict:
         info = self.state.info
         entries = {}
         if info.opt_param_scheduler is not None:
             entries["opt_param_scheduler"] = info.opt_param_scheduler
         entries.update(info.training)
         if self.carry_rng and hasattr(self.state, "rank_extras"):
-            entries.update(self.state.rank_extras(tp_rank, self.pp_stage))
+            entries.update(self.state.rank_extras(tp_rank, self.pp_stage, ep_rank))
         return entries
 
     # entries of the rank files this writer replaces
@@ -189,100 +221,129 @@ class _StageWriter:
         target = self.target
         return {**RESUME_CHECKED_ARGS, **self.state.info.resume_args,
                 "use_distributed_optimizer": target.distributed, "data_parallel_size": target.dp,
-                "accumulate_allreduce_grads_in_fp32": target.settings.grad_dtype == torch.float32}
+                "accumulate_allreduce_grads_in_fp32": self.settings.grad_dtype == torch.float32}
 
     def write(self) -> list[str]:
         return self._write_distributed() if self.target.distributed else self._write_adam()
 
     def _write_distributed(self) -> list[str]:
         target, info = self.target, self.state.info
-        layouts = {tp_rank: rank_layout(self.state.spec, tp=target.tp, tp_rank=tp_rank, pp=target.pp,
-                                        pp_stage=self.pp_stage, vpp=target.vpp, padded_vocab_size=self.padded,
-                                        settings=target.settings, naming=target.naming) for tp_rank in self.ranks}
-        paths = {tp_rank: self.out_dir / target.rank_path(tp_rank, self.pp_stage, FILE_NAME) for tp_rank in self.ranks}
-        rank_files = {tp_rank: self._rank_file(tp_rank) for tp_rank in self.ranks}
+        layouts = {(tp_rank, ep_rank): rank_layout(
+            self.state.spec, tp=target.tp, tp_rank=tp_rank, pp=target.pp, pp_stage=self.pp_stage, vpp=target.vpp,
+            padded_vocab_size=self.padded, settings=self.settings, naming=target.naming, ep=target.ep, ep_rank=ep_rank)
+            for tp_rank, ep_rank in self.ranks}
+        rank_files = {rank: self._rank_file(*rank) for rank in self.ranks}
         writers = {}
         try:
-            for tp_rank in self.ranks:
-                writers[tp_rank] = DistribOptimWriter(paths[tp_rank], layouts[tp_rank], target.settings.buffer_key)
+            for tp_rank, ep_rank in self.ranks:
+                path = self.out_dir / target.rank_path(tp_rank, self.pp_stage, FILE_NAME, ep_rank)
+                writers[(tp_rank, ep_rank)] = DistribOptimWriter(path, layouts[(tp_rank, ep_rank)],
+                                                                 self.settings.buffer_key, ep_rank=ep_rank)
             for chunk in range(target.vpp):
-                for position, slot in enumerate(layouts[0].buffers[chunk].slots):
-                    for tp_rank in self.ranks:
-                        if layouts[tp_rank].buffers[chunk].slots[position].parameter.name != slot.parameter.name:
-                            raise InternalError(f"TP ranks of stage {self.pp_stage} order their buffers differently")
-                    for key in STATE_KEYS:  # one state tensor in memory at a time
-                        pieces = self._pieces(slot.parameter.canonical, slot.parameter.rule, (key,))
-                        for tp_rank in self.ranks:
-                            writers[tp_rank].add(chunk, pieces[tp_rank])
+                for part in range(len(layouts[(0, 0)].parts)):
+                    # the non-expert part is the same on every EP rank; each EP rank has its own experts
+                    for ep_rank in (range(target.ep) if part else [0]):
+                        receivers = [rank for rank in self.ranks if not part or rank[1] == ep_rank]
+                        self._fill(layouts, writers, receivers, chunk, part, ep_rank)
             for writer in writers.values():
                 writer.finish()
         finally:
             for writer in writers.values():
                 writer.close()
-        groups = [{**group, "step": info.step} for group in info.param_groups]
-        entry = {"optimizer": {"param_groups": groups}}
-        if info.grad_scaler is not None:
-            entry["grad_scaler"] = info.grad_scaler
+        entries = []
+        for groups in self._part_groups():
+            entry = {"optimizer": {"param_groups": [{**group, "step": info.step} for group in groups]}}
+            if info.grad_scaler is not None:
+                entry["grad_scaler"] = info.grad_scaler
+            entries.append(entry)
         written = []
-        for tp_rank in self.ranks:
-            with RankFileRewrite(rank_files[tp_rank], replacing=self._entry_keys) as rewrite:
-                rewrite.finish({"optimizer": entry, **self._common_entries(tp_rank)}, self._args_fields())
-            written += [target.rank_path(tp_rank, self.pp_stage, FILE_NAME),
-                        target.rank_path(tp_rank, self.pp_stage, RANK_FILE)]
+        for tp_rank, ep_rank in self.ranks:
+            with RankFileRewrite(rank_files[(tp_rank, ep_rank)], replacing=self._entry_keys) as rewrite:
+                rewrite.finish({"optimizer": entries if self.chained else entries[0],
+                                **self._common_entries(tp_rank, ep_rank)}, self._args_fields())
+            written += [target.rank_path(tp_rank, self.pp_stage, FILE_NAME, ep_rank),
+                        target.rank_path(tp_rank, self.pp_stage, RANK_FILE, ep_rank)]
         return written
 
+    def _fill(self, layouts, writers, receivers, chunk: int, part: int, ep_rank: int) -> None:
+        """Every parameter of buffer ``chunk`` of chained optimizer ``part`` into the writers of
+        ``receivers`` (TP, EP ranks), one state tensor in memory at a time."""
+        slots = layouts[(0, ep_rank)].parts[part][chunk].slots
+        for position, slot in enumerate(slots):
+            for rank in receivers:
+                if layouts[rank].parts[part][chunk].slots[position].parameter.name != slot.parameter.name:
+                    raise InternalError(f"ranks of stage {self.pp_stage} order their buffers differently")
+            for key in STATE_KEYS:
+                pieces = self._pieces(slot.parameter.canonical, slot.parameter.rule, (key,))
+                for tp_rank, receiver_ep in receivers:
+                    writers[(tp_rank, receiver_ep)].add(chunk, pieces[tp_rank], part)
+
     def _write_adam(self) -> list[str]:
-        """Non-distributed: Adam's state dict, parameters numbered over the groups."""
+        """Non-distributed: Adam's state dict, parameters numbered over the groups (per chained
+        optimizer)."""
         target, info = self.target, self.state.info
-        parameters = [parameter for chunk in range(target.vpp) for parameter in chunk_parameters(
-            self.state.spec, ChunkPlace(target.tp, 0, target.pp, self.pp_stage, target.vpp, chunk), self.padded,
-            naming=target.naming)]
-        members = [[] for _ in info.param_groups]
-        for parameter in parameters:
-            members[group_index(parameter, info.param_groups, "optimizer state")].append(parameter)
-        numbered = [parameter for listed in members for parameter in listed]  # Adam's numbering
-        groups, first = [], 0
-        for group, listed in zip(info.param_groups, members):
-            groups.append({**group, "params": list(range(first, first + len(listed)))})
-            first += len(listed)
         mixed = target.param_dtype != torch.float32
         rewrites = {}
         try:
-            for tp_rank in self.ranks:
-                rewrites[tp_rank] = RankFileRewrite(self._rank_file(tp_rank), replacing=self._entry_keys)
-            # Records go in the order the pickle will name them (RankFileRewrite): each parameter's
-            # step and moments, then (bf16/fp16) every master copy, group by group.
-            adam = {tp_rank: {} for tp_rank in self.ranks}
-            for index, parameter in enumerate(numbered):
-                for tp_rank in self.ranks:
-                    adam[tp_rank][index] = {"step": rewrites[tp_rank].add_tensor(torch.tensor(float(info.step)))}
-                for key in MOMENTS:  # one state tensor in memory at a time
-                    pieces = self._pieces(parameter.canonical, parameter.rule, (key,))
-                    for tp_rank in self.ranks:
-                        adam[tp_rank][index][key] = rewrites[tp_rank].add_tensor(pieces[tp_rank][key].view(parameter.shape))
-            masters = {tp_rank: [[] for _ in members] for tp_rank in self.ranks}
-            if mixed:
-                for group, listed in enumerate(members):
-                    for parameter in listed:
-                        pieces = self._pieces(parameter.canonical, parameter.rule, ("param",))
-                        for tp_rank in self.ranks:
-                            masters[tp_rank][group].append(
-                                rewrites[tp_rank].add_tensor(pieces[tp_rank]["param"].view(parameter.shape)))
+            for rank in self.ranks:
+                rewrites[rank] = RankFileRewrite(self._rank_file(*rank), replacing=self._entry_keys)
+            # Records go in the order the pickle will name them (RankFileRewrite): per chained
+            # optimizer, each parameter's step and moments, then (bf16/fp16) every master copy.
+            entries = {rank: [] for rank in self.ranks}
+            for part, part_groups in enumerate(self._part_groups()):
+                for ep_rank in (range(target.ep) if part else [0]):
+                    receivers = [rank for rank in self.ranks if not part or rank[1] == ep_rank]
+                    numbered, groups = self._numbered(part, part_groups, ep_rank)
+                    adam = {rank: {} for rank in receivers}
+                    for index, parameter in enumerate(numbered):
+                        for rank in receivers:
+                            adam[rank][index] = {"step": rewrites[rank].add_tensor(torch.tensor(float(info.step)))}
+                        for key in MOMENTS:  # one state tensor in memory at a time
+                            pieces = self._pieces(parameter.canonical, parameter.rule, (key,))
+                            for rank in receivers:
+                                adam[rank][index][key] = rewrites[rank].add_tensor(
+                                    pieces[rank[0]][key].view(parameter.shape))
+                    masters = {rank: [[] for _ in groups] for rank in receivers}
+                    if mixed:
+                        for group, listed in enumerate(groups):
+                            for parameter in listed["members"]:
+                                pieces = self._pieces(parameter.canonical, parameter.rule, ("param",))
+                                for rank in receivers:
+                                    masters[rank][group].append(
+                                        rewrites[rank].add_tensor(pieces[rank[0]]["param"].view(parameter.shape)))
+                    for rank in receivers:
+                        inner = {"state": adam[rank], "param_groups": [group["saved"] for group in groups]}
+                        if mixed:
+                            entry = {"optimizer": inner, "fp32_from_fp16_params": masters[rank]}
+                            if info.grad_scaler is not None:
+                                entry["grad_scaler"] = info.grad_scaler
+                        else:
+                            entry = inner
+                        entries[rank].append(entry)
             written = []
-            for tp_rank in self.ranks:
-                inner = {"state": adam[tp_rank], "param_groups": [dict(group) for group in groups]}
-                if mixed:
-                    entry = {"optimizer": inner, "fp32_from_fp16_params": masters[tp_rank]}
-                    if info.grad_scaler is not None:
-                        entry["grad_scaler"] = info.grad_scaler
-                else:
-                    entry = inner
-                rewrites[tp_rank].finish({"optimizer": entry, **self._common_entries(tp_rank)}, self._args_fields())
-                written.append(target.rank_path(tp_rank, self.pp_stage, RANK_FILE))
+            for tp_rank, ep_rank in self.ranks:
+                rank_entries = entries[(tp_rank, ep_rank)]
+                rewrites[(tp_rank, ep_rank)].finish(
+                    {"optimizer": rank_entries if self.chained else rank_entries[0],
+                     **self._common_entries(tp_rank, ep_rank)}, self._args_fields())
+                written.append(target.rank_path(tp_rank, self.pp_stage, RANK_FILE, ep_rank))
             return written
         finally:
             for rewrite in rewrites.values():
                 rewrite.close()
+
+    def _numbered(self, part: int, part_groups: list[dict], ep_rank: int) -> tuple[list, list[dict]]:
+        """Adam's numbering of chained optimizer ``part``'s parameters on EP rank ``ep_rank``
+        (group by group, each in ``named_parameters()`` order), and each group as saved
+        (``params``: its numbers) with its members."""
+        members = [[] for _ in part_groups]
+        for _, parameter in self._part_parameters(part, ep_rank):
+            members[group_index(parameter, part_groups, "optimizer state")].append(parameter)
+        groups, first = [], 0
+        for group, listed in zip(part_groups, members):
+            groups.append({"saved": {**group, "params": list(range(first, first + len(listed)))}, "members": listed})
+            first += len(listed)
+        return [parameter for listed in members for parameter in listed], groups
 
 
 class RankFileRewrite:

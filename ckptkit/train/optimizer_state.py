@@ -98,8 +98,9 @@ class SavedPieces(OptimizerState):
         return assemble(self.spec, self._canonical[name], self.padded_vocab_size, self.tp,
                         lambda tp_rank: self.files[(tp_rank, pp_stage)]["params"][local_name], keys)
 
-    def rank_extras(self, tp_rank: int, pp_stage: int) -> dict:
-        """The rank's RNG state: the writer keeps it since the layout is the run's own."""
+    def rank_extras(self, tp_rank: int, pp_stage: int, ep_rank: int = 0) -> dict:
+        """The rank's RNG state: the writer keeps it since the layout is the run's own (EP 1:
+        the trainer keeps a mixture of experts' optimizer state in its own entry)."""
         return {"rng_state": self.files[(tp_rank, pp_stage)]["rng_state"]}
 
 

@@ -30,7 +30,7 @@ from ...streaming_io import DirectWriteFile
 from ..base import CheckpointReader
 from ..megatron_common import WRITE_CHECKPOINT_VERSION, TargetLayout, target_args, write_tracker
 from ..torch_dist_folders import CONFIG_FILE
-from .keys import COMMON_STATE_KEY, extra_state_keys, stored_place
+from .keys import COMMON_STATE_KEY, extra_state_keys, is_optimizer_key, stored_place
 from .regions import _inner_error
 
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
@@ -115,7 +115,7 @@ class _StreamingSavePlanner(DefaultSavePlanner):
     def resolve_data(self, write_item: WriteItem):
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self.byte_payloads[write_item.index.fqn])
-        if self.optimizer is not None and write_item.index.fqn.startswith("optimizer."):
+        if self.optimizer is not None and is_optimizer_key(write_item.index.fqn):
             return self.optimizer.resolve(write_item)
         source = self.sources[write_item.index]
         if source.canonical != self.current_name:
