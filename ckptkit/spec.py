@@ -151,6 +151,19 @@ class ModelSpec:
     def has_norm_bias(self) -> bool:
         return self.normalization == "LayerNorm"
 
+    def deepseek_features(self) -> list[str]:
+        """What of DeepSeek's architecture this model has: multi-latent attention, its routing
+        (sigmoid scores, expert bias, group-limited top-k, scaled weights) and multi-token
+        prediction layers. Code that computes plain attention and softmax routing refuses these."""
+        return [what for present, what in (
+            (self.multi_latent_attention, "multi-latent attention"),
+            (self.moe_router_score_function != "softmax", f"{self.moe_router_score_function} router scores"),
+            (self.moe_router_expert_bias, "a router expert bias"),
+            (bool(self.moe_router_num_groups), "group-limited routing"),
+            (self.moe_router_topk_scaling_factor != 1.0, "scaled routing weights"),
+            (bool(self.mtp_num_layers), "multi-token prediction layers"),
+        ) if present]
+
     def is_moe_layer(self, layer: int) -> bool:
         if not self.num_experts:
             return False

@@ -108,6 +108,9 @@ class TrainConfig:
     def check(self, spec: ModelSpec) -> None:
         """Refuse sizes that do not fit together, naming the numbers."""
         self.check_layout()
+        if spec.deepseek_features():
+            raise Unsupported(f"the trainer does not compute {', '.join(spec.deepseek_features())} "
+                              f"(a {spec.family} model): convert it, but train it with Megatron-LM")
         if self.batch_size % (self.micro_batch_size * self.dp):
             raise BadInput(f"global batch {self.batch_size} is not a multiple of micro-batch "
                            f"{self.micro_batch_size} x DP {self.dp}")

@@ -1,0 +1,157 @@
+"""Real Megatron-LM DeepSeek-style checkpoints (tools/make_megatron_deepseek_fixture.sh:
+Megatron-LM d98e8a6, local spec, float32, 10 iterations) converted to Hugging Face reproduce the
+logits Megatron computed for them, the multi-token prediction (MTP) head's included, and are
+rewritten with Megatron's own keys, shapes and chunks.
+
+- ``deepseek_v3_tp1ep2/dist``: torch_dist from TP1 EP2. MLA with q_lora_rank, YaRN (factor 4,
+  mscale 1/1), sigmoid routing with a trained expert bias, top-4 of 8 experts from 2 of 4 groups,
+  scaling 2.5, a shared expert, layer 0 dense, one MTP layer.
+- ``deepseek_v3_tp2_torch/torch``: the same model trained at TP2 (experts TP2), per-rank files.
+- ``deepseek_v2_ep2_torch/torch``: DeepSeek-V2 style (softmax over all experts, top-2 unrenormalised,
+  scaling 1.5), per-rank files at EP2.
+
+transformers computes no MTP head: :func:`mtp_logits` is Megatron's (megatron/core/transformer/
+multi_token_prediction.py) written with transformers' modules and the Hub's names.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from ckptkit.convert import megatron_to_hf, reshard
+from ckptkit.layouts import open_checkpoint, torch_dist
+from ckptkit.layouts.megatron_common import TargetLayout
+from ckptkit.safe_load import safe_torch_load
+
+from conftest import fixture_path, hf_logits, reference_logits
+
+# float32 on both sides; what is left is the order of float32 sums (GPU kernels against CPU ones)
+FLOAT32_LOGITS_ATOL = 1e-5
+REAL = {"deepseek_v3_tp1ep2": "dist", "deepseek_v3_tp2_torch": "torch", "deepseek_v2_ep2_torch": "torch"}
+REAL_MTP = ["deepseek_v3_tp1ep2", "deepseek_v3_tp2_torch"]
+
+
+def _rms(x, weight, eps):
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def mtp_logits(folder, tokens: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    """Megatron's MTP head on a Hub-layout folder: the next token's embedding (the last position
+    gets token 0, as Megatron's roll_tensor fills it) and the main model's final-normed hidden
+    state, each RMS-normed (enorm, hnorm), concatenated [embedding, hidden], projected (eh_proj),
+    through the transformer layer ``model.layers.{N + depth}`` at positions 0..s-1, normed
+    (shared_head.norm) and projected by the shared head."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    layers, eps = config.num_hidden_layers, config.rms_norm_eps
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    config.num_hidden_layers = layers + depth + 1  # so transformers loads the MTP layer's transformer layer
+    with_mtp = AutoModelForCausalLM.from_pretrained(folder, config=config, attn_implementation="eager").eval()
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    hub = f"model.layers.{layers + depth}."
+    batch, length = tokens.shape
+    with torch.no_grad():
+        hidden = model.model(tokens).last_hidden_state
+        following = torch.roll(tokens, -1, dims=-1)
+        following[:, -1] = 0
+        embedded = model.model.embed_tokens(following)
+        x = F.linear(torch.cat([_rms(embedded, state[hub + "enorm.weight"], eps),
+                                _rms(hidden, state[hub + "hnorm.weight"], eps)], dim=-1), state[hub + "eh_proj.weight"])
+        positions = torch.arange(length).unsqueeze(0).expand(batch, length)
+        mask = torch.full((length, length), float("-inf")).triu(1)[None, None].expand(batch, 1, length, length)
+        out = with_mtp.model.layers[layers + depth](x, attention_mask=mask, position_ids=positions,
+                                                    position_embeddings=with_mtp.model.rotary_emb(x, positions))
+        out = out[0] if isinstance(out, tuple) else out
+        return F.linear(_rms(out, state[hub + "shared_head.norm.weight"], eps),
+                        state[hub + "shared_head.head.weight"]).float()
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_megatron_deepseek_reproduces_megatron_logits(name, tmp_path):
+    megatron_to_hf(fixture_path(name, REAL[name]), tmp_path / "hf")
+    reference = reference_logits(name)
+    vocab = reference["vocab"]
+    error = (hf_logits(tmp_path / "hf", reference["tokens"])[..., :vocab] - reference["logits"][..., :vocab]).abs()
+    assert error.max().item() < FLOAT32_LOGITS_ATOL
+
+
+@pytest.mark.parametrize("name", REAL_MTP)
+def test_real_megatron_deepseek_mtp_layer_reproduces_megatrons_mtp_logits(name, tmp_path):
+    megatron_to_hf(fixture_path(name, REAL[name]), tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    reference = reference_logits(name)
+    vocab = reference["vocab"]
+    ours = mtp_logits(tmp_path / "hf", reference["tokens"])[..., :vocab]
+    error = (ours - reference["mtp_logits"][0][..., :vocab]).abs()
+    assert error.max().item() < FLOAT32_LOGITS_ATOL
+
+
+def tensor_layout(folder) -> dict:
+    """Every tensor key of a torch_dist folder -> (global shape, dtype, sorted chunk boxes)."""
+    metadata = torch_dist.read_dcp_metadata(folder)
+    return {key: (tuple(entry.size), entry.properties.dtype,
+                  sorted((tuple(chunk.offsets), tuple(chunk.sizes)) for chunk in entry.chunks))
+            for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, TensorStorageMetadata)}
+
+
+def byte_keys(folder) -> set:
+    metadata = torch_dist.read_dcp_metadata(folder)
+    return {key for key, entry in metadata.state_dict_metadata.items() if not isinstance(entry, TensorStorageMetadata)}
+
+
+def test_real_deepseek_rewritten_as_torch_dist_has_megatrons_keys_shapes_chunks_and_extra_state(tmp_path):
+    source = fixture_path("deepseek_v3_tp1ep2", "dist")
+    with open_checkpoint(source) as reader:
+        assert reader.spec.family == "deepseek_v3" and reader.spec.mtp_num_layers == 1
+        torch_dist.write(reader, tmp_path, TargetLayout(tp=1, pp=1, ep=2, iteration=10, args_base=reader.meta.args))
+        real, ours = source / "iter_0000010", tmp_path / "iter_0000010"
+        assert tensor_layout(ours) == tensor_layout(real)
+        assert byte_keys(ours) == {key for key in byte_keys(real) if not key.startswith("rerun_state_machine_state/")}
+        with open_checkpoint(tmp_path) as back:
+            for canonical in reader.canonical():
+                assert torch.equal(back.tensor(canonical.name), reader.tensor(canonical.name)), canonical.name
+
+
+@pytest.mark.parametrize("name, tp", [("deepseek_v3_tp2_torch", 2), ("deepseek_v2_ep2_torch", 1)])
+def test_real_per_rank_deepseek_rewritten_has_megatrons_keys_shapes_and_values(name, tp, tmp_path):
+    source = fixture_path(name, "torch")
+    reshard(source, tmp_path / "out", tp=tp, pp=1)
+    real, ours = source / "iter_0000010", tmp_path / "out" / "iter_0000010"
+    folders = sorted(path.name for path in real.iterdir())
+    assert sorted(path.name for path in ours.iterdir()) == folders
+    for folder in folders:
+        theirs = safe_torch_load(real / folder / "model_optim_rng.pt", mmap=False)["model"]
+        mine = safe_torch_load(ours / folder / "model_optim_rng.pt", mmap=False)["model"]
+        assert set(mine) == set(theirs)
+        for key, value in theirs.items():
+            if value is None:
+                assert mine[key] is None, key  # _extra_state of the local implementation
+            else:
+                assert (mine[key].dtype, mine[key].shape) == (value.dtype, value.shape), key
+                assert torch.equal(mine[key], value), key
+
+
+def test_the_trainer_refuses_a_deepseek_model_before_training(tmp_path):
+    """ckptkit's own trainer computes plain attention and softmax routing: a DeepSeek checkpoint
+    is refused in one line before any step, and nothing is saved."""
+    from click.testing import CliRunner
+
+    from ckptkit.convert import hf_to_megatron
+    from ckptkit.train.command import train
+
+    from conftest import make_hf_model
+
+    hf_to_megatron(make_hf_model(tmp_path / "hf", "deepseek_v3"), tmp_path / "megatron", tp=1, pp=1)
+    result = CliRunner().invoke(train, ["--load", str(tmp_path / "megatron"), "--steps", "1", "--seq-length", "16",
+                                        "--save", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code != 0
+    assert "the trainer does not compute multi-latent attention, sigmoid router scores, a router expert bias, " \
+           "group-limited routing, scaled routing weights (a deepseek_v3 model)" in result.output
+    assert not (tmp_path / "run").exists()
