@@ -155,3 +155,39 @@ def test_the_trainer_refuses_a_deepseek_model_before_training(tmp_path):
     assert "the trainer does not compute multi-latent attention, sigmoid router scores, a router expert bias, " \
            "group-limited routing, scaled routing weights (a deepseek_v3 model)" in result.output
     assert not (tmp_path / "run").exists()
+
+
+# deepseek-ai/DeepSeek-V3's config.json (its architecture fields).
+DEEPSEEK_V3_HUB_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8,
+    "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                            "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False,
+    "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_deepseek_v3_hub_config_gives_megatrons_deepseek_v3_arguments():
+    from ckptkit.bridges import bridge_for_config
+    from ckptkit.megatron_args import megatron_args
+
+    spec = bridge_for_config(DEEPSEEK_V3_HUB_CONFIG).config_to_spec(DEEPSEEK_V3_HUB_CONFIG)
+    args = megatron_args(spec, tp=1, pp=1, dtype=torch.bfloat16, padded_vocab=129280, make_vocab_size_divisible_by=128)
+    expected = dict(
+        num_layers=61, hidden_size=7168, num_attention_heads=128, multi_latent_attention=True, q_lora_rank=1536,
+        kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128, kv_channels=128, qk_layernorm=True,
+        rope_type="yarn", rotary_scaling_factor=40.0, mscale=1.0, mscale_all_dim=1.0, group_query_attention=False,
+        num_experts=256, moe_ffn_hidden_size=2048, moe_router_topk=8, moe_shared_expert_intermediate_size=2048,
+        moe_layer_freq=[0, 0, 0] + [1] * 58, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_num_groups=8, moe_router_group_topk=4, moe_router_topk_scaling_factor=2.5, mtp_num_layers=1,
+        ffn_hidden_size=18432, untie_embeddings_and_output_weights=True, norm_epsilon=1e-6)
+    assert {name: getattr(args, name) for name in expected} == expected
+    assert spec.rope_scaling["original_max_position_embeddings"] == 4096  # Megatron's MLA YaRN's fixed length

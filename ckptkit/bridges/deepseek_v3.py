@@ -82,7 +82,12 @@ def _yarn(config: dict, allowed: bool) -> dict | None:
 
 
 def _dense_layers(config: dict) -> tuple[int, ...] | None:
-    """``first_k_dense_replace`` as the spec's MoE-layer pattern: the first k layers dense."""
+    """``first_k_dense_replace`` as the spec's MoE-layer pattern: the first k layers dense.
+    (DeepSeek's own code also reads ``moe_layer_freq``, every layer in its configs; transformers
+    does not: another value is refused.)"""
+    if config.get("moe_layer_freq", 1) != 1:
+        raise Unsupported(f"moe_layer_freq {config['moe_layer_freq']}: transformers makes every layer after "
+                          "first_k_dense_replace a MoE layer")
     first_moe, layers = config.get("first_k_dense_replace") or 0, config["num_hidden_layers"]
     pattern = tuple(int(layer >= first_moe) for layer in range(layers))
     return None if all(pattern) else pattern
