@@ -132,11 +132,13 @@ def _import_transformers_meanwhile() -> None:
 
     Only the config at the end needs it, and its import is about a second of Python on
     the benchmark machine (a fifth of copying a 1.3B checkpoint), while the conversion's
-    own threads spend their time in torch and in system calls without the GIL.
+    own threads spend their time in torch and in system calls without the GIL. The names
+    ``finish`` uses are imported too: ``transformers`` loads its submodules on first use,
+    and ``AutoConfig``'s (``transformers.models``) are most of that second.
     """
     def load() -> None:
         try:
-            import transformers  # noqa: F401
+            from transformers import AutoConfig, GenerationConfig  # noqa: F401
         except Exception:  # noqa: BLE001 - the import in finish() reports it
             pass
 
