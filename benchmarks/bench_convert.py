@@ -1,23 +1,31 @@
-"""Time and peak memory of ckptkit's conversions against the copy floor and the transformers script.
+"""Time and peak memory of ckptkit's conversions against the copy floors and the memory bound.
 
-For each model size it generates synthetic checkpoints (``make_synthetic.py``), then
-measures, each in its own process, with the source's pages already cached and a
-``sync`` before the clock starts and inside the timed span:
+For each model size it generates synthetic checkpoints (``make_synthetic.py``: a Megatron
+TP2 PP2 one and a Hugging Face one), then measures, each in its own process, with the
+source's pages already cached and a ``sync`` before the clock starts and inside the
+timed span:
 
 * the copy floor: ``cp -r SOURCE DEST && sync`` (the same bytes, the same disk);
 * the direct-copy floor: each file copied by ``dd bs=64M oflag=direct`` then ``sync``
   (writes around the page cache, as ckptkit's are);
-* ``ckptkit megatron-to-hf --max-shard-size 1GB``, ``hf-to-megatron --tp 2 --pp 2`` and ``reshard --tp 1 --pp 4``,
-  each followed by ``sync`` (a conversion is done when its bytes are on disk);
+* ``ckptkit megatron-to-hf --max-shard-size 1GB``, ``hf-to-megatron --tp 2 --pp 2`` and
+  ``reshard --tp 1 --pp 4`` (``--pp 2`` for models of fewer than 4 layers), each followed
+  by ``sync`` (a conversion is done when its bytes are on disk);
+* with ``--diverge-copies``, last: ``megatron-to-hf`` again once the Megatron source's copies
+  of replicated tensors (and of a tied head) are made to differ (``make_synthetic.diverge_copies``);
 * with ``--anchor-python``: transformers 4.46's
   ``checkpoint_reshaping_and_interoperability.py`` on the same Megatron checkpoint.
 
-Peak RSS is the child's ``ru_maxrss`` from ``wait4`` (the largest of the process and
-the children it waited for, e.g. ``--workers`` processes). Every figure is printed
-with its ratio to the copy floor; nothing here is a pass/fail test.
+Every case runs ``--repeat`` times (floors and conversions alternating, so that they see
+the same disk) and the median is reported, with the 1-minute load average before each
+run. Time to first byte is when the first data byte reached the output file on disk
+(a thread polls the output's hidden partial folder every 10 ms; ckptkit writes data in
+16 MiB blocks). Peak RSS is the child's ``ru_maxrss`` from ``wait4`` (the largest of the
+process and the children it waited for, e.g. ``--workers`` processes); the bound is 1 GiB
++ 3 x the model's largest tensor. Nothing here is a pass/fail test.
 
-    python benchmarks/bench_convert.py --sizes 125m,1.3b --work /work/bench \\
-        --anchor-python /tmp/anchor-venv/bin/python --workers 1,2
+    python benchmarks/bench_convert.py --sizes 1.3b,2.7b --work /work/bench --repeat 3 --workers 1,2
+    python benchmarks/bench_convert.py --sizes llama3-70b-width --work /work/bench --repeat 1 --diverge-copies
 """
 from __future__ import annotations
 
@@ -26,16 +34,21 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from make_synthetic import gpt_spec, make, parameter_count  # noqa: E402
+import torch  # noqa: E402
+
+from ckptkit.spec import canonical_tensors  # noqa: E402
+from make_synthetic import DTYPES, LLAMA_SIZES, diverge_copies, make, model_spec, parameter_count  # noqa: E402
 
 GIB = 1024 ** 3
 SOURCE_TP, SOURCE_PP = 2, 2
@@ -44,21 +57,38 @@ ANCHOR_SCRIPT = "transformers/models/megatron_gpt2/checkpoint_reshaping_and_inte
 
 @dataclass
 class Measurement:
+    """One case: every run's seconds (and load before it), the median reported."""
+
     size: str
     what: str
     workers: int
-    seconds: float
-    peak_rss_bytes: int
+    runs: list[float]
+    loads_before: list[float]
+    first_byte_runs: list[float]
+    peak_rss_bytes: int  # the largest of the runs
     bytes_read: int
     bytes_written: int
-    floor_seconds: float
+    floor_runs: list[float]
+    direct_floor_runs: list[float]
     returncode: int
-    load_before: float = 0.0
-    direct_floor_seconds: float = 0.0
+    rss_bound_bytes: int
+    notes: list[str] = field(default_factory=list)
 
     @property
-    def ratio_to_floor(self) -> float:
-        return self.seconds / self.floor_seconds
+    def seconds(self) -> float:
+        return statistics.median(self.runs)
+
+    @property
+    def first_byte_seconds(self) -> float:
+        return statistics.median(self.first_byte_runs) if self.first_byte_runs else float("nan")
+
+    @property
+    def floor_seconds(self) -> float:
+        return statistics.median(self.floor_runs)
+
+    @property
+    def direct_floor_seconds(self) -> float:
+        return statistics.median(self.direct_floor_runs)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -74,27 +104,72 @@ def warm(folder: Path) -> None:
                     pass
 
 
-def timed(command: list[str], env=None) -> tuple[float, int, int]:
-    """Run ``command`` then ``sync``; return (seconds, peak RSS in bytes, return code)."""
+class FirstByteWatch:
+    """Polls ``destination``'s hidden partial folder (and ``destination``) for the first file
+    holding data; ``seconds`` is then the time since ``started``."""
+
+    def __init__(self, destination: Path, started: float):
+        self.destination, self.started = destination, started
+        self.seconds: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _has_data(self) -> bool:
+        prefix = f".{self.destination.name}"
+        for entry in os.scandir(self.destination.parent):
+            if entry.name == self.destination.name or entry.name.startswith(prefix):
+                for path in Path(entry.path).rglob("*"):
+                    try:
+                        if path.suffix in (".pt", ".safetensors") and path.stat().st_size > 0:
+                            return True
+                    except OSError:  # renamed or removed meanwhile
+                        pass
+        return False
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            if self._has_data():
+                self.seconds = time.perf_counter() - self.started
+                return
+            self._stop.wait(0.01)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return self.seconds
+
+
+def run_measured(command: list[str], env=None, watch: Path | None = None):
+    """Run ``command`` then ``sync``; return (seconds, peak RSS in bytes from ``wait4``, return
+    code, seconds to the first data byte of the output ``watch``, stdout)."""
     subprocess.run(["sync"], check=True)
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watcher = FirstByteWatch(watch, started) if watch is not None else None
+    output, errors = [], []
+    drains = [threading.Thread(target=lambda: output.append(process.stdout.read()), daemon=True),
+              threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)]
+    for drain in drains:
+        drain.start()
     _, status, usage = os.wait4(process.pid, 0)
+    for drain in drains:
+        drain.join()
     subprocess.run(["sync"], check=True)
     seconds = time.perf_counter() - started
+    first_byte = watcher.stop() if watcher else None
     returncode = os.waitstatus_to_exitcode(status)
     if returncode:
-        error = process.stderr.read().decode(errors="replace")[-2000:]
-        print(f"  ! {' '.join(command[:4])} ... exited {returncode}:\n{error}", file=sys.stderr)
-    process.stderr.close()
-    return seconds, usage.ru_maxrss * 1024, returncode
+        print(f"  ! {' '.join(map(str, command[:4]))} ... exited {returncode}:\n"
+              f"{b''.join(errors).decode(errors='replace')[-2000:]}", file=sys.stderr)
+    return seconds, usage.ru_maxrss * 1024, returncode, first_byte, b"".join(output).decode(errors="replace")
 
 
 def copy_floor(source: Path, scratch: Path) -> float:
     destination = scratch / "copy"
     shutil.rmtree(destination, ignore_errors=True)
     warm(source)
-    seconds, _, _ = timed(["cp", "-r", str(source), str(destination)])
+    seconds = run_measured(["cp", "-r", str(source), str(destination)])[0]
     shutil.rmtree(destination)
     return seconds
 
@@ -110,7 +185,7 @@ def direct_copy_floor(source: Path, scratch: Path) -> float:
     for path in files:
         target = destination / path.relative_to(source)
         script.append(f"mkdir -p '{target.parent}' && dd if='{path}' of='{target}' bs=64M oflag=direct status=none")
-    seconds, _, _ = timed(["sh", "-c", " && ".join(script)])
+    seconds = run_measured(["sh", "-c", " && ".join(script)])[0]
     shutil.rmtree(destination)
     return seconds
 
@@ -150,70 +225,127 @@ def anchor_command(anchor_python: str, source: Path, destination: Path, tokenize
             "--tokenizer_name", str(tokenizer), "--max_shard_size", "5GB"]
 
 
-def bench_size(size: str, work: Path, *, workers: list[int], anchor_python: str | None, repeat: int,
-               keep: bool) -> list[Measurement]:
-    """Every measurement for one model size (sources generated when missing)."""
-    spec = gpt_spec(size)
-    megatron_source = work / f"gpt-{size}-tp{SOURCE_TP}pp{SOURCE_PP}"
-    hf_source = work / f"gpt-{size}-hf"
+def largest_tensor_bytes(size: str) -> int:
+    """The model's largest canonical tensor in its source dtype, vocabulary padded for TP2."""
+    spec = model_spec(size)
+    element = torch.empty((), dtype=DTYPES[source_dtype(size)]).element_size()
+    padded = -(-spec.vocab_size // (128 * SOURCE_TP)) * 128 * SOURCE_TP
+    sizes = [(padded if "word_embeddings" in tensor.name or tensor.name == "output_layer.weight" else tensor.shape[0])
+             * torch.Size(tensor.shape[1:]).numel() if tensor.shape else 1 for tensor in canonical_tensors(spec)]
+    return max(sizes) * element
+
+
+def source_dtype(size: str) -> str:
+    return "bf16" if size in LLAMA_SIZES else "fp16"
+
+
+def make_sources(size: str, work: Path) -> tuple[Path, Path]:
+    megatron_source = work / f"{size}-tp{SOURCE_TP}pp{SOURCE_PP}"
+    hf_source = work / f"{size}-hf"
+    naming = "mcore-local" if size in LLAMA_SIZES else "legacy"  # GPT: the form the transformers script reads
     if not megatron_source.exists():
-        make(megatron_source, size=size, tp=SOURCE_TP, pp=SOURCE_PP, naming="legacy")
+        make(megatron_source, size=size, tp=SOURCE_TP, pp=SOURCE_PP, naming=naming, dtype=source_dtype(size))
     if not hf_source.exists():
-        make(hf_source, size=size, format="hf")
+        make(hf_source, size=size, format="hf", dtype=source_dtype(size))
+    return megatron_source, hf_source
+
+
+def bench_size(size: str, work: Path, *, workers: list[int], anchor_python: str | None, repeat: int,
+               keep: bool, diverge: bool) -> list[Measurement]:
+    """Every measurement for one model size (sources generated when missing)."""
+    spec = model_spec(size)
+    megatron_source, hf_source = make_sources(size, work)
     scratch = work / "scratch"
     scratch.mkdir(exist_ok=True)
     tokenizer = gpt2_tokenizer_folder(work / "gpt2-tokenizer")
-    floors = {source: min(copy_floor(source, scratch) for _ in range(repeat))
-              for source in (megatron_source, hf_source)}
-    direct_floors = {source: min(direct_copy_floor(source, scratch) for _ in range(repeat))
-                     for source in (megatron_source, hf_source)}
+    bound = GIB + 3 * largest_tensor_bytes(size)
+    reshard_pp = 4 if spec.num_layers >= 4 else 2
     # 1 GB shards: several output files, so that workers have files to share.
     cases = [("megatron-to-hf", megatron_source, ["megatron-to-hf", megatron_source, None, "--max-shard-size", "1GB"]),
              ("hf-to-megatron", hf_source, ["hf-to-megatron", hf_source, None, "--tp", 2, "--pp", 2]),
-             ("reshard", megatron_source, ["reshard", megatron_source, None, "--tp", 1, "--pp", 4])]
-    results = []
-    for what, source, arguments in cases:
-        for worker_count in workers:
-            best = None
-            for _ in range(repeat):
-                destination = scratch / what
+             (f"reshard --tp 1 --pp {reshard_pp}", megatron_source,
+              ["reshard", megatron_source, None, "--tp", 1, "--pp", reshard_pp])]
+    floors = {source: [] for source in (megatron_source, hf_source)}
+    direct_floors = {source: [] for source in (megatron_source, hf_source)}
+    results = {}
+    for _ in range(repeat):
+        for source in floors:  # alternating with the conversions: the same disk, minute by minute
+            floors[source].append(copy_floor(source, scratch))
+            direct_floors[source].append(direct_copy_floor(source, scratch))
+        for what, source, arguments in cases:
+            for worker_count in workers:
+                destination = scratch / "out"
                 shutil.rmtree(destination, ignore_errors=True)
                 command = [destination if argument is None else argument for argument in arguments]
+                extra = ["--workers", worker_count] if worker_count > 1 else []
                 warm(source)
                 load = os.getloadavg()[0]
-                extra = ["--workers", worker_count] if worker_count > 1 else []
-                seconds, peak, code = timed(ckptkit_command(*command, *extra))
+                seconds, peak, code, first_byte, _ = run_measured(ckptkit_command(*command, *extra),
+                                                                  watch=destination)
                 written = folder_bytes(destination) if destination.exists() else 0
-                if not keep:
-                    shutil.rmtree(destination, ignore_errors=True)
-                if best is None or seconds < best.seconds:
-                    best = Measurement(size, what, worker_count, seconds, peak, folder_bytes(source), written,
-                                       floors[source], code, load, direct_floors[source])
-            results.append(best)
+                shutil.rmtree(destination, ignore_errors=True)
+                measurement = results.setdefault((what, worker_count), Measurement(
+                    size, what, worker_count, [], [], [], 0, folder_bytes(source), written, floors[source],
+                    direct_floors[source], 0, bound))
+                measurement.runs.append(seconds)
+                measurement.loads_before.append(load)
+                if first_byte is not None:
+                    measurement.first_byte_runs.append(first_byte)
+                measurement.peak_rss_bytes = max(measurement.peak_rss_bytes, peak)
+                measurement.returncode = measurement.returncode or code
+    measurements = list(results.values())
     if anchor_python:
-        best = None
-        for _ in range(repeat):
-            destination = scratch / "anchor"
-            shutil.rmtree(destination, ignore_errors=True)
-            warm(megatron_source)
-            load = os.getloadavg()[0]
-            env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
-            seconds, peak, code = timed(anchor_command(anchor_python, megatron_source, destination, tokenizer), env)
-            written = folder_bytes(destination) if destination.exists() else 0
-            shutil.rmtree(destination, ignore_errors=True)
-            if best is None or seconds < best.seconds:
-                best = Measurement(size, "transformers script (megatron->hf)", 1, seconds, peak,
-                                   folder_bytes(megatron_source), written, floors[megatron_source], code, load,
-                                   direct_floors[megatron_source])
-        results.append(best)
+        measurements.append(anchor(size, megatron_source, scratch, tokenizer, anchor_python, repeat, bound,
+                                   floors[megatron_source], direct_floors[megatron_source]))
+    if diverge:
+        measurements.append(diverged(size, megatron_source, scratch, repeat, bound, floors[megatron_source],
+                                     direct_floors[megatron_source]))
     print(f"  {size}: {parameter_count(spec) / 1e9:.2f}B parameters", file=sys.stderr)
-    return results
+    return measurements
 
 
-def largest_tensor_bytes(size: str) -> int:
-    spec = gpt_spec(size)
-    padded = -(-spec.vocab_size // (128 * SOURCE_TP)) * 128 * SOURCE_TP
-    return padded * spec.hidden_size * 2  # the fp16 word embeddings
+def anchor(size, source, scratch, tokenizer, anchor_python, repeat, bound, floors, direct_floors) -> Measurement:
+    measurement = Measurement(size, "transformers script (megatron->hf)", 1, [], [], [], 0, folder_bytes(source), 0,
+                              floors, direct_floors, 0, bound)
+    for _ in range(repeat):
+        destination = scratch / "anchor"
+        shutil.rmtree(destination, ignore_errors=True)
+        warm(source)
+        measurement.loads_before.append(os.getloadavg()[0])
+        env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONWARNINGS="ignore")
+        seconds, peak, code, _, _ = run_measured(anchor_command(anchor_python, source, destination, tokenizer), env)
+        measurement.bytes_written = folder_bytes(destination) if destination.exists() else 0
+        shutil.rmtree(destination, ignore_errors=True)
+        measurement.runs.append(seconds)
+        measurement.peak_rss_bytes = max(measurement.peak_rss_bytes, peak)
+        measurement.returncode = measurement.returncode or code
+    return measurement
+
+
+def diverged(size, source, scratch, repeat, bound, floors, direct_floors) -> Measurement:
+    """``megatron-to-hf`` once the source's copies differ; the source is renamed ``...-diverged``."""
+    changed = diverge_copies(source)
+    diverged_source = source.with_name(source.name + "-diverged")
+    source.rename(diverged_source)
+    measurement = Measurement(size, f"megatron-to-hf, copies of {changed} tensors differ", 1, [], [], [], 0,
+                              folder_bytes(diverged_source), 0, floors, direct_floors, 0, bound)
+    for _ in range(repeat):
+        destination = scratch / "out"
+        shutil.rmtree(destination, ignore_errors=True)
+        warm(diverged_source)
+        measurement.loads_before.append(os.getloadavg()[0])
+        seconds, peak, code, first_byte, output = run_measured(ckptkit_command(
+            "megatron-to-hf", diverged_source, destination, "--max-shard-size", "1GB", "--json"), watch=destination)
+        measurement.bytes_written = folder_bytes(destination) if destination.exists() else 0
+        shutil.rmtree(destination, ignore_errors=True)
+        measurement.runs.append(seconds)
+        if first_byte is not None:
+            measurement.first_byte_runs.append(first_byte)
+        measurement.peak_rss_bytes = max(measurement.peak_rss_bytes, peak)
+        measurement.returncode = measurement.returncode or code
+        if not code:
+            measurement.notes = [note for note in json.loads(output).get("notes", []) if "differ" in note]
+    return measurement
 
 
 def machine() -> str:
@@ -221,61 +353,70 @@ def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     return f"{platform.machine()}, {cpus} cores, {memory:.0f} GiB RAM, Python {platform.python_version()}, " \
-           f"load average {load}"
+           f"torch {torch.__version__}, load average {load}"
 
 
 def render(results: list[Measurement]) -> str:
-    lines = ["| size | conversion | workers | GB read | GB written | seconds | GB/s (read) | x copy floor "
-             "| x direct-copy floor | peak RSS GiB | RSS bound GiB | x script time | x script RSS | load before |",
+    lines = ["| size | conversion | workers | GB read | GB written | seconds (median) | runs | GB/s (read) "
+             "| x copy floor | x direct-copy floor | first byte, s | peak RSS GiB | RSS bound GiB | load before |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    anchors = {m.size: m for m in results if m.what.startswith("transformers")}
     for m in results:
-        bound = 1 + 3 * largest_tensor_bytes(m.size) / GIB
-        anchor = anchors.get(m.size)
-        versus = ("", "")
-        if anchor and m.what == "megatron-to-hf":
-            versus = (f"{m.seconds / anchor.seconds:.2f}", f"{m.peak_rss_bytes / anchor.peak_rss_bytes:.2f}")
         failed = " (FAILED)" if m.returncode else ""
+        runs = " / ".join(f"{seconds:.1f}" for seconds in m.runs)
+        loads = " / ".join(f"{load:.1f}" for load in m.loads_before)
         lines.append(f"| {m.size} | {m.what}{failed} | {m.workers} | {m.bytes_read / 1e9:.2f} | "
-                     f"{m.bytes_written / 1e9:.2f} | {m.seconds:.1f} | {m.bytes_read / 1e9 / m.seconds:.2f} | "
-                     f"{m.ratio_to_floor:.2f} | {m.seconds / m.direct_floor_seconds:.2f} | {m.peak_rss_bytes / GIB:.2f} | {bound:.2f} | {versus[0]} | {versus[1]} | "
-                     f"{m.load_before:.1f} |")
-    floors = sorted({(m.size, m.floor_seconds, m.direct_floor_seconds, m.bytes_read) for m in results})
+                     f"{m.bytes_written / 1e9:.2f} | {m.seconds:.2f} | {runs} | {m.bytes_read / 1e9 / m.seconds:.2f} | "
+                     f"{m.seconds / m.floor_seconds:.2f} | {m.seconds / m.direct_floor_seconds:.2f} | "
+                     f"{m.first_byte_seconds:.2f} | {m.peak_rss_bytes / GIB:.2f} | {m.rss_bound_bytes / GIB:.2f} | "
+                     f"{loads} |")
+    floors = sorted({(m.size, tuple(m.floor_runs), tuple(m.direct_floor_runs), m.bytes_read) for m in results
+                     if not m.what.startswith(("transformers", "megatron-to-hf, copies"))})
     lines.append("")
-    lines.append("copy floors (cp -r + sync | dd oflag=direct + sync): " + "; ".join(
-        f"{size} {nbytes / 1e9:.2f} GB {seconds:.1f} s | {direct:.1f} s" for size, seconds, direct, nbytes in floors))
+    lines.append("copy floors, median (runs) of cp -r + sync | dd oflag=direct + sync: " + "; ".join(
+        f"{size} {nbytes / 1e9:.2f} GB {statistics.median(copy):.2f} s ({' / '.join(f'{s:.1f}' for s in copy)}) | "
+        f"{statistics.median(direct):.2f} s ({' / '.join(f'{s:.1f}' for s in direct)})"
+        for size, copy, direct, nbytes in floors))
+    for m in results:
+        for note in m.notes:
+            lines.append(f"{m.size} {m.what}: {note}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="125m,1.3b", help="comma-separated, from make_synthetic.SIZES")
+    parser.add_argument("--sizes", default="125m,1.3b",
+                        help="comma-separated, from make_synthetic.SIZES and LLAMA_SIZES")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ckptkit-bench"),
                         help="scratch folder on the disk to measure")
     parser.add_argument("--workers", default="1", help="comma-separated worker counts, e.g. 1,2")
     parser.add_argument("--anchor-python", help="python of a venv with transformers==4.46.*")
     parser.add_argument("--anchor-sizes", help="sizes to run the transformers script on (default: all; it "
                         "needs about 6x the checkpoint in RAM)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the fastest is kept")
-    parser.add_argument("--keep", action="store_true", help="keep the generated sources and outputs")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
+    parser.add_argument("--diverge-copies", action="store_true",
+                        help="last, megatron-to-hf on the Megatron source with its copies made to differ")
+    parser.add_argument("--keep", action="store_true", help="keep the generated sources")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     options = parser.parse_args(argv)
     options.work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}", flush=True)
     results = []
     for size in options.sizes.split(","):
-        anchor = options.anchor_python
+        anchor_python = options.anchor_python
         if options.anchor_sizes is not None and size not in options.anchor_sizes.split(","):
-            anchor = None
+            anchor_python = None
         results += bench_size(size, options.work, workers=[int(n) for n in options.workers.split(",")],
-                              anchor_python=anchor, repeat=options.repeat, keep=options.keep)
+                              anchor_python=anchor_python, repeat=options.repeat, keep=options.keep,
+                              diverge=options.diverge_copies)
+        print(render(results), flush=True)
         if not options.keep:
-            for source in options.work.glob(f"gpt-{size}-*"):
+            for source in options.work.glob(f"{size}-*"):
                 shutil.rmtree(source)
     print(f"machine after: {machine()}")
     print(render(results))
     if options.json:
-        options.json.write_text(json.dumps([asdict(m) for m in results], indent=1))
+        options.json.write_text(json.dumps([dict(asdict(m), seconds=m.seconds, first_byte_seconds=m.first_byte_seconds)
+                                            for m in results], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Generate a synthetic GPT checkpoint with random weights, for benchmarks.
+"""Generate a synthetic GPT or Llama checkpoint with random weights, for benchmarks.
 
 Writes either Megatron per-rank files (any TP/PP/VPP, any naming) or a Hugging Face
 safetensors folder, through ckptkit's own streaming writers fed by a reader that makes
@@ -7,6 +7,7 @@ bytes every time). Memory stays at about one tensor.
 
     python benchmarks/make_synthetic.py /work/bench/gpt-1.3b-tp2pp2 --size 1.3b --tp 2 --pp 2 --naming legacy
     python benchmarks/make_synthetic.py /work/bench/gpt-1.3b-hf --size 1.3b --format hf
+    python benchmarks/make_synthetic.py /work/bench/llama-hf --size llama3-70b-width --format hf --dtype bf16
 
 ``--diverge-copies`` then makes the copies Megatron keeps of some tensors differ (as a
 bug in training would): replicated tensors across TP ranks, and the tied output head
@@ -41,7 +42,25 @@ SIZES = {
 }
 VOCAB_SIZE = 50257
 SEQUENCE_LENGTH = 2048
+# Llama-3-70B's widths (its config.json: hidden 8192, ffn 28672, 64 heads in 8 KV groups,
+# vocabulary 128256, untied head) with 2 layers: every tensor as large as the real model's
+# (the embeddings and the head 2.1 GB each in bf16, a fused fc1 0.94 GB), 7.6 GB in all.
+LLAMA_SIZES = {
+    "llama3-70b-width": dict(num_layers=2, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+                             ffn_hidden_size=28672, vocab_size=128256),
+}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def model_spec(size: str) -> ModelSpec:
+    """The spec of a size of :data:`SIZES` (GPT) or :data:`LLAMA_SIZES`."""
+    if size in LLAMA_SIZES:
+        shape = LLAMA_SIZES[size]
+        return ModelSpec(family="llama", **shape, max_position_embeddings=8192,
+                         head_dim=shape["hidden_size"] // shape["num_attention_heads"], position_embedding="rope",
+                         normalization="RMSNorm", activation="swiglu", add_bias_linear=False, add_qkv_bias=False,
+                         tied_embeddings=False, rope_theta=500000.0)
+    return gpt_spec(size)
 
 
 def gpt_spec(size: str) -> ModelSpec:
@@ -91,7 +110,7 @@ def parameter_count(spec: ModelSpec) -> int:
 def make(out: Path, *, size: str, format: str = "megatron", tp: int = 1, pp: int = 1, vpp: int = 1,
          naming: str = "legacy", dtype: str = "fp16", max_shard_size: str = "5GB") -> Path:
     """Write the synthetic checkpoint into ``out`` (a fresh folder) and return it."""
-    spec = gpt_spec(size)
+    spec = model_spec(size)
     reader = SyntheticReader(spec, DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=False)
     if format == "hf":
@@ -142,7 +161,7 @@ def diverge_copies(checkpoint: Path, amount: float = 0.5) -> int:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--size", choices=SIZES, default="125m")
+    parser.add_argument("--size", choices=[*SIZES, *LLAMA_SIZES], default="125m")
     parser.add_argument("--format", choices=["megatron", "hf"], default="megatron")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -160,7 +179,7 @@ def main(argv=None) -> None:
     if options.diverge_copies:
         print(f"{options.out}: copies of {diverge_copies(options.out)} tensors made to differ")
     total = sum(path.stat().st_size for path in options.out.rglob("*") if path.is_file())
-    print(f"{options.out}: {parameter_count(gpt_spec(options.size)) / 1e9:.3f}B parameters, "
+    print(f"{options.out}: {parameter_count(model_spec(options.size)) / 1e9:.3f}B parameters, "
           f"{total / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s")
 
 
