@@ -27,9 +27,9 @@ from conftest import assert_same_state, converted_logits_error, fixture_path, hf
 
 FLOAT32_LOGITS_ATOL = 1e-5  # a hand merge reaches ~1e-6
 REAL = ["moe_mixtral_tp1ep2", "moe_qwen2_tp1ep2"]
-REAL_ALL = {"moe_mixtral_tp1ep2": "dist", "moe_qwen2_tp1ep2": "dist", "moe_qwen3_tp1ep2": "dist",
-            "moe_mixtral_ep2_torch": "torch", "moe_qwen2_ep2_torch": "torch"}
-REAL_PER_RANK = ["moe_mixtral_ep2_torch", "moe_qwen2_ep2_torch"]
+# per-rank Mixtral style: moe_optim_ep2 (hidden 32, 4 experts of ffn 16, saved with its optimizer state)
+REAL_PER_RANK = {"moe_optim_ep2": "torch_distributed", "moe_qwen2_ep2_torch": "torch"}
+REAL_ALL = {"moe_mixtral_tp1ep2": "dist", "moe_qwen2_tp1ep2": "dist", "moe_qwen3_tp1ep2": "dist", **REAL_PER_RANK}
 EXPERT_FC1 = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc1.weight"
 
 
@@ -66,9 +66,9 @@ def test_real_megatron_moe_reproduces_megatron_logits(name, tmp_path):
     assert error.max().item() < FLOAT32_LOGITS_ATOL
 
 
-@pytest.mark.parametrize("name", REAL_PER_RANK)
+@pytest.mark.parametrize("name", sorted(REAL_PER_RANK))
 def test_real_per_rank_moe_rewritten_has_megatrons_folders_keys_shapes_and_extra_state(name, tmp_path):
-    source = fixture_path(name, "torch")
+    source = fixture_path(name, REAL_PER_RANK[name])
     result = reshard(source, tmp_path / "out", tp=1, pp=1)
     assert result.target_layout["ep"] == 2
     real, ours = source / "iter_0000010", tmp_path / "out" / "iter_0000010"
@@ -88,7 +88,7 @@ def test_real_per_rank_moe_rewritten_has_megatrons_folders_keys_shapes_and_extra
 def test_real_per_rank_and_torch_dist_moe_read_as_the_same_experts(tmp_path):
     """Local expert e of EP rank r is global expert 2r + e: the per-rank fixture written as
     torch_dist stores each expert at its global index."""
-    source = fixture_path("moe_mixtral_ep2_torch", "torch")
+    source = fixture_path("moe_optim_ep2", "torch_distributed")
     reshard(source, tmp_path / "dist", tp=1, pp=1, format="torch_dist")
     assert verify(source, tmp_path / "dist").equivalent
     ep1 = rank_model(source / "iter_0000010" / "mp_rank_00_001" / "model_optim_rng.pt")
@@ -226,7 +226,8 @@ def test_real_moe_reshards_to_other_ep_and_format_keeping_every_tensor(name, tar
     source = fixture_path(name, REAL_ALL[name])
     if "qwen" in name:
         target = {**target, "tp": 1}  # 3 query groups
-    result = reshard(source, tmp_path / "out", **target)
+    # the optimizer state of moe_optim_ep2 needs DP ranks for 4 EP ranks (the source runs at DP 2)
+    result = reshard(source, tmp_path / "out", dp=4, **target)
     assert result.target_layout["ep"] == target["ep"]
     assert verify(source, tmp_path / "out").equivalent
     back = reshard(tmp_path / "out", tmp_path / "again", tp=1, pp=1, ep=2,

@@ -4,7 +4,8 @@
 #
 # Inputs come from `python3 tools/megatron_moe.py prepare $CHECK` (run on the CPU):
 #   $CHECK/qwen2_torch   moe_qwen2_ep2_torch -> megatron-to-hf -> hf-to-megatron --tp 1 --pp 1 --ep 2
-#   $CHECK/mixtral_dist  moe_mixtral_ep2_torch -> megatron-to-hf -> hf-to-megatron ... --format torch_dist --ep 2
+#   $CHECK/mixtral_dist  moe_optim_ep2/torch_distributed -> megatron-to-hf -> hf-to-megatron ... --format torch_dist --ep 2
+#                        (docs/megatron-check.md's figures: the larger moe_mixtral_ep2_torch it replaced)
 #   $CHECK/qwen3_torch   moe_qwen3_tp1ep2/dist -> reshard --format torch --tp 1 --pp 1 --ep 2
 # and $CHECK/RUN_tokens.pt. Afterwards `python3 tools/megatron_moe.py compare $CHECK RESULTS`
 # compares $OUT/RUN_logits.pt with the fixtures' logits.pt (Megatron's own).
@@ -37,6 +38,7 @@ case_args() {
   case $1 in
     qwen2_*) echo "--moe-shared-expert-gate" ;;
     qwen3_*) echo "--qk-layernorm" ;;
+    mixtral_*) echo "--vocab-size 120" ;;  # moe_optim_ep2's vocabulary (the others': 1000)
   esac
 }
 

@@ -10,14 +10,17 @@ mixture-of-experts checkpoints ckptkit writes and computes the same logits.
 - ``qwen2_torch``: ``moe_qwen2_ep2_torch/torch`` (per-rank, EP2; shared expert with a gate,
   QKV bias, layer 0 dense) -> ``megatron-to-hf`` -> ``hf-to-megatron --tp 1 --pp 1 --ep 2``
   (per-rank files ``mp_rank_00_000`` and ``mp_rank_00_001``), loaded at EP2 on 2 GPUs.
-- ``mixtral_dist``: ``moe_mixtral_ep2_torch/torch`` (per-rank, EP2) -> ``megatron-to-hf`` ->
+- ``mixtral_dist``: ``moe_optim_ep2/torch_distributed`` (per-rank, EP2; made by
+  tools/make_megatron_optimizer_fixtures.sh; the figures in docs/megatron-check.md were made
+  with the larger ``moe_mixtral_ep2_torch`` it replaced) -> ``megatron-to-hf`` ->
   ``hf-to-megatron --tp 1 --pp 1 --ep 2 --format torch_dist``, loaded at EP1 on 1 GPU.
 - ``qwen3_torch``: ``moe_qwen3_tp1ep2/dist`` (torch_dist) -> ``reshard --format torch --tp 1
   --pp 1 --ep 2`` (per-rank, EP2), loaded at EP2 on 2 GPUs.
 
 Each run's reference is the logits Megatron itself computed for the fixture (``logits.pt``);
 ``RUN_tokens.pt`` holds its tokens. ``compare`` reads ``RUN_logits.pt`` (tools/megatron_logits.py)
-and prints max / mean |Megatron - reference| over the 1000 real vocabulary columns.
+and prints max / mean |Megatron - reference| over the real vocabulary columns (the reference's
+``vocab``).
 
 ckptkit runs as ``ckptkit.cli:main`` from ``CKPTKIT_PATH`` when set (a clean
 ``git archive`` copy), else from the installed package.
@@ -37,7 +40,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 # run -> (fixture, how it was made)
 RUNS = {
     "qwen2_torch": ("moe_qwen2_ep2_torch", "megatron-to-hf, hf-to-megatron --tp 1 --pp 1 --ep 2 (per-rank)"),
-    "mixtral_dist": ("moe_mixtral_ep2_torch", "megatron-to-hf, hf-to-megatron --tp 1 --pp 1 --ep 2 --format torch_dist"),
+    "mixtral_dist": ("moe_optim_ep2", "megatron-to-hf, hf-to-megatron --tp 1 --pp 1 --ep 2 --format torch_dist"),
     "qwen3_torch": ("moe_qwen3_tp1ep2", "reshard --format torch --tp 1 --pp 1 --ep 2 (per-rank)"),
 }
 
@@ -53,8 +56,9 @@ def ckptkit(*args: str) -> None:
 
 def prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name, fixture in (("qwen2", "moe_qwen2_ep2_torch"), ("mixtral", "moe_mixtral_ep2_torch")):
-        ckptkit("megatron-to-hf", str(FIXTURES / fixture / "torch"), str(out / f"{name}_hf"), "--overwrite")
+    for name, source in (("qwen2", FIXTURES / "moe_qwen2_ep2_torch" / "torch"),
+                         ("mixtral", FIXTURES / "moe_optim_ep2" / "torch_distributed")):
+        ckptkit("megatron-to-hf", str(source), str(out / f"{name}_hf"), "--overwrite")
     ckptkit("hf-to-megatron", str(out / "qwen2_hf"), str(out / "qwen2_torch"), "--tp", "1", "--pp", "1",
             "--ep", "2", "--overwrite")
     ckptkit("hf-to-megatron", str(out / "mixtral_hf"), str(out / "mixtral_dist"), "--tp", "1", "--pp", "1",

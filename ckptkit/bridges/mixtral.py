@@ -28,7 +28,6 @@ def _mismatch(spec: ModelSpec) -> str | None:
     return llama_like_problem(spec, moe=True) or moe_problem(spec, shared_expert=False) or first_problem(
         (spec.moe_layers is None, "dense layers among the MoE layers"),
         (not spec.moe_router_pre_softmax, "a softmax over all experts before the top-k"),
-        (spec.moe_ffn_hidden_size == spec.ffn_hidden_size, "an expert size other than intermediate_size"),
         (not spec.add_bias_linear and not spec.add_qkv_bias, "linear biases"),
         (not spec.qk_layernorm, "q/k norms"),
     )
@@ -37,6 +36,9 @@ def _mismatch(spec: ModelSpec) -> str | None:
 def _spec_to_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
     MIXTRAL.check(spec)
     config = llama_like_config(spec, dtype, MIXTRAL.architecture, MIXTRAL.model_type)
+    # every layer is MoE (dense layers are refused), so Megatron's --ffn-hidden-size sizes no
+    # weight (it defaults to 4 x hidden): the experts' size is intermediate_size
+    config.update(intermediate_size=spec.moe_ffn_hidden_size)
     config.update(sliding_window=spec.sliding_window, num_local_experts=spec.num_experts,
                   num_experts_per_tok=spec.moe_router_topk, router_jitter_noise=0.0)
     return config

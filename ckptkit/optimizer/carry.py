@@ -14,6 +14,7 @@ conversion carries the state and says why not; ``reshard`` would use it as::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,8 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
     dp = dp or int(getattr(reader.meta.args, "data_parallel_size", None) or source.source.get("dp") or 1)
     if distributed is None:
         distributed = source.kind == "distributed"
+    if reader.spec.num_experts:
+        _check_expert_data_parallel(dp, layout)
     if isinstance(weights, TorchDistWriter):
         if reader.spec.num_experts and (not distributed or sharding == "fully_reshardable"
                                         or layout.expert_tp != layout.tp):
@@ -161,6 +164,19 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
                        "hold the distributed optimizer in distrib_optim.pt")
     target = OptimizerTarget.from_layout(layout, dp=dp, distributed=distributed, args=reader.meta.args)
     return WithOptimizerState(weights, target), []
+
+
+def _check_expert_data_parallel(dp: int, layout) -> None:
+    """Refuse, before anything is written, a DP size whose ranks cannot hold the target's
+    expert-parallel groups (the run could not start)."""
+    from .buffers import BufferSettings
+
+    try:
+        BufferSettings(dp=dp).with_experts(tp=layout.tp, ep=layout.ep, etp=layout.expert_tp)
+    except BadInput as error:
+        step = layout.ep * layout.expert_tp // math.gcd(layout.ep * layout.expert_tp, layout.tp)
+        raise BadInput(f"{error}: the resuming run needs a DP size that is a multiple of {step} "
+                       f"(pass --dp, or --no-optimizer)") from None
 
 
 @dataclass
