@@ -17,7 +17,8 @@
 #    one; SHARDING the torch_dist optimizer sharding, dp_reshardable or fully_reshardable, "-"
 #    for the default; EP the expert-parallel size, default the source's; the run takes
 #    TP x PP x DP GPUs). SOURCE may add EP as a fifth field; SOURCE_DISTRIBUTED=0 trains the
-#    source with the plain optimizer. MODEL_KIND llama4g has 4 query groups (for TP4), moe is
+#    source with the plain optimizer; SOURCE_FLAGS go to the source run and its baseline
+#    resume (--num-layers-per-virtual-pipeline-stage 1 for an interleaved source). MODEL_KIND llama4g has 4 query groups (for TP4), moe is
 #    a Mixtral-style bf16 model with 4 experts. The default, for a per-rank source:
 #      tp2:source:torch:2:1:1:1       a TP change
 #      pp2:source:torch:1:2:1:1       a PP change
@@ -74,6 +75,7 @@ set -u
 : "${MODEL_KIND:=llama}"
 : "${SOURCE:=torch 1 1 2}"
 : "${SOURCE_DISTRIBUTED:=1}"
+: "${SOURCE_FLAGS:=}"  # more flags of the source run and its baseline resume, e.g. --num-layers-per-virtual-pipeline-stage 1
 : "${RUNS:=tp2:source:torch:2:1:1:1 pp2:source:torch:1:2:1:1 dp1:source:torch:1:1:1:1 nodist:source:torch:1:1:2:0}"
 : "${SIDE_BY_SIDE:=1}"
 : "${STEP_FIX:=0}"
@@ -163,7 +165,7 @@ for spec in $RUNS; do NAMES="$NAMES ${spec%%:*}"; done
 # 1. train to iteration 15, saving at 10, with the distributed optimizer
 megatron train $((SOURCE_TP * SOURCE_PP * SOURCE_DP)) "$PORT" --ckpt-format "$SOURCE_FORMAT" \
   --tensor-model-parallel-size "$SOURCE_TP" --pipeline-model-parallel-size "$SOURCE_PP" \
-  --expert-model-parallel-size "$SOURCE_EP" $SOURCE_OPTIMIZER --train-iters 15 --save "$WORK/source" \
+  --expert-model-parallel-size "$SOURCE_EP" $SOURCE_OPTIMIZER $SOURCE_FLAGS --train-iters 15 --save "$WORK/source" \
   --save-interval 10
 [ -d "$WORK/source/iter_0000010" ] || { echo "no checkpoint at iteration 10"; exit 1; }
 rm -rf "$WORK/source/iter_0000015" && echo 10 >"$WORK/source/latest_checkpointed_iteration.txt"
@@ -198,17 +200,18 @@ EOF
 for spec in $RUNS; do IFS=: read -r -a fields <<<"$spec"; reshard "${fields[@]}"; done
 
 # 2. and 4. Megatron resumes from its own checkpoint (baseline) and from each reshard
-resume() {  # NAME FORMAT TP PP DP DISTRIBUTED SHARDING EP PORT
+resume() {  # NAME FORMAT TP PP DP DISTRIBUTED SHARDING EP PORT [FLAGS...]
   local name=$1 format=$2 tp=$3 pp=$4 dp=$5 distributed=$6 sharding=$7 ep=$8 port=$9 flags=""
+  shift 9
   [ "$distributed" = 1 ] && flags=--use-distributed-optimizer
   [ "$sharding" = fully_reshardable ] && flags="$flags --dist-ckpt-optim-fully-reshardable"
   megatron "$name" $((tp * pp * dp)) "$port" --ckpt-format "$format" --tensor-model-parallel-size "$tp" \
     --pipeline-model-parallel-size "$pp" --expert-model-parallel-size "${ep:-1}" $flags --train-iters 15 \
-    --load "$WORK/$name" --no-load-rng --exit-on-missing-checkpoint
+    --load "$WORK/$name" --no-load-rng --exit-on-missing-checkpoint "$@"
 }
 ln -sfn "$WORK/source" "$WORK/baseline"
 background resume baseline "$SOURCE_FORMAT" "$SOURCE_TP" "$SOURCE_PP" "$SOURCE_DP" "$SOURCE_DISTRIBUTED" - \
-  "$SOURCE_EP" $((PORT + 10))
+  "$SOURCE_EP" $((PORT + 10)) $SOURCE_FLAGS
 port=$((PORT + 20))
 for spec in $RUNS; do
   IFS=: read -r name from format tp pp dp distributed sharding ep <<<"$spec"
