@@ -11,7 +11,7 @@
 #              plain              the non-distributed optimizer
 #   FORMAT     torch_dist (default) or torch (per-rank files)
 #   MODEL      gpt2 (default: 2 layers, hidden 64, 4 heads, ffn 256, LayerNorm, GELU, learned
-#              positions, tied embeddings) or moe (Mixtral style: 2 layers, hidden 32, 4 heads,
+#              positions, tied embeddings), gpt2_bf16 (the same in bf16) or moe (Mixtral style: 2 layers, hidden 32, 4 heads,
 #              2 query groups, RoPE, RMSNorm, SwiGLU, untied, 4 experts of ffn 16, top-2, EP2).
 #              A per-rank moe run also gets logits.pt: the logits Megatron computes for fixed
 #              tokens after loading it at TP1 EP2 (tools/megatron_logits.py), as the MoE fixtures'.
@@ -88,7 +88,12 @@ run() {  # NAME:GPUS:TP:PP:OPTIMIZER[:FORMAT[:MODEL]] PORT
     plain) extra="" ;;
     *) echo "$name: unknown optimizer $optimizer"; return 1 ;;
   esac
-  case $model in gpt2) model_flags=$GPT2 ;; moe) model_flags=$MOE ;; *) echo "$name: unknown model $model"; return 1 ;; esac
+  case $model in
+    gpt2) model_flags=$GPT2 ;;
+    gpt2_bf16) model_flags="$GPT2 --bf16" ;;
+    moe) model_flags=$MOE ;;
+    *) echo "$name: unknown model $model"; return 1 ;;
+  esac
   echo "== $name" >"$OUT/$name.log"
   timeout "${RUN_TIMEOUT:-150}" torchrun --nproc-per-node "$gpus" --master-port "$port" "$MEGATRON/pretrain_gpt.py" \
     $model_flags $IMPL $TRAIN --tensor-model-parallel-size "$tp" --pipeline-model-parallel-size "$pp" \
