@@ -1,6 +1,7 @@
 """Shared fixtures: the real Megatron-LM checkpoints and small named model factories."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def fixture_path(*parts) -> Path:
+    """A fixture under tests/fixtures, or under CKPTKIT_EXTRA_FIXTURES (fixtures not committed yet)."""
     path = FIXTURES.joinpath(*parts)
+    extra = os.environ.get("CKPTKIT_EXTRA_FIXTURES")
+    if not path.exists() and extra and Path(extra).joinpath(*parts).exists():
+        path = Path(extra).joinpath(*parts)
     if not path.exists():
         pytest.skip(f"fixture {path} not present")
     return path

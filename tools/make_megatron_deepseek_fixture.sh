@@ -17,8 +17,8 @@
 #          expert bias (aux-loss-free balancing, updated each step), group-limited top-4 (4
 #          groups, 2 chosen), routed scaling factor 2.5, shared expert of ffn 32; one MTP layer.
 #          TP1 EP2 (DP2), saved as torch_dist; logits at TP1 EP1 on one GPU.
-#   v3tp2: the same model at TP2 EP1 (experts TP2), saved as per-rank files (--ckpt-format
-#          torch); logits at TP2 (vocabulary slices gathered).
+#   v3tp2: the same model at TP2 EP1 (experts TP2, sequence parallel), saved as per-rank files
+#          (--ckpt-format torch); logits at TP2 (vocabulary slices gathered).
 #   v2:    DeepSeek-V2 style. MLA as v3 with plain rope, 4 experts of ffn 32, top-2 of a softmax
 #          over all experts (--moe-router-pre-softmax; Hugging Face's topk_method "greedy"),
 #          routed scaling factor 1.5, shared expert of ffn 64, layer 0 dense; no MTP. TP1 EP2,
@@ -59,8 +59,10 @@ model_args() {
       PAR=(--tensor-model-parallel-size 1 --expert-model-parallel-size 2)
       LOGITS_PAR=(--tensor-model-parallel-size 1 --expert-model-parallel-size 1) NPROC=1 ;;
     v3tp2) NAME=deepseek_v3_tp2_torch FMT=torch SUB=torch ARGS=("${V3[@]}")
-      PAR=(--tensor-model-parallel-size 2 --expert-model-parallel-size 1)
-      LOGITS_PAR=("${PAR[@]}") NPROC=2 ;;
+      # Megatron refuses to train MoE at TP > 1 without sequence parallelism (moe_layer.py);
+      # it changes no weight, and the logits run (eval) goes without it.
+      PAR=(--tensor-model-parallel-size 2 --expert-model-parallel-size 1 --sequence-parallel)
+      LOGITS_PAR=(--tensor-model-parallel-size 2 --expert-model-parallel-size 1) NPROC=2 ;;
     v2) NAME=deepseek_v2_ep2_torch FMT=torch SUB=torch ARGS=("${V2[@]}")
       PAR=(--tensor-model-parallel-size 1 --expert-model-parallel-size 2)
       LOGITS_PAR=("${PAR[@]}") NPROC=2 ;;

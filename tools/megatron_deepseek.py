@@ -60,6 +60,9 @@ RUNS = {
     "v3_dist_ep2": ("v3", ["--tp", "1", "--pp", "1", "--ep", "2", "--format", "torch_dist"],
                     "torch_dist written at EP2, loaded at TP2 EP1"),
     "v2_torch_ep2": ("v2", ["--tp", "1", "--pp", "1", "--ep", "2"], "per-rank EP2, loaded at EP2"),
+    # made from a fresh Megatron fixture on the device (see the call script), not by prepare
+    "v3mtp_fixture_tp2": (None, [],
+                          "Megatron's deepseek_v3_tp1ep2 resharded by ckptkit to per-rank TP2, loaded at TP2"),
 }
 
 
@@ -131,21 +134,39 @@ def prepare(out: Path) -> None:
     shutil.copytree(out / "v3_hf", out / "v3mtp_hf", dirs_exist_ok=True)
     add_mtp_layer(out / "v3mtp_hf")
     references["v3mtp"] = references["v3"]  # transformers computes no MTP head: the main logits
+    from megatron_deepseek_mtp import mtp_logits  # Megatron's MTP head with transformers' modules
+
+    mtp_reference = mtp_logits(out / "v3mtp_hf", tokens())
     for run, (model, options, _) in RUNS.items():
+        if model is None:
+            continue
         ckptkit("hf-to-megatron", str(out / f"{model}_hf"), str(out / run), *options, "--overwrite")
         torch.save({"tokens": tokens()}, out / f"{run}_tokens.pt")
-        torch.save({"tokens": tokens(), "logits": references[model], "vocab": 1000}, out / f"{run}_reference.pt")
+        reference = {"tokens": tokens(), "logits": references[model], "vocab": 1000}
+        if model == "v3mtp":
+            reference["mtp_logits"] = mtp_reference[None]
+        torch.save(reference, out / f"{run}_reference.pt")
         print(run, sorted(str(p.relative_to(out)) for p in (out / run).rglob("*") if p.is_file()))
 
 
 def compare(out: Path, results: Path) -> list[dict]:
     rows = []
     for run, (_, _, how) in RUNS.items():
+        if not (out / f"{run}_reference.pt").exists() or not (results / f"{run}.log").exists():
+            continue
         reference = torch.load(out / f"{run}_reference.pt", weights_only=True)
-        log = results / f"{run}.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
+        text = (results / f"{run}.log").read_text(errors="replace")
         rows.append({"run": run, "how": how, "load_return": "load_return" in text,
                      **logits_row(results, run, reference)})
+        ours = results / f"{run}_logits.pt"
+        if "mtp_logits" in reference and ours.exists():
+            megatron = torch.load(ours, weights_only=True).get("mtp_logits")
+            diff = None if megatron is None else \
+                (megatron[..., :1000].float() - reference["mtp_logits"][..., :1000].float()).abs()
+            rows.append({"run": run + " (MTP head)", "how": how, "load_return": False,
+                         **({"error": "no MTP logits"} if diff is None else
+                            {"shape": list(megatron.shape), "max_abs": diff.max().item(),
+                             "mean_abs": diff.mean().item()})})
     print_rows(rows, 14, lambda row: f"load_return {'PRESENT' if row['load_return'] else 'absent'}  "
                                      f"vs transformers ({row['how']})")
     return rows

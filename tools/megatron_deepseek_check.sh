@@ -33,8 +33,8 @@ source "$REPO/tools/megatron_deepseek_flags.sh"
 run_one() {  # RUN PORT
   local run=$1 port=$2 model fmt par
   case $run in
-    v3_*) model=("${V3[@]}") ;;
-    v2_*) model=("${V2[@]}") ;;
+    v3*) model=("${V3[@]}") ;;  # v3_*, and v3mtp_* with its MTP layer
+    v2*) model=("${V2[@]}") ;;
   esac
   local kept=() skip=0 flag
   for flag in "${model[@]}"; do  # --mtp-num-layers only where the HF model has an MTP layer
