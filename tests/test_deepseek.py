@@ -156,3 +156,18 @@ def test_deepseek_v3_hub_config_gives_megatrons_deepseek_v3_arguments():
         ffn_hidden_size=18432, untie_embeddings_and_output_weights=True, norm_epsilon=1e-6)
     assert {name: getattr(args, name) for name in expected} == expected
     assert spec.rope_scaling["original_max_position_embeddings"] == 4096  # Megatron's MLA YaRN's fixed length
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2, pp=2, ep=1, format="torch"), dict(tp=2, pp=2, ep=2, format="torch_dist"),
+                                    dict(tp=1, pp=1, ep=4, format="torch_dist")])
+def test_real_deepseek_reshards_keeping_every_tensor(layout, tmp_path):
+    """MLA's column-parallel down projections, the expert bias and the MTP layer (last stage) move
+    between layouts unchanged."""
+    from ckptkit.verification import verify
+
+    source = fixture_path("deepseek_v3_tp1ep2", "dist")
+    reshard(source, tmp_path / "out", **layout)
+    assert verify(source, tmp_path / "out").equivalent
+    with open_checkpoint(tmp_path / "out") as reader:
+        assert reader.spec.mtp_num_layers == 1
+        assert reader.tensor("decoder.layers.1.mlp.router.expert_bias").dtype == torch.float32

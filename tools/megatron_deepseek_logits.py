@@ -3,8 +3,9 @@ fixed tokens: the main head's and, when the model has multi-token prediction lay
 depth's.
 
 The model is built as tools/megatron_deepseek_local.py explains (Megatron's local spec needs two
-build-time changes for MLA and MTP without Transformer Engine). Run under ``torchrun`` with the Megatron flags of the checkpoint (one process per GPU of the
-layout it loads at); needs ``MEGATRON_PATH``:
+build-time changes for MLA and MTP without Transformer Engine). Run under ``torchrun`` with the
+Megatron flags of the checkpoint (one process per GPU of the layout it loads at); needs
+``MEGATRON_PATH``:
 
     torchrun --nproc-per-node 2 tools/megatron_deepseek_logits.py --load ckpt/ \
         --tokens-file tokens.pt --logits-out logits.pt [Megatron model flags ...]
