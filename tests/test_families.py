@@ -89,6 +89,11 @@ MOE_CASES = {
                                                    "first_k_dense_replace": 2}),
     "deepseek-v2": ("deepseek_v2", FOUR_LAYERS),
     "deepseek-v2-lite-without-q-lora": ("deepseek_v2", {**FOUR_LAYERS, "q_lora_rank": None}),
+    "deepseek-v2-lite-yarn": ("deepseek_v2", {**FOUR_LAYERS, "q_lora_rank": None, "max_position_embeddings": 16384,
+                                              "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                               "original_max_position_embeddings": 4096,
+                                                               "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707,
+                                                               "mscale_all_dim": 0.707}}),
 }
 
 

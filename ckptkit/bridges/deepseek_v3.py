@@ -62,15 +62,14 @@ _MLP = HF_LAYER + "mlp."
 YARN_FIELDS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
-def _yarn(config: dict, allowed: bool) -> dict | None:
+def _yarn(config: dict) -> dict | None:
     """The config's rotary scaling in the spec's form: None or a complete YaRN dict."""
     scaling = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return None
-    if kind != "yarn" or not allowed:
-        raise Unsupported(f"RoPE scaling {kind!r} is not supported for {config.get('model_type')} "
-                          f"(supported: {'yarn' if allowed else 'none'})")
+    if kind != "yarn":
+        raise Unsupported(f"RoPE scaling {kind!r} is not supported for {config.get('model_type')} (supported: yarn)")
     defaults = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
     values = {name: scaling.get(name, defaults.get(name)) for name in YARN_FIELDS}
     missing = [name for name, value in values.items() if value is None]
@@ -147,7 +146,7 @@ def _v3_spec(config: dict) -> ModelSpec:
         raise Unsupported(f"norm_topk_prob {config.get('norm_topk_prob')} with {topk} experts per token: Megatron "
                           "renormalises the chosen sigmoid weights exactly when more than one is chosen")
     refuse_zero(config, "n_shared_experts")
-    return _common_spec(config, "deepseek_v3", _yarn(config, allowed=True), moe_router_score_function="sigmoid",
+    return _common_spec(config, "deepseek_v3", _yarn(config), moe_router_score_function="sigmoid",
                         moe_router_expert_bias=True, mtp_num_layers=config.get("num_nextn_predict_layers") or 0,
                         **_groups(config, 2, "DeepseekV3 scores a group by the sum of its top 2"))
 
@@ -163,7 +162,7 @@ def _v2_spec(config: dict) -> ModelSpec:
                           "while DeepSeek's own code does; refused as ambiguous")
     groups = _groups(config, 1, "DeepseekV2 scores a group by its best expert") \
         if method == "group_limited_greedy" else {}
-    return _common_spec(config, "deepseek_v2", _yarn(config, allowed=False), moe_router_score_function="softmax",
+    return _common_spec(config, "deepseek_v2", _yarn(config), moe_router_score_function="softmax",
                         moe_router_pre_softmax=True, **groups)
 
 
@@ -205,7 +204,7 @@ def _v2_mismatch(spec: ModelSpec) -> str | None:
         (spec.moe_router_pre_softmax, "top-k before the softmax"),
         (not spec.moe_router_expert_bias, "an expert bias"),
         (groups_ok, "groups scored by more than their best expert"),
-        (spec.rope_scaling is None, "RoPE scaling"),
+        (spec.rope_scaling is None or spec.rope_scaling["rope_type"] == "yarn", "RoPE scaling other than yarn"),
         (not spec.mtp_num_layers, "multi-token prediction layers"),
     )
 
