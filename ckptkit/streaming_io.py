@@ -18,6 +18,7 @@ write calls used here release the GIL). Closing waits for the data to be on disk
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
 import itertools
 import mmap
@@ -107,9 +108,27 @@ def read_tensor(fd: int, offset: int, shape, dtype: torch.dtype) -> torch.Tensor
     return read_into(fd, torch.empty(tuple(shape), dtype=dtype), offset)
 
 
-# How often the freed heap pages nobody reused are given back (keep_freed_memory_for_reuse)
+# How often keep_freed_memory_for_reuse looks at the freed heap pages nobody reused, and how
+# many it leaves resident before giving them back
 GIVE_BACK_SECONDS = 0.2
+SPARE_BYTES = 256 << 20
 _giving_back: list[threading.Thread] = []
+
+
+class _MallocInfo(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h, glibc >= 2.33)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _resident_anonymous_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) << 10
+    return 0
 
 
 def keep_freed_memory_for_reuse() -> None:
@@ -127,14 +146,14 @@ def keep_freed_memory_for_reuse() -> None:
     The heap does not reuse everything, though: torch allocates with 64-byte alignment, and
     the slack glibc cuts off around an aligned block stays in its small-chunk caches, so a
     freed block is a little too small for the next request of the same size, and the heap
-    grows past the hole. A thread gives the pages of such holes back every
-    :data:`GIVE_BACK_SECONDS` (``malloc_trim``): on a synthetic DeepSeek-V3-width MoE layer
-    (64 experts) ``reshard --ep 4`` peaked at 3.8 GiB resident of which 0.5 GiB was in use,
-    1.3 GiB with it; a 1.3B megatron-to-hf at 0.87-1.3 GiB, 0.67 GiB with it, in 3.7 s
-    instead of 3.9-7.6 s (in process, other jobs running). No-op where glibc is not the
-    allocator.
+    grows past the hole. A thread looks every :data:`GIVE_BACK_SECONDS` at the resident
+    memory malloc holds free and gives the pages of such holes back (``malloc_trim``) once
+    they pass :data:`SPARE_BYTES`: on a synthetic DeepSeek-V3-width MoE layer (64 experts)
+    ``reshard --ep 4`` peaked at 3.8 GiB resident of which 0.5 GiB was in use, and at 1.3
+    GiB when holes were given back. Giving them back every time costs page faults when they
+    are reused (a 1.3B reshard: 0.7 s more system time), hence the spare bytes. No-op where
+    glibc is not the allocator.
     """
-    import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
@@ -152,13 +171,23 @@ def keep_freed_memory_for_reuse() -> None:
     # where the next one is allocated (with an arena per thread, each kept its own high-water
     # mark: 1.3B megatron-to-hf peaked at 1.66 GiB instead of 0.6).
     mallopt(m_arena_max, 1)
-    if _giving_back:
+    mallinfo2 = getattr(libc, "mallinfo2", None)
+    if _giving_back or mallinfo2 is None:
         return
+    mallinfo2.restype = _MallocInfo
+
+    def spare() -> int:
+        """Resident anonymous memory that malloc does not hand out (plus what the interpreter
+        holds outside malloc, a constant)."""
+        info = mallinfo2()
+        return _resident_anonymous_bytes() - info.uordblks - info.hblkhd
 
     def give_back() -> None:
+        outside_malloc = spare()
         while True:
             time.sleep(GIVE_BACK_SECONDS)
-            malloc_trim(0)
+            if spare() - outside_malloc > SPARE_BYTES:
+                malloc_trim(0)
 
     _giving_back.append(threading.Thread(target=give_back, name="give back freed memory", daemon=True))
     _giving_back[0].start()
