@@ -49,9 +49,12 @@ def megatron_format_refusal(spec: ModelSpec, tp: int, pp: int, padded_vocab_size
     """Why ckptkit cannot write this model's optimizer state in Megatron's format, or None.
 
     Asked of :mod:`ckptkit.optimizer` itself (which places every parameter in Megatron's
-    order): it refuses mixture-of-experts models, whose experts Megatron keeps in buffers
-    and optimizers of their own.
+    order). A mixture of experts is refused here: Megatron keeps its experts' state in an
+    optimizer of its own per EP rank, and the trainer gathers its pieces per TP/PP rank only.
     """
+    if spec.num_experts:
+        return ("the trainer saves a mixture-of-experts model's optimizer state per TP/PP rank, not per EP rank as "
+                "Megatron's chained expert optimizer needs")
     try:
         chunk_parameters(spec, ChunkPlace(tp, 0, pp, 0), padded_vocab_size)
     except Unsupported as error:
