@@ -2,7 +2,8 @@
 # Megatron-LM resumes training from a checkpoint of ckptkit's trainer, optimizer state
 # included, and its losses show the state was read as ckptkit reads it.
 #
-# 1. The trainer (ckptkit train, CPU processes over gloo, float32) trains the "gpt2" preset
+# 1. The trainer (ckptkit train, CPU processes over gloo, bf16 weights and compute with
+#    float32 master weights, as on a GPU) trains the "gpt2" preset
 #    (4 layers, hidden 128, 4 heads, ffn 512, vocabulary 1000 padded to 1024, learned
 #    positions up to 1024, tied embeddings) at TP1 PP1 DP2 with the distributed optimizer,
 #    sequence 64, micro-batch 2, global batch 8, lr 5e-4 -> 5e-5 cosine with 2 warm-up
@@ -28,6 +29,12 @@
 #    12 on shows the state is used. The second logged iteration of a run is the mean of its
 #    first two (training_log keeps accumulating after the first), so the table gives
 #    2 x logged - first there.
+#
+# bf16, not float32: Megatron d98e8a6 cannot load a float32 distributed-optimizer state from
+# per-rank files (load_parameter_state_from_dp_zero copies the masters into the model's own
+# float32 parameters, leaves that require grad, outside no_grad: "a view of a leaf Variable
+# that requires grad is being used in an in-place operation"; a float32 run of this check
+# failed so in its direct, tp2 and dp1 resumes, while nodist and fresh ran).
 #
 # Megatron at d98e8a6 needs the local fixes of tools/megatron_resume_check.sh to resume the
 # distributed optimizer with PyTorch's Adam (no Transformer Engine or apex), including its
@@ -80,9 +87,9 @@ EOF
 MEGATRON=$WORK/megatron
 make -C "$MEGATRON/megatron/core/datasets" >/dev/null || exit 1
 
-# 1. the trainer, on CPU processes (gloo), float32
+# 1. the trainer, on CPU processes (gloo), bf16 with float32 masters
 SCHEDULE_TRAINER="--lr 5e-4 --min-lr 5e-5 --warmup-steps 2 --weight-decay 0.01 --clip-grad 1.0"
-(cd "$REPO" && timeout "$RUN_TIMEOUT" python3 -m ckptkit.train --model gpt2 --device cpu --dtype float32 \
+(cd "$REPO" && timeout "$RUN_TIMEOUT" python3 -m ckptkit.train --model gpt2 --device cpu --dtype bfloat16 \
   --tp 1 --pp 1 --dp 2 --distributed-optimizer --steps 15 --save-interval 10 --save "$WORK/trainer" \
   --micro-batch-size 2 --global-batch-size 8 --seq-length 64 $SCHEDULE_TRAINER \
   --log-json "$OUT/trainer_losses.jsonl") >"$OUT/trainer.log" 2>&1
@@ -105,7 +112,7 @@ print(reshard(source, out, tp=tp, pp=pp).notes)
 with read_optimizer_state(source) as state:
     print(state.info.summary())
     print(write_optimizer_state(state, out, OptimizerTarget(tp=tp, pp=pp, dp=dp, distributed=bool(distributed),
-                                                            iteration=10, param_dtype=torch.float32)))
+                                                            iteration=10, param_dtype=torch.bfloat16)))
 EOF
   echo "reshard $1 rc=$?" | tee -a "$OUT/reshard_$1.log"
 }
@@ -116,7 +123,7 @@ wait
 
 # 3. Megatron resumes
 MODEL="--num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 512
-  --seq-length 64 --max-position-embeddings 1024"
+  --seq-length 64 --max-position-embeddings 1024 --bf16"
 IMPL="--transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion
   --no-bias-gelu-fusion --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion
   --attention-backend unfused"
