@@ -38,6 +38,11 @@ from .parameters import ChunkPlace, ModelParameter, chunk_parameters
 from .state import RESUME_CHECKED_ARGS, STATE_KEYS, OptimizerInfo, OptimizerState, assemble
 
 
+# The entry ckptkit's trainer saves instead of Megatron's where it cannot write those
+# (ckptkit/train/checkpoint.py: a mixture of experts)
+TRAINER_ENTRY = "ckptkit_adam"
+
+
 def _model_chunks(state: dict, vpp: int) -> list[dict]:
     return [state["model"]] if vpp == 1 and "model" in state else [state[f"model{chunk}"] for chunk in range(vpp)]
 
@@ -109,6 +114,9 @@ class PerRankOptimizerState(OptimizerState):
         """The optimizer entry of a rank file as a list: one per chained optimizer."""
         if entry is None:
             raise BadInput(f"{file.path}: no optimizer state (saved with --no-save-optim)")
+        if isinstance(entry, dict) and TRAINER_ENTRY in entry:
+            raise Unsupported(f"{file.path}: the optimizer entry is ckptkit's trainer's own "
+                              f"(optimizer.{TRAINER_ENTRY}), which that trainer alone resumes")
         expected = 2 if self.chained else 1
         entries = entry if isinstance(entry, list) else [entry]
         if len(entries) != expected:
