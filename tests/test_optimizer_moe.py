@@ -147,3 +147,13 @@ def test_a_fresh_optimizer_for_a_hugging_face_mixtral_has_the_experts_group(tmp_
         assert [(group["is_expert_parallel"], group["wd_mult"]) for group in state.info.param_groups] == \
             [(False, 1.0), (False, 0.0), (True, 1.0)]
         assert state.info.step == 0 and masters_match_weights(state, weights) == []
+
+
+@pytest.mark.parametrize("saved, kind", [("torch_distributed", "distributed"), ("dist", "distributed"),
+                                         ("torch_plain", "non-distributed")])
+def test_inspect_reads_the_state_and_names_the_experts_own_optimizer(saved, kind):
+    from ckptkit.inspection import inspect_checkpoint
+
+    summary = inspect_checkpoint(fixture_path("moe_optim_ep2", saved)).optimizer
+    assert (summary.kind, summary.step, summary.dp) == (kind, 10.0, 2)
+    assert "the experts' own optimizer" in summary.sharding and "EP=2" in summary.sharding

@@ -75,11 +75,8 @@ def _per_rank(reader: CheckpointReader) -> OptimizerSummary:
         return OptimizerSummary("none", note="a release checkpoint (Megatron loads no optimizer state from one)")
     if entry is None:
         return OptimizerSummary("none", note="no optimizer entry (saved with --no-save-optim)")
-    if isinstance(entry, list):
-        return OptimizerSummary("unread", "model_optim_rng.pt per TP/PP rank", dp=_data_parallel_size(args),
-                                note=f"{len(entry)} chained optimizers (expert parameters or several dtypes): "
-                                     "not read")
-    inner = entry.get("optimizer", entry) if isinstance(entry, dict) else None
+    first = entry[0] if isinstance(entry, list) and entry else entry  # chained: the experts' apart
+    inner = first.get("optimizer", first) if isinstance(first, dict) else None
     if isinstance(inner, dict) and "state" in inner and not inner["state"]:
         return OptimizerSummary("fresh-empty", "model_optim_rng.pt per TP/PP rank", dp=_data_parallel_size(args),
                                 dtypes={"weights": weights},
@@ -97,6 +94,8 @@ def _per_rank(reader: CheckpointReader) -> OptimizerSummary:
         dtypes["grad buffers"] = str(settings.grad_dtype).removeprefix("torch.")
     sharding = ("distrib_optim.pt per TP/PP rank (every DP shard)" if distributed
                 else "model_optim_rng.pt per TP/PP rank" + (" (masters in fp32_from_fp16_params)" if mixed else ""))
+    if reader.spec.num_experts:
+        sharding += f"; the experts' own optimizer, per EP rank (EP={info.source.get('ep', 1)})"
     return OptimizerSummary(info.kind, sharding, info.step, info.source.get("dp") or _data_parallel_size(args), dtypes)
 
 
@@ -121,6 +120,8 @@ def _torch_dist(reader) -> OptimizerSummary:
                                 note=f"{len(keys)} optimizer entries: {error}")
     dtypes = {"weights": weights, "master params": "float32", "moments": "float32",
               "grad buffers": str(settings.grad_dtype).removeprefix("torch.")}
+    if reader.spec.num_experts:
+        sharding += f"; the experts' own optimizer (chained_1), per EP rank (EP={info.source.get('ep', 1)})"
     if info.kind == "non-distributed":  # model space; an fp32 model's weights are the masters
         sharding = f"torch_dist {stored_as} (model space)"
         dtypes = {"weights": weights, "master params": "float32 (the weights)", "moments": "float32"}
