@@ -113,6 +113,12 @@ def test_moe_family_round_trip_with_expert_parallelism_keeps_class_config_tensor
     assert_same_model(hf_dir, moe_round_trip(hf_dir, tmp_path))
 
 
+def test_bf16_deepseek_round_trip_keeps_its_float32_expert_bias(tmp_path):
+    hf_dir = make_hf_model(tmp_path / "hf", "deepseek_v3", dtype=torch.bfloat16, **FOUR_LAYERS)
+    assert_same_model(hf_dir, moe_round_trip(hf_dir, tmp_path))
+    assert hf_state(tmp_path / "back")["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+
+
 def test_every_registered_bridge_has_a_round_trip_case():
     covered = {model_type for model_type, _ in [*CASES.values(), *MOE_CASES.values()]}
     assert covered == {bridge.model_type for bridge in BRIDGES.values()}

@@ -30,8 +30,9 @@ scores a group by its best expert, which Megatron does when ``topk // topk_group
 
 ``n_shared_experts`` experts of ``moe_intermediate_size`` form one shared expert without a
 gate; the first ``first_k_dense_replace`` layers are dense MLPs of ``intermediate_size``.
-transformers keeps ``mlp.gate.weight`` and ``e_score_correction_bias`` in float32, and so
-do the files ckptkit writes.
+``e_score_correction_bias`` is float32 whatever the model's dtype, as Megatron keeps its expert
+bias and the Hub's checkpoints store it; the router weight is in the model's dtype, as Megatron
+trains it (transformers upcasts both on load).
 
 Multi-token prediction (V3's ``num_nextn_predict_layers``, Megatron's ``--mtp-num-layers``):
 the Hub keeps depth D as one more layer, ``model.layers.{num_hidden_layers + D}``, which
@@ -271,7 +272,7 @@ def _mappings(spec: ModelSpec) -> list[HfMapping]:
                                        "up_proj.weight", "down_proj.weight")
     mappings = [
         *llama_like_mappings(spec), *mla_mappings(),
-        HfMapping(router.canonical, router.hf_names, same, same_back, hf_dtype=torch.float32),
+        router,
         HfMapping(LAYER + "mlp.router.expert_bias", (_MLP + "gate.e_score_correction_bias",), same, same_back,
                   hf_dtype=torch.float32),
         *experts, *shared_expert_mappings(),
