@@ -66,7 +66,7 @@ def make_hf_model(folder: Path, family: str = "gpt2", seed: int = 0, dtype=torch
                 buffer.add_(torch.randn_like(buffer) * 0.02)
     model = model.to(dtype)
     for name, buffer in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):  # float32 in any model, as in DeepSeek's checkpoints
+        if name.endswith("e_score_correction_bias"):  # float32 in any model, as transformers keeps it
             buffer.data = buffer.data.float()
     model.save_pretrained(folder)
     return folder

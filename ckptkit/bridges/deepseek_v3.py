@@ -31,7 +31,7 @@ scores a group by its best expert, which Megatron does when ``topk // topk_group
 ``n_shared_experts`` experts of ``moe_intermediate_size`` form one shared expert without a
 gate; the first ``first_k_dense_replace`` layers are dense MLPs of ``intermediate_size``.
 ``e_score_correction_bias`` is float32 whatever the model's dtype, as Megatron keeps its expert
-bias and the Hub's checkpoints store it; the router weight is in the model's dtype, as Megatron
+bias (transformers keeps it so too); the router weight is in the model's dtype, as Megatron
 trains it (transformers upcasts both on load).
 
 Multi-token prediction (V3's ``num_nextn_predict_layers``, Megatron's ``--mtp-num-layers``):
