@@ -107,6 +107,17 @@ def test_reference_cross_entropy_matches_float64():
                             torch.float32)
 
 
+def float64_linear_cross_entropy(x, weight, target):
+    return float64_cross_entropy(x @ weight.t(), target)
+
+
+def test_reference_linear_cross_entropy_matches_float64():
+    x, weight = random(2, 3, 16, dtype=torch.float32), random(50, 16, dtype=torch.float32, seed=1, scale=0.5)
+    target = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(0))
+    assert_close_to_float64(lambda *a: reference.linear_cross_entropy(*a), float64_linear_cross_entropy,
+                            [x, weight, target], torch.float32)
+
+
 def adam_state(size=3000, device="cpu", param_dtype=torch.float32):
     """Random flat AdamW state (some steps in) with every other weight decayed."""
     generator = torch.Generator().manual_seed(5)
@@ -192,6 +203,19 @@ def test_fused_cross_entropy_forward_and_backward_match_float64(dtype, vocab):
     target = torch.randint(0, vocab, (64,), generator=torch.Generator().manual_seed(0)).cuda()
     assert_close_to_float64(lambda x, t: kernels.cross_entropy(x, t, fused=True), float64_cross_entropy,
                             [logits, target], dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1000, 50304])
+def test_fused_linear_cross_entropy_forward_and_backward_match_float64(dtype, vocab):
+    # The output gradient is random per token (not the trainer's uniform 1 / tokens), so the
+    # per-row scaling of the backward products is checked too.
+    x = random(2, 32, 64, dtype=dtype, device="cuda")
+    weight = random(vocab, 64, dtype=dtype, device="cuda", seed=1, scale=0.5)
+    target = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    assert_close_to_float64(lambda *a: kernels.linear_cross_entropy(*a, fused=True), float64_linear_cross_entropy,
+                            [x, weight, target], dtype)
 
 
 @needs_triton

@@ -18,7 +18,8 @@ from . import reference
 from .reference import rope_inverse_frequencies, rope_scaling_parameters, rope_tables
 
 __all__ = ["fused_available", "bias_gelu", "layer_norm", "rms_norm", "apply_rope", "rope_tables",
-           "rope_inverse_frequencies", "rope_scaling_parameters", "cross_entropy", "adam_step"]
+           "rope_inverse_frequencies", "rope_scaling_parameters", "cross_entropy", "linear_cross_entropy",
+           "adam_step"]
 
 
 @functools.cache
@@ -77,6 +78,16 @@ def cross_entropy(logits, target, vocab_start: int = 0, group=None, *, fused: bo
     if module is None:
         return reference.cross_entropy(logits, target, vocab_start, group)
     return module.cross_entropy(logits, target, vocab_start, group)
+
+
+def linear_cross_entropy(x, weight, target, *, fused: bool = False):
+    """Per-token float32 loss of the output layer's logits ``x @ weight^T`` (one rank holds the
+    whole vocabulary). The Triton version never keeps the logits and their gradient apart:
+    the kernel that computes the loss writes the gradient over the logits."""
+    module = _fused(x, fused)
+    if module is None:
+        return reference.linear_cross_entropy(x, weight, target)
+    return module.linear_cross_entropy(x, weight, target)
 
 
 def adam_step(param, master, exp_avg, exp_avg_sq, grad, decay, grad_scale=None, *, lr: float, beta1: float,

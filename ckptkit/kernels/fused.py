@@ -363,6 +363,73 @@ def cross_entropy(logits, target, vocab_start: int = 0, group=None):
     return _CrossEntropy.apply(logits, target, vocab_start, group)
 
 
+@triton.jit
+def _cross_entropy_loss_and_grad_kernel(logits_ptr, target_ptr, loss_ptr, width, BLOCK: tl.constexpr):
+    """One row: its loss, then ``softmax - onehot(target)`` written over the row's logits.
+
+    The row is read twice (statistics, then the gradient); the second read mostly comes
+    from L2 (one 100 KB row per program in flight), so HBM sees about one read and one write.
+    """
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * width
+    target = tl.load(target_ptr + row)
+    running_max = -float("inf")
+    running_sum = 0.0
+    target_logit = 0.0
+    for start in range(0, width, BLOCK):
+        columns = start + tl.arange(0, BLOCK)
+        mask = columns < width
+        values = tl.load(base + columns, mask=mask, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(values, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(values - new_max), axis=0)
+        running_max = new_max
+        target_logit += tl.sum(tl.where(columns == target, values, 0.0), axis=0)
+    tl.store(loss_ptr + row, tl.log(running_sum) + running_max - target_logit)
+    inverse_sum = 1.0 / running_sum
+    for start in range(0, width, BLOCK):
+        columns = start + tl.arange(0, BLOCK)
+        mask = columns < width
+        values = tl.load(base + columns, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.exp(values - running_max) * inverse_sum - tl.where(columns == target, 1.0, 0.0)
+        tl.store(base + columns, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-token loss of ``x @ weight^T``; the logits buffer becomes the (unscaled) logit gradient.
+
+    The forward pass computes the logits, then one kernel gives the loss and overwrites the
+    logits with ``softmax - onehot``: the gradient for an output gradient of 1. The output
+    gradient ``g`` (one value per token) is applied in the backward products, where it
+    costs nothing: ``dx = g * (d @ W)`` and ``dW = d^T @ (g * x)`` (scaling rows of ``d``
+    commutes with both). Against the separate cross-entropy this saves a read of the
+    logits (the backward kernel's) and a buffer their size.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, target):
+        x2d = x.reshape(-1, x.shape[-1])
+        grad_logits = x2d @ weight.t()  # the logits until the kernel overwrites them
+        rows, width = grad_logits.shape
+        loss = torch.empty(rows, dtype=torch.float32, device=x.device)
+        _cross_entropy_loss_and_grad_kernel[(rows,)](grad_logits, target.reshape(-1).contiguous(), loss, width,
+                                                     BLOCK=min(_CROSS_ENTROPY_BLOCK, triton.next_power_of_2(width)))
+        ctx.save_for_backward(x2d, weight, grad_logits)
+        ctx.x_shape = x.shape
+        return loss.view(target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x2d, weight, grad_logits = ctx.saved_tensors
+        scale = grad_loss.reshape(-1, 1).to(torch.float32)
+        grad_x = ((grad_logits @ weight).float() * scale).to(x2d.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ (x2d.float() * scale).to(x2d.dtype) if ctx.needs_input_grad[1] else None
+        return None if grad_x is None else grad_x.view(ctx.x_shape), grad_weight, None
+
+
+def linear_cross_entropy(x, weight, target):
+    return _LinearCrossEntropy.apply(x, weight, target)
+
+
 # ----------------------------------------------------------------------------- AdamW
 
 @triton.jit

@@ -172,6 +172,11 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int =
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, group)
 
 
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token loss ``[...]`` (float32) of the logits ``x @ weight^T`` (the whole vocabulary)."""
+    return cross_entropy(F.linear(x, weight), target)
+
+
 
 @torch.no_grad()
 def adam_step(param: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

@@ -316,7 +316,8 @@ class GPT(nn.Module):
 
     A pipeline stage is the same module with parts removed (see
     :func:`ckptkit.train.parallel.pipeline.keep_stage`): without ``embedding`` it takes
-    hidden states ``[batch, seq, hidden]``, without ``output_layer`` it returns them.
+    hidden states ``[batch, seq, hidden]``, without ``output_layer`` (or with
+    ``output_in_loss``) it returns them.
     With tied embeddings ``output_layer.weight`` *is* the embedding parameter (named
     once, under ``embedding``), as in nanoGPT.
     """
@@ -328,13 +329,16 @@ class GPT(nn.Module):
         self.embedding = Embedding(spec, self.padded_vocab_size)
         self.decoder = TransformerBlock(spec, fused_kernels)
         self.output_layer = Linear(spec.hidden_size, self.padded_vocab_size, bias=False)
+        # True: forward stops before the output layer, which the loss applies itself
+        # (kernels.linear_cross_entropy, the trainer's choice on one tensor-parallel rank).
+        self.output_in_loss = False
         if spec.tied_embeddings:
             tie_embeddings(self)
 
     def forward(self, inputs):
         x = self.embedding(inputs) if self.embedding is not None else inputs
         x = self.decoder(x)
-        return self.output_layer(x) if self.output_layer is not None else x
+        return x if self.output_layer is None or self.output_in_loss else self.output_layer(x)
 
 
 def tie_embeddings(model: GPT) -> None:

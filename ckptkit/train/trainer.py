@@ -109,13 +109,16 @@ def model_flops_per_token(spec: ModelSpec, seq_length: int, padded_vocab: int | 
 
 def build_model(spec: ModelSpec, groups: ParallelGroups, padded_vocab: int, weights, *, device, dtype,
                 sequence_parallel: bool = False, recompute: bool = False, fused_kernels: bool = False,
-                compile: bool = False) -> GPT:
+                compile: bool = False, compile_scope: str = "layers", compile_mode: str | None = None) -> GPT:
     """This rank's part of the model, filled from ``weights`` (canonical name -> full tensor).
 
-    ``compile``: each transformer layer goes through ``torch.compile`` (compiled once and
-    reused by every layer: they run the same code on weights of the same shapes). Inside
-    the layers the eager norms and activations are what gets compiled (the compiler fuses
-    them with their neighbours); the Triton kernels stay for what is outside.
+    ``compile``: ``torch.compile`` (with ``compile_mode``) of each transformer layer
+    (``compile_scope="layers"``: compiled once and reused by every layer, as they run the
+    same code on weights of the same shapes) or of the whole model (``"model"``:
+    embedding, layers, final norm and output layer in one graph). What is compiled runs
+    the eager norms and activations (the compiler fuses them with their neighbours); the
+    Triton kernels stay for what is outside (the cross-entropy, AdamW, and with
+    ``"layers"`` the final norm).
     """
     with torch.device("meta"):
         model = GPT(spec, padded_vocab, fused_kernels=fused_kernels and not compile)
@@ -123,8 +126,9 @@ def build_model(spec: ModelSpec, groups: ParallelGroups, padded_vocab: int, weig
     materialize(model, device, dtype)
     load_weights(model, weights, groups.layout, groups.tp_rank, groups.pp_stage, groups.ep_rank)
     if compile:
-        for layer in model.decoder.layers:
-            layer.compile()  # in place: parameter names do not change
+        targets = model.decoder.layers if compile_scope == "layers" else [model]
+        for target in targets:
+            target.compile(mode=compile_mode)  # in place: parameter names do not change
     return model
 
 
@@ -172,7 +176,11 @@ class Trainer:
         weights = resume.weights if resume else initial_weights(self.spec, config.seed)
         self.model = build_model(self.spec, groups, self.padded_vocab_size, weights, device=device, dtype=self.dtype,
                                  sequence_parallel=config.sequence_parallel, recompute=config.recompute,
-                                 fused_kernels=self.fused, compile=config.compile)
+                                 fused_kernels=self.fused, compile=config.compile,
+                                 compile_scope=config.compile_scope, compile_mode=config.compile_mode)
+        # On one tensor-parallel rank the last stage's output layer and loss run as one
+        # (kernels.linear_cross_entropy: the logits buffer becomes their gradient).
+        self.model.output_in_loss = self.fused and config.tp == 1 and self.model.output_layer is not None
         self.optimizer = DistributedAdam(self.model, groups, config.optimizer,
                                          distributed=config.distributed_optimizer,
                                          sequence_parallel=config.sequence_parallel, fused=self.fused)
@@ -219,8 +227,11 @@ class Trainer:
             if not groups.is_last_stage:
                 return output
             labels = batch[:, 1:]
-            vocab_start = groups.tp_rank * output.shape[-1]
-            per_token = kernels.cross_entropy(output, labels, vocab_start, groups.tp_group, fused=self.fused)
+            if self.model.output_in_loss:
+                per_token = kernels.linear_cross_entropy(output, self.model.output_layer.weight, labels, fused=True)
+            else:
+                vocab_start = groups.tp_rank * output.shape[-1]
+                per_token = kernels.cross_entropy(output, labels, vocab_start, groups.tp_group, fused=self.fused)
             loss = per_token.sum() / tokens_in_batch
             self._loss_sum += loss.detach()
             return loss
