@@ -248,11 +248,12 @@ def test_fused_kernels_compute_every_feature_as_the_eager_model():
 
 # ---------------------------------------------------------------------------- compiled layers
 
-def test_compiled_layers_train_as_the_eager_layers():
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_compiled_layers_or_model_train_as_the_eager_model(scope):
     config = TrainConfig(model=ALL_FEATURES, steps=2, micro_batch_size=2, global_batch_size=2, seq_length=16,
                          make_vocab_size_divisible_by=64, optimizer=AdamConfig(lr=3e-3), device="cpu")
     eager = run_training(config, "cpu")
-    compiled = run_training(dataclasses.replace(config, compile=True), "cpu")
+    compiled = run_training(dataclasses.replace(config, compile=True, compile_scope=scope), "cpu")
     assert compiled.losses == pytest.approx(eager.losses, abs=1e-5)
     assert [r.grad_norm for r in compiled.records] == pytest.approx([r.grad_norm for r in eager.records], rel=1e-4)
 

@@ -9,7 +9,7 @@ import warnings
 import click
 
 from ..errors import CkptError
-from .config import MODEL_PRESETS, TrainConfig, model_spec
+from .config import COMPILE_SCOPES, MODEL_PRESETS, TrainConfig, model_spec
 from .launch import launched_by_torchrun
 from .optim import AdamConfig
 
@@ -64,6 +64,10 @@ Examples:
               help="Triton kernels [default: on when a GPU and Triton are present].")
 @click.option("--compile", "compile_layers", is_flag=True,
               help="torch.compile each transformer layer (TP 1 and EP 1 only; the first step compiles).")
+@click.option("--compile-scope", type=click.Choice(COMPILE_SCOPES), default="layers", show_default=True,
+              help="With --compile: each transformer layer, or the whole model in one graph.")
+@click.option("--compile-mode", help="With --compile: torch.compile's mode (reduce-overhead: CUDA graphs; "
+                                     "max-autotune-no-cudagraphs; ...).")
 @click.option("--save", type=click.Path(file_okay=False), help="Folder for Megatron per-rank checkpoints.")
 @click.option("--save-interval", type=int, help="Also save every N iterations (always at the end).")
 @click.option("--load", type=click.Path(exists=True),
@@ -74,7 +78,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train(preset, config_file, tp, pp, dp, ep, steps, micro_batch_size, global_batch_size, seq_length, data, tokenizer,
           seed, lr, min_lr, warmup_steps, clip_grad, weight_decay, sequence_parallel, distributed_optimizer,
-          recompute, dtype, device, fused_kernels, compile_layers, save, save_interval, load, log_json, log_interval,
+          recompute, dtype, device, fused_kernels, compile_layers, compile_scope, compile_mode, save, save_interval, load, log_json, log_interval,
           as_json):
     """Train a Megatron-style GPT with tensor, pipeline and data parallelism.
 
@@ -91,7 +95,8 @@ def train(preset, config_file, tp, pp, dp, ep, steps, micro_batch_size, global_b
             micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, seq_length=seq_length,
             seed=seed, data=data, tokenizer=tokenizer, save=save, save_interval=save_interval, load=load,
             log_json=log_json, distributed_optimizer=distributed_optimizer, sequence_parallel=sequence_parallel,
-            recompute=recompute, fused_kernels=fused_kernels, compile=compile_layers, dtype=dtype, device=device,
+            recompute=recompute, fused_kernels=fused_kernels, compile=compile_layers, compile_scope=compile_scope,
+            compile_mode=compile_mode, dtype=dtype, device=device,
             log_interval=0 if as_json else log_interval,
             optimizer=AdamConfig(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, clip_grad=clip_grad,
                                  weight_decay=weight_decay),

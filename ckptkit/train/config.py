@@ -26,6 +26,12 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 }
 
 
+# What --compile hands to torch.compile: each transformer layer (one compiled graph that every layer
+# reuses: quick to compile), or the rank's whole model (embedding, layers, final norm and output layer in
+# one graph: the compiler also fuses across layer boundaries; compiling takes longer).
+COMPILE_SCOPES = ("layers", "model")
+
+
 def model_spec(preset: str = "gpt2", config_file: str | Path | None = None) -> ModelSpec:
     """A preset, with any :class:`ModelSpec` fields of a JSON file replacing its values.
 
@@ -72,7 +78,9 @@ class TrainConfig:
     sequence_parallel: bool = False
     recompute: bool = False
     fused_kernels: bool | None = None  # None: when a GPU and Triton are present
-    compile: bool = False  # torch.compile each transformer layer (TP1 and EP1 only)
+    compile: bool = False  # torch.compile the model (TP1 and EP1 only)
+    compile_scope: str = "layers"  # "layers": each transformer layer; "model": the rank's whole model
+    compile_mode: str | None = None  # torch.compile's mode: None (default), "reduce-overhead", "max-autotune", ...
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16"
     device: str = "auto"  # "cpu" (gloo), "cuda" (NCCL, a GPU per rank), "auto": cuda when every rank has a GPU
     make_vocab_size_divisible_by: int = 128
@@ -99,6 +107,8 @@ class TrainConfig:
             # which this trainer has not run under torch.compile.
             raise Unsupported(f"compiling the layers needs TP=1 and EP=1 (got TP={self.tp}, EP={self.ep}): "
                               "their collectives are not compiled")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise BadInput(f"compile scope {self.compile_scope!r}: choose {' or '.join(COMPILE_SCOPES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise BadInput(f"device {self.device!r}: choose auto, cpu or cuda")
         if self.dp % self.ep:
