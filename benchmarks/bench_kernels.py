@@ -114,13 +114,122 @@ def cases(tokens: int, dtype: torch.dtype):
     ]
 
 
+def time_loss_and_grad_kernel(tokens: int, bandwidth: float) -> None:
+    """The cross-entropy of the output layer as the trainer runs it on one tensor-parallel rank
+    (``kernels.linear_cross_entropy``): one kernel reads each row of logits, writes the loss and
+    overwrites the row with its gradient. Floor: one read and one write of the logits. Against
+    the separate cross-entropy's forward and backward kernels (two reads, one write)."""
+    from ckptkit.kernels import fused
+    vocab = 50304
+    logits = torch.randn(tokens, vocab, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, vocab, (tokens,), device="cuda")
+    loss = torch.empty(tokens, device="cuda")
+    grad_loss = torch.full((tokens,), 1.0 / tokens, device="cuda")
+    block = fused._CROSS_ENTROPY_BLOCK
+    one = lambda: fused._cross_entropy_loss_and_grad_kernel[(tokens,)](logits, target, loss, vocab, BLOCK=block)
+
+    def two():
+        row_max, sum_exp, target_logit = fused.cross_entropy_partial_stats(logits, target)
+        fused._cross_entropy_backward_kernel[(tokens,)](logits, target, row_max, sum_exp, grad_loss, logits, vocab,
+                                                        BLOCK=block)
+    size = 2 * tokens * vocab
+    for label, run, floor_bytes in (("loss+grad, one kernel", one, 2 * size), ("stats, then grad", two, 3 * size)):
+        milliseconds = gpu_time_ms(run)
+        floor_ms = floor_bytes / bandwidth * 1e3
+        print(f"cross-entropy {label:<24}{milliseconds:>8.3f} ms  floor {floor_ms:.3f} ms  "
+              f"{milliseconds / floor_ms:.2f}x floor")
+
+
+def gemm_shapes(tokens: int):
+    """(name, M, N, K) of every matrix product in one GPT-2 124M training step, per layer or once."""
+    hidden, ffn, vocab = 768, 3072, 50304
+    shapes = []
+    for name, inputs, outputs in (("qkv", hidden, 3 * hidden), ("proj", hidden, hidden), ("fc1", hidden, ffn),
+                                  ("fc2", ffn, hidden), ("head", hidden, vocab)):
+        shapes += [(f"{name} fwd", tokens, outputs, inputs), (f"{name} dgrad", tokens, inputs, outputs),
+                   (f"{name} wgrad", outputs, inputs, tokens)]
+    return shapes
+
+
+def time_matmuls(tokens: int) -> None:
+    """cuBLAS time of each matrix product of a step (bf16), and the weight gradient accumulated into a float32
+    buffer three ways: bf16 product then add (what the trainer's hook does), the product written in float32
+    (``out_dtype``), and accumulated in place by ``addmm(main_grad, ..., out_dtype=float32, out=main_grad)``."""
+    print(f"matrix products, bf16, {tokens} tokens")
+    print(f"{'product':<14}{'M':>7}{'N':>7}{'K':>7}{'ms':>9}{'TFLOP/s':>9}")
+    total_ms = 0.0
+    for name, m, n, k in gemm_shapes(tokens):
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        milliseconds = gpu_time_ms(lambda: torch.mm(a, b))
+        per_step = milliseconds * (1 if name.startswith("head") else 12)
+        total_ms += per_step
+        print(f"{name:<14}{m:>7}{n:>7}{k:>7}{milliseconds:>9.3f}{2 * m * n * k / milliseconds / 1e9:>9.0f}")
+    print(f"all products of one step (12 layers + head): {total_ms:.2f} ms")
+    for name, m, n, k in gemm_shapes(tokens):
+        if not name.endswith("wgrad") or name.startswith("head"):
+            continue
+        grad_out_t = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        inputs = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        main_grad = torch.zeros(m, n, device="cuda", dtype=torch.float32)
+        runs = {"bf16 mm + add_": lambda: main_grad.add_(torch.mm(grad_out_t, inputs)),
+                "mm out_dtype fp32 + add_": lambda: main_grad.add_(torch.mm(grad_out_t, inputs,
+                                                                            out_dtype=torch.float32)),
+                "addmm into main_grad": lambda: torch.addmm(main_grad, grad_out_t, inputs, out_dtype=torch.float32,
+                                                            out=main_grad)}
+        for label, run in runs.items():
+            try:
+                print(f"  {name:<12}{label:<26}{gpu_time_ms(run):>9.3f} ms")
+            except Exception as error:  # out_dtype is recent: say so and go on
+                print(f"  {name:<12}{label:<26} failed: {type(error).__name__}: {str(error)[:160]}")
+
+
+def time_attention(batch: int, seq: int = 1024, heads: int = 12, head_dim: int = 64) -> None:
+    """Causal SDPA forward + backward, bf16, per backend. FLOP/s count the causal half only:
+    forward 2 x 2 x b x h x s^2 x d / 2, backward 2.5 x that."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    shape = (batch, heads, seq, head_dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    flops = 3.5 * 2 * 2 * batch * heads * seq * seq * head_dim / 2
+    print(f"causal attention fwd+bwd, bf16, [{batch}, {heads}, {seq}, {head_dim}]")
+    for label, backend in (("default", None), ("flash", SDPBackend.FLASH_ATTENTION),
+                           ("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def run():
+            q.grad = k.grad = v.grad = None
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+        try:
+            if backend is None:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+                    run()
+                    torch.cuda.synchronize()
+                names = sorted({event.name[:80] for event in profile.events()
+                                if event.device_type == torch.autograd.DeviceType.CUDA})
+                milliseconds = gpu_time_ms(run)
+            else:
+                with sdpa_kernel([backend]):
+                    milliseconds = gpu_time_ms(run)
+                names = []
+            print(f"  {label:<10}{milliseconds:>8.3f} ms {flops / milliseconds / 1e9:>6.0f} TFLOP/s  "
+                  + " | ".join(names))
+        except Exception as error:
+            print(f"  {label:<10} failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8 * 1024)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--matmuls", action="store_true",
+                        help="instead: time the step's matrix products and causal attention (per SDPA backend)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (none found)")
+        return 0
+    if args.matmuls:
+        time_matmuls(args.tokens)
+        time_attention(max(1, args.tokens // 1024))
         return 0
     dtype = getattr(torch, args.dtype)
     bandwidth = copy_bandwidth()
@@ -142,6 +251,8 @@ def main(argv=None):
             floor_ms = moved / bandwidth * 1e3
             print(f"{name:<14}{label:<9}{eager_ms:>10.3f}{fused_ms:>10.3f}{eager_ms / fused_ms:>8.2f}x"
                   f"{floor_ms:>10.3f}{fused_ms / floor_ms:>11.2f}x{eager_wall:>12.3f}{fused_wall:>12.3f}")
+    if kernels.fused_available():
+        time_loss_and_grad_kernel(args.tokens, bandwidth)
     return 0
 
 

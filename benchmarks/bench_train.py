@@ -12,9 +12,18 @@ Reports tokens/s (median over the timed steps) and model FLOPs utilisation:
 causal half; the peak from the GPU's name, or ``--peak-tflops``). Variants:
 
 * ``eager``: PyTorch operations only;
-* ``fused``: the Triton kernels (norms, bias + GeLU, cross-entropy, one-pass AdamW);
+* ``fused``: the Triton kernels (norms, bias + GeLU, output layer + cross-entropy,
+  one-pass AdamW);
 * ``compiled``: every transformer layer through ``torch.compile`` (the compiler fuses
-  norms and activations with their neighbours), the Triton cross-entropy and AdamW.
+  norms and activations with their neighbours), the Triton output layer + cross-entropy
+  and AdamW; ``compiled-model``: the whole model in one compiled graph;
+  ``-graphs``: with ``mode="reduce-overhead"`` (CUDA graphs);
+* ``compiled-separate-loss``: the logits, then the Triton cross-entropy (not
+  ``kernels.linear_cross_entropy``); ``compiled-flash``: SDPA's flash backend only.
+
+``--profile-dir`` writes, per variant, where two steps' device time goes (by kind of
+kernel, the top kernels, torch's operator table) and how much of the time the device
+sat idle.
 
 Every variant starts from the same weights and batches: their first losses agree to
 bf16 rounding. ``--check-syncs`` counts the operations inside one step that make the
@@ -51,7 +60,32 @@ VARIANTS = {
     "eager": dict(fused_kernels=False),
     "fused": dict(fused_kernels=True),
     "compiled": dict(fused_kernels=True, compile=True),
+    "compiled-model": dict(fused_kernels=True, compile=True, compile_scope="model"),
+    "compiled-graphs": dict(fused_kernels=True, compile=True, compile_mode="reduce-overhead"),
+    "compiled-model-graphs": dict(fused_kernels=True, compile=True, compile_scope="model",
+                                  compile_mode="reduce-overhead"),
 }
+# Variants that change a built trainer (see prepare): the output layer and the cross-entropy apart (the
+# logits, then the Triton cross-entropy: how the trainer ran before kernels.linear_cross_entropy), and one
+# SDPA backend allowed.
+EXPLORE = {
+    "compiled-separate-loss": dict(base="compiled", separate_loss=True),
+    "compiled-model-separate-loss": dict(base="compiled-model", separate_loss=True),
+    "compiled-flash": dict(base="compiled", sdpa="flash"),
+}
+SDPA_FLAGS = {"flash": "enable_flash_sdp", "cudnn": "enable_cudnn_sdp", "efficient": "enable_mem_efficient_sdp",
+              "math": "enable_math_sdp"}
+
+
+def allow_only_sdpa(backend: str | None) -> None:
+    """Leave one scaled-dot-product-attention backend enabled (None: all of them)."""
+    for name, flag in SDPA_FLAGS.items():
+        getattr(torch.backends.cuda, flag)(backend is None or name == backend)
+
+
+def prepare(trainer: Trainer, explore: dict) -> None:
+    if explore.get("separate_loss"):
+        trainer.model.output_in_loss = False
 
 
 def peak_tflops(name: str) -> float | None:
@@ -77,15 +111,20 @@ def host_syncs_in_one_step(trainer: Trainer, step: int) -> list[str]:
     return [message for message in messages if "synchroniz" in message and "prototype" not in message]
 
 
-def measure(config: TrainConfig, warmup: int, profile: bool, check_syncs: bool) -> dict:
+def measure(config: TrainConfig, warmup: int, profile: bool, check_syncs: bool, explore: dict | None = None,
+            profile_dir: Path | None = None, label: str = "") -> dict:
     started = time.perf_counter()
+    torch._dynamo.reset()
+    allow_only_sdpa((explore or {}).get("sdpa"))
     trainer = Trainer(config, build_groups(Layout()), torch.device("cuda", torch.cuda.current_device()))
+    prepare(trainer, explore or {})
     records = trainer.run().records
     timed = records[warmup:]
     result = {"first_loss": records[0].loss, "last_loss": records[-1].loss,
               "tokens_per_s": statistics.median(record.tokens_per_s for record in timed),
               "memory_gib": torch.cuda.max_memory_allocated() / 2**30,
               "seconds": time.perf_counter() - started}
+    print(f"  {label}: {result['tokens_per_s']:,.0f} tokens/s (median of {len(timed)} steps)", flush=True)
     if check_syncs:
         syncs = host_syncs_in_one_step(trainer, config.steps)
         result["host_syncs"] = len(syncs)
@@ -95,10 +134,88 @@ def measure(config: TrainConfig, warmup: int, profile: bool, check_syncs: bool) 
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
             trainer.train_step(config.steps + 1)
         print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    if profile_dir:
+        try:  # a failing profile loses only itself, not the measurement
+            write_profile(trainer, config.steps + 1,
+                          profile_dir / f"profile_{label}_mb{config.micro_batch_size}_gb{config.batch_size}.txt")
+        except Exception as error:
+            print(f"  profile failed: {type(error).__name__}: {error}", flush=True)
     del trainer
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return result
+
+
+# Kernel name -> what it does, first match wins (cuBLAS/CUTLASS GEMMs, attention, Triton from the compiler or
+# from ckptkit.kernels, PyTorch's own elementwise and reduction kernels, embedding backward, copies).
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "splitk")),
+    ("compiled (inductor)", ("triton_poi", "triton_red", "triton_per", "triton_tem")),
+    ("ckptkit triton", ("_kernel", "_fwd", "_bwd", "adam", "cross_entropy")),
+    ("embedding", ("embedding", "indexselect", "index_put", "indexing", "sort", "radix", "segment", "scatter")),
+    ("copy/memset", ("memcpy", "memset", "copy")),
+    ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "unrolled", "fill")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "other"
+
+
+def write_profile(trainer: Trainer, step: int, path: Path, steps: int = 2) -> None:
+    """Profile ``steps`` steps (host and device) and write where the device time goes.
+
+    Written: the steps' wall time, the device's busy time (the union of its kernels'
+    intervals) and idle share, the time per kind of kernel, the 60 kernels taking the most
+    time, and torch's operator table (host and device times).
+    """
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for offset in range(steps):
+            trainer.train_step(step + offset)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1e3
+    kernels_seen = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    intervals = sorted((event.time_range.start, event.time_range.end) for event in kernels_seen)
+    busy_us, reach = 0.0, None
+    for start, end in intervals:
+        if reach is None or start > reach:
+            busy_us += end - start
+            reach = end
+        elif end > reach:
+            busy_us += end - reach
+            reach = end
+    span_us = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for event in kernels_seen:
+        duration = event.time_range.end - event.time_range.start
+        kind = kernel_kind(event.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + duration
+        entry = by_name.setdefault(event.name, [0, 0.0, kind])
+        entry[0] += 1
+        entry[1] += duration
+    total_us = sum(by_kind.values())
+    lines = [f"{steps} steps: wall {wall_ms:.2f} ms, device span {span_us / 1e3:.2f} ms, device busy "
+             f"{busy_us / 1e3:.2f} ms ({1 - busy_us / max(span_us, 1):.1%} idle), summed kernel time "
+             f"{total_us / 1e3:.2f} ms, {len(kernels_seen)} kernels", "", "per step, by kind:"]
+    for kind, micros in sorted(by_kind.items(), key=lambda item: -item[1]):
+        lines.append(f"  {kind:<22}{micros / steps / 1e3:>9.3f} ms  {micros / max(total_us, 1):>6.1%}")
+    lines += ["", "kernels by summed time (per step):"]
+    for name, (count, micros, kind) in sorted(by_name.items(), key=lambda item: -item[1][1])[:60]:
+        lines.append(f"  {micros / steps / 1e3:>8.3f} ms {count / steps:>6.1f}x  {kind:<20} {name[:150]}")
+    lines += ["", profiler.key_averages().table(sort_by="cuda_time_total", row_limit=50, max_name_column_width=90)]
+    path.write_text("\n".join(lines) + "\n")
+    print(f"  profile: {lines[0]} -> {path}", flush=True)
+    for line in lines[2:2 + len(by_kind) + 1]:
+        print(line, flush=True)
 
 
 def time_optimizer(parameters: int, bandwidth: float) -> list[dict]:
@@ -157,6 +274,7 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per variant")
     parser.add_argument("--check-syncs", action="store_true", help="count host syncs inside one step per variant")
     parser.add_argument("--optimizer", action="store_true", help="time one AdamW update, eager and fused")
+    parser.add_argument("--profile-dir", type=Path, help="write a profile of two steps per variant here")
     parser.add_argument("--json", type=Path, help="append one JSON line per result to this file")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if its name is not known")
     args = parser.parse_args(argv)
@@ -174,19 +292,26 @@ def main(argv=None):
           f"{args.seq_length} tokens, {config.num_microbatches()} per step  bf16  "
           f"{flops_per_token / 1e9:.3f} GFLOP/token  peak {peak or '?'} TFLOP/s  "
           f"triton {'yes' if kernels.fused_available() else 'NO'}", flush=True)
+    if args.profile_dir:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     header = (f"{'variant':<12}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'loss step 1':>13}{'loss last':>11}"
               f"{'syncs':>7}{'wall s':>8}")
     print(header)
     print("-" * len(header), flush=True)
     for label in args.variants.split(","):
-        changes = VARIANTS[label]
+        explore = EXPLORE.get(label, {})
+        changes = VARIANTS[explore.get("base", label)]
         if changes.get("fused_kernels") and not kernels.fused_available():
             print(f"{label:<12}skipped: needs Triton", flush=True)
             continue
         try:
-            result = measure(dataclasses.replace(config, **changes), args.warmup, args.profile, args.check_syncs)
+            result = measure(dataclasses.replace(config, **changes), args.warmup, args.profile, args.check_syncs,
+                             explore, args.profile_dir, label)
         except Exception as error:  # one variant failing (a compiler error, say) does not hide the others
-            print(f"{label:<12}failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+            print(f"{label:<12}failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}",
+                  flush=True)
+            import traceback
+            traceback.print_exc()
             continue
         mfu = result["tokens_per_s"] * flops_per_token / (peak * 1e12) if peak else float("nan")
         print(f"{label:<12}{result['tokens_per_s']:>12,.0f}{mfu:>8.1%}{result['memory_gib']:>10.1f}"

@@ -43,8 +43,9 @@
 #
 # Needs 2 GPUs and a Megatron-LM source tree. From the repo root:
 #   MEGATRON_PATH=$PWD/.devdata/megatron OUT=/tmp/trainer-resume bash tools/megatron_trainer_resume_check.sh
-# WAIT_FOR=FILE holds the 2-GPU runs back until FILE exists (the 1-GPU runs go first, on
-# the second GPU), so that another job can use the first GPU meanwhile.
+# The five resumes run side by side (the model is tiny). WAIT_FOR=FILE runs the 1-GPU ones
+# first, on the second GPU, and holds the 2-GPU ones back until FILE exists, so that another
+# job can use the first GPU meanwhile.
 # Leaves $OUT/NAME.log per Megatron run, $OUT/trainer.log, $OUT/reshard_NAME.log and
 # $OUT/losses.txt.
 set -u
@@ -143,8 +144,8 @@ resume() {  # NAME FROM GPUS DEVICES PORT TP ARGS...
 }
 resume dp1 dp1 1 "$SECOND" 29710 1 --use-distributed-optimizer &
 resume nodist nodist 1 "$SECOND" 29720 1 &
-wait
 if [ -n "$WAIT_FOR" ]; then
+  wait
   echo "waiting for $WAIT_FOR before the 2-GPU runs"
   while [ ! -e "$WAIT_FOR" ]; do sleep 1; done
 fi
