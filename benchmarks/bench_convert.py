@@ -20,9 +20,9 @@ Every case runs ``--repeat`` times (floors and conversions alternating, so that 
 the same disk) and the median is reported, with the 1-minute load average before each
 run. Time to first byte is when the first data byte reached the output file on disk
 (a thread polls the output's hidden partial folder every 10 ms; ckptkit writes data in
-16 MiB blocks). Peak RSS is the child's ``ru_maxrss`` from ``wait4`` (the largest of the
-process and the children it waited for, e.g. ``--workers`` processes); the bound is 1 GiB
-+ 3 x the model's largest tensor. Nothing here is a pass/fail test.
+16 MiB blocks). Peak RSS is the command's ``ru_maxrss`` as GNU ``time`` reports it (the
+largest of the process and the children it waited for, e.g. ``--workers`` processes);
+the bound is 1 GiB + 3 x the model's largest tensor. Nothing here is a pass/fail test.
 
     python benchmarks/bench_convert.py --sizes 1.3b,2.7b --work /work/bench --repeat 3 --workers 1,2
     python benchmarks/bench_convert.py --sizes llama3-70b-width --work /work/bench --repeat 1 --diverge-copies
@@ -37,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -140,10 +141,20 @@ class FirstByteWatch:
         return self.seconds
 
 
+# GNU time reports the command's ru_maxrss from its own wait4. Measured from this process
+# instead, the child's peak would include this process's resident pages at the fork (Linux
+# carries the old mm's high-water mark over exec): the sources generated here, gigabytes.
+GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
+
+
 def run_measured(command: list[str], env=None, watch: Path | None = None):
-    """Run ``command`` then ``sync``; return (seconds, peak RSS in bytes from ``wait4``, return
-    code, seconds to the first data byte of the output ``watch``, stdout)."""
+    """Run ``command`` then ``sync``; return (seconds, peak RSS in bytes, return code, seconds to
+    the first data byte of the output ``watch``, stdout)."""
     subprocess.run(["sync"], check=True)
+    rss_file = tempfile.NamedTemporaryFile(prefix="maxrss-", delete=False)
+    rss_file.close()
+    if GNU_TIME:
+        command = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *command]
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     watcher = FirstByteWatch(watch, started) if watch is not None else None
@@ -160,9 +171,14 @@ def run_measured(command: list[str], env=None, watch: Path | None = None):
     first_byte = watcher.stop() if watcher else None
     returncode = os.waitstatus_to_exitcode(status)
     if returncode:
-        print(f"  ! {' '.join(map(str, command[:4]))} ... exited {returncode}:\n"
+        print(f"  ! {' '.join(map(str, command[:6]))} ... exited {returncode}:\n"
               f"{b''.join(errors).decode(errors='replace')[-2000:]}", file=sys.stderr)
-    return seconds, usage.ru_maxrss * 1024, returncode, first_byte, b"".join(output).decode(errors="replace")
+    peak = usage.ru_maxrss * 1024
+    if GNU_TIME:
+        reported = Path(rss_file.name).read_text().split()
+        peak = int(reported[-1]) * 1024 if reported and reported[-1].isdigit() else 0
+    os.unlink(rss_file.name)
+    return seconds, peak, returncode, first_byte, b"".join(output).decode(errors="replace")
 
 
 def copy_floor(source: Path, scratch: Path) -> float:
