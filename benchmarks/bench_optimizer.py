@@ -6,7 +6,9 @@ weights, made-up moments), then, each in its own process:
 
 * ``weights``: ``reshard`` of the weights to the target TP/PP;
 * ``optimizer``: ``read_optimizer_state`` of the source and ``write_optimizer_state`` at
-  the target TP/PP/DP (``distrib_optim.pt`` and the rank files' entries).
+  the target TP/PP/DP (``distrib_optim.pt`` and the rank files' entries);
+* ``torch_dist``: ``reshard --format torch_dist`` to the target, weights and the state as
+  Megatron's ``dp_reshardable`` in one save.
 
 Peak RSS is ``ru_maxrss`` of each process (``wait4``). The optimizer state is three fp32
 copies of the model; the largest canonical tensor is the padded word embeddings.
@@ -84,6 +86,8 @@ CHILD = {
                  "from ckptkit.optimizer import OptimizerTarget, read_optimizer_state, write_optimizer_state\n"
                  "with read_optimizer_state({source!r}) as state:\n"
                  "    write_optimizer_state(state, {out!r}, OptimizerTarget(tp={tp}, pp={pp}, dp={dp}, iteration=1000))\n",
+    "torch_dist": "from ckptkit.convert import reshard\n"
+                  "reshard({source!r}, {out!r} + '-dist', tp={tp}, pp={pp}, dp={dp}, format='torch_dist')\n",
 }
 
 
@@ -109,6 +113,7 @@ def main(argv=None) -> None:
     source = prepare(args.work, args.size)
     out = args.work / f"gpt-{args.size}-tp{args.tp}pp{args.pp}dp{args.dp}"
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(f"{out}-dist", ignore_errors=True)
     spec = gpt_spec(args.size)
     largest = max(torch.Size(tensor.shape).numel() for tensor in canonical_tensors(spec)) * 4
     results = {"size": args.size, "parameters": parameter_count(spec), "state_bytes": 3 * 4 * parameter_count(spec),
