@@ -157,6 +157,24 @@ def test_an_unknown_run_length_leaves_the_schedule_open_and_says_how_to_start(tm
     assert scheduler["num_steps"] == 0 and scheduler["max_lr"] == 1e-4 and scheduler["lr_decay_steps"] is None
 
 
+@pytest.mark.parametrize("distributed, dtype", [(True, "bf16"), (False, "fp32")])
+def test_torch_dist_output_holds_the_same_fresh_state_as_per_rank_files(distributed, dtype, tmp_path):
+    hf = make_hf_model(tmp_path / "hf", "llama")
+    options = dict(tp=2, pp=1, dtype=dtype, optimizer="fresh", dp=2, distributed_optimizer=distributed,
+                   megatron_args=RUN)
+    hf_to_megatron(hf, tmp_path / "dist", format="torch_dist", **options)
+    hf_to_megatron(hf, tmp_path / "torch", format="torch", **options)
+    with open_checkpoint(tmp_path / "dist") as weights, read_optimizer_state(weights) as dist, \
+            read_optimizer_state(tmp_path / "torch") as per_rank:
+        assert dist.info.step == per_rank.info.step == 0 and dist.info.param_groups == per_rank.info.param_groups
+        assert dist.info.kind == ("distributed" if distributed else "non-distributed")
+        assert masters_match_weights(dist, weights) == []
+        for tensor in dist.canonical():
+            ours, theirs = dist.tensor(tensor.name), per_rank.tensor(tensor.name)
+            assert all(torch.equal(ours[key], theirs[key]) for key in ours), tensor.name
+            assert ours["exp_avg"].abs().sum() == 0 and ours["exp_avg_sq"].abs().sum() == 0
+
+
 def test_what_megatron_would_not_load_is_refused_before_anything_is_written(tmp_path):
     hf = make_hf_model(tmp_path / "hf", "gpt2")
     with pytest.raises(BadInput, match="needs the training run's --lr"):
@@ -165,8 +183,9 @@ def test_what_megatron_would_not_load_is_refused_before_anything_is_written(tmp_
         hf_to_megatron(hf, tmp_path / "out", tp=1, pp=1, dp=4)
     with pytest.raises(Unsupported, match="default parameter groups"):
         hf_to_megatron(hf, tmp_path / "out", tp=1, pp=1, optimizer="fresh", megatron_args="--lr 1 --decoupled-lr 2")
-    with pytest.raises(Unsupported, match="torch_dist"):
-        hf_to_megatron(hf, tmp_path / "out", tp=1, pp=1, format="torch_dist", optimizer="fresh", megatron_args=RUN)
+    with pytest.raises(Unsupported, match="fresh plain optimizer in a bf16/fp16 torch_dist"):
+        hf_to_megatron(hf, tmp_path / "out", tp=1, pp=1, dtype="bf16", format="torch_dist", optimizer="fresh",
+                       megatron_args=RUN)
     assert not (tmp_path / "out").exists()
 
 

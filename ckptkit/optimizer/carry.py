@@ -189,6 +189,7 @@ class TorchDistWithOptimizerState(CheckpointWriter):
     weights: CheckpointWriter
     dp: int = 1
     sharding: str = "dp_reshardable"
+    state_of: object = None  # the state to write from the source reader: its own (None), or a fresh one
 
     def plan(self, reader: CheckpointReader) -> Plan:
         plan = self.weights.plan(reader)
@@ -203,7 +204,7 @@ class TorchDistWithOptimizerState(CheckpointWriter):
 
         target = plan.detail.target
         padded = target.padded_vocab(reader.spec)
-        with read_optimizer_state(reader) as state:
+        with (self.state_of or read_optimizer_state)(reader) as state:
             if self.sharding == "dp_reshardable":
                 entries = DpReshardableEntries(state, reader.spec, padded_vocab_size=padded, dp=self.dp,
                                                args=reader.meta.args, param_dtype=target.dtype,

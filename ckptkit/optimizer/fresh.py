@@ -232,7 +232,9 @@ def with_fresh_optimizer_state(weights: CheckpointWriter, layout, run: TrainingR
     iteration) made to write a fresh optimizer state for ``run`` at DP size ``dp`` (default 1),
     distributed or not (default: ``--use-distributed-optimizer`` among the run's flags), and
     notes on what the run must pass to Megatron."""
-    from .carry import WithOptimizerState
+    from ..layouts.torch_dist_writer import TorchDistWriter
+    from .carry import TorchDistWithOptimizerState, WithOptimizerState
+    from .torch_dist import PLAIN
     from .write import OptimizerTarget
 
     dp = dp or 1
@@ -244,4 +246,12 @@ def with_fresh_optimizer_state(weights: CheckpointWriter, layout, run: TrainingR
     if not run.knows_schedule(dp):
         notes.append("opt_param_scheduler: the run's length is not in --megatron-args (--train-iters with "
                      "--global-batch-size, or --train-samples): start Megatron with --override-opt-param-scheduler")
-    return WithOptimizerState(weights, target, state_of=FreshStateOf(run, distributed, dp)), notes
+    state_of = FreshStateOf(run, distributed, dp)
+    if isinstance(weights, TorchDistWriter):  # in the same save as the weights, as reshard writes it
+        if not distributed and target.param_dtype != torch.float32:
+            raise Unsupported("a fresh plain optimizer in a bf16/fp16 torch_dist checkpoint is not written (its "
+                              "layout is not checked on a real checkpoint): use --distributed-optimizer or --format "
+                              "torch")
+        return TorchDistWithOptimizerState(weights, dp=dp, sharding="dp_reshardable" if distributed else PLAIN,
+                                           state_of=state_of), notes
+    return WithOptimizerState(weights, target, state_of=state_of), notes
