@@ -80,8 +80,19 @@ class CheckpointReader:
         reader's state (it runs on any thread)."""
         return fetched
 
+    # Whether validate(compare_copies=False) leaves the comparison of the copies a checkpoint
+    # keeps of some tensors to compare_copies(), which may run while tensors are fetched
+    compares_copies_apart = False
+
     def validate(self) -> list[str]:
         """Check the files before anything is written; return warnings, raise BadInput."""
+        return []
+
+    def compare_copies(self) -> list[str]:
+        """With :attr:`compares_copies_apart`: compare the copies that should be identical
+        (what ``validate(compare_copies=False)`` left out); it reads tensor data and may run
+        on its own thread while a conversion fetches tensors. Returns notes, raises BadInput
+        in strict mode."""
         return []
 
     def warn(self, message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class _RankFiles:
     descriptors: dict = field(default_factory=dict)
     ep: int = 1
     ep_rank: int = 0
+    opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def path(self, tp_rank: int, pp_stage: int) -> Path:
         return self.folder / rank_dir_name(tp_rank, pp_stage, self.pp, self.ep_rank, self.ep) / RANK_FILE
@@ -99,9 +101,10 @@ class _RankFiles:
 
     def _descriptor(self, tp_rank: int, pp_stage: int) -> int:
         key = (tp_rank, pp_stage)
-        if key not in self.descriptors:
-            self.descriptors[key] = os.open(self.path(tp_rank, pp_stage), os.O_RDONLY)
-        return self.descriptors[key]
+        with self.opening:  # the copies may be compared on another thread (compare_copies)
+            if key not in self.descriptors:
+                self.descriptors[key] = os.open(self.path(tp_rank, pp_stage), os.O_RDONLY)
+            return self.descriptors[key]
 
     @staticmethod
     def can_read_rows(stored: torch.Tensor) -> bool:

@@ -343,11 +343,14 @@ class MegatronLegacyReader(CheckpointReader):
                                   f"(tied output head) differs from the first stage's word embeddings (max abs "
                                   f"diff {difference:.3g})")
 
-    def validate(self) -> list[str]:
+    compares_copies_apart = True
+
+    def validate(self, compare_copies: bool = True) -> list[str]:
         """Load every rank file and compare key sets and shapes; compare the copies that should
         be identical (replicated tensors across TP ranks, the tied head with the embeddings) a
-        chunk of rows at a time. Returns one note for all copies that differ (an error naming
-        the first one in strict mode)."""
+        chunk of rows at a time, unless ``compare_copies`` is off (:meth:`compare_copies`
+        then does). Returns one note for all copies that differ (an error naming the first
+        one in strict mode)."""
         for pp_stage in range(self.files.pp):
             reference = self.files.chunks(0, pp_stage)
             for tp_rank, ep_rank in [(t, e) for e in range(len(self.ep_files)) for t in range(self.files.tp)][1:]:
@@ -363,6 +366,15 @@ class MegatronLegacyReader(CheckpointReader):
                     extra = sorted(set(theirs) - set(mine))
                     if extra:
                         raise BadInput(f"{path}: unexpected tensor {extra[0]}")
+        for canonical in self.canonical():
+            for location in self._copy_locations(canonical):
+                self._check_shard_shapes(canonical, [self._shard_at(location, tp_rank, canonical.name)
+                                                     for tp_rank in range(self.files.tp)], location)
+        return self.compare_copies() if compare_copies else []
+
+    def compare_copies(self) -> list[str]:
+        """Compare every replicated tensor's copies and the tied head with the embeddings (see
+        :meth:`validate`); reads only, so it may run while tensors are fetched."""
         report = copies.CopyReport(self.strict)
         for canonical in self.canonical():
             self._compare_copies(canonical, report)
