@@ -126,10 +126,12 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
     """
     from ..layouts.torch_dist_writer import TorchDistWriter
     from . import read_optimizer_state
-    from .torch_dist import PLAIN, SHARDING_TYPES
 
-    if sharding is not None and sharding not in SHARDING_TYPES:
-        raise BadInput(f"unknown optimizer sharding {sharding!r} (choose {' or '.join(SHARDING_TYPES)})")
+    if sharding is not None:
+        from .torch_dist import SHARDING_TYPES  # imports torch.distributed.checkpoint (0.8 s): only when needed
+
+        if sharding not in SHARDING_TYPES:
+            raise BadInput(f"unknown optimizer sharding {sharding!r} (choose {' or '.join(SHARDING_TYPES)})")
     absent = optimizer_state_absence(reader)
     if absent is not None:
         return weights, [f"no optimizer state carried: {absent}"]
@@ -143,6 +145,8 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
     if reader.spec.num_experts:
         _check_expert_data_parallel(dp, layout)
     if isinstance(weights, TorchDistWriter):
+        from .torch_dist import PLAIN, SHARDING_TYPES
+
         if reader.spec.num_experts and (not distributed or sharding == "fully_reshardable"
                                         or layout.expert_tp != layout.tp):
             return weights, ["optimizer state dropped: torch_dist output carries the optimizer state of a mixture "
