@@ -104,3 +104,21 @@ def test_validation_reads_copies_a_chunk_at_a_time(diverged, monkeypatch):
         reader.validate()
         embedding_bytes = reader.files.chunks(0, 0)[0]["embedding.word_embeddings.weight"].numel() * 4
     assert largest and max(largest) <= 4096 < embedding_bytes
+
+
+def test_a_conversion_checks_key_sets_and_shapes_first_and_compares_copies_apart(diverged, monkeypatch):
+    """The comparison reads tensor data, so a conversion runs it while it writes
+    (compare_copies); what validate(compare_copies=False) does before the first write reads none."""
+    with open_checkpoint(diverged) as reader:
+        reads = []
+        read = reader.files.read
+
+        def recording_read(tp_rank, pp_stage, stored):
+            reads.append(stored)
+            return read(tp_rank, pp_stage, stored)
+
+        monkeypatch.setattr(reader.files, "read", recording_read)
+        assert reader.compares_copies_apart
+        assert reader.validate(compare_copies=False) == [] and reads == []
+        notes = reader.compare_copies()
+    assert len(notes) == 1 and "should be identical" in notes[0] and reads
