@@ -138,3 +138,24 @@ def test_inspect_reads_the_state_and_names_the_experts_own_optimizer(saved, kind
     summary = inspect_checkpoint(fixture_path("moe_optim_ep2", saved)).optimizer
     assert (summary.kind, summary.step, summary.dp) == (kind, 10.0, 2)
     assert "the experts' own optimizer" in summary.sharding and "EP=2" in summary.sharding
+
+
+@pytest.mark.parametrize("saved, names", [("torch_distributed", ("distrib_optim.pt", "model_optim_rng.pt")),
+                                          ("torch_plain", ("model_optim_rng.pt",))])
+def test_at_ep1_the_experts_join_the_one_optimizer_and_come_back_apart_at_ep2(saved, names, tmp_path):
+    # Megatron chains an experts' optimizer only with expert parallelism: at EP 1 the experts'
+    # weights reduce over the whole DP group like the rest (allreduce stays True)
+    source = fixture_path("moe_optim_ep2", saved)
+    ckptkit("reshard", source, tmp_path / "ep1", "--tp", 1, "--pp", 1, "--ep", 1)
+    entry = safe_torch_load(tmp_path / "ep1" / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt")["optimizer"]
+    inner = entry["optimizer"] if "optimizer" in entry else entry
+    assert isinstance(entry, dict) and [group["is_expert_parallel"] for group in inner["param_groups"]] == [False] * 2
+    with open_checkpoint(tmp_path / "ep1") as weights, read_optimizer_state(weights) as state:
+        assert masters_match_weights(state, weights) == []
+    _, original = every_tensor(source)
+    _, ep1 = every_tensor(tmp_path / "ep1")
+    assert_same_values(original, ep1)
+    ckptkit("reshard", tmp_path / "ep1", tmp_path / "back", "--tp", 1, "--pp", 1, "--ep", 2)
+    written, megatrons = rank_files(tmp_path / "back", names), rank_files(source, names)
+    for key, value in megatrons.items():
+        assert same(written[key], value), key

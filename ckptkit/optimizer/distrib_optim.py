@@ -74,7 +74,7 @@ def rank_layout(spec: ModelSpec, *, tp: int, tp_rank: int, pp: int, pp_stage: in
         # Megatron numbers the experts' buffers over the chunks that have experts; not checked
         raise Unsupported(f"optimizer state of a mixture of experts whose pipeline stage {pp_stage} has model chunks "
                           "without experts is not supported")
-    if spec.num_experts and not expert_buffers:
+    if spec.num_experts and ep > 1 and not expert_buffers:
         raise Unsupported(f"optimizer state of a mixture of experts whose pipeline stage {pp_stage} holds no expert "
                           "is not supported")
     return RankLayout(tp_rank, pp_stage, tuple(buffers), tuple(expert_buffers))

@@ -12,9 +12,9 @@ of the bucket's ``numel_unpadded`` elements, each parameter at its place in the 
 ``optimizer.distributed.dp_group_idx_G.{optimizer,per_bucket_numel,per_bucket_numel_unpadded}``
 hold the param groups (with the step) and the bucket sizes.
 
-A mixture of experts chains two optimizers: every key then starts with ``chained_0.`` (the
-non-expert parameters, one domain per TP x PP rank) or ``chained_1.`` (the experts, one
-domain per TP x EP x PP rank). TP1 PP1 EP2, two experts per EP rank::
+A mixture of experts at EP > 1 chains two optimizers: every key then starts with
+``chained_0.`` (the non-expert parameters, one domain per TP x PP rank) or ``chained_1.``
+(the experts, one domain per TP x EP x PP rank). TP1 PP1 EP2, two experts per EP rank::
 
     chained_0.optimizer.distributed.dp_group_idx_0.gbuf_idx_0...   embeddings, attention, router, ...
     chained_1.optimizer.distributed.dp_group_idx_0.gbuf_idx_0...   experts 0-1 (EP rank 0)
@@ -97,7 +97,7 @@ class Domain:
 def domains(spec, *, tp: int, pp: int, vpp: int, ep: int, padded_vocab_size: int, settings: BufferSettings,
             naming: str) -> list[Domain]:
     """Every domain of a layout, the non-expert ones first, each in ``G`` order."""
-    chained = bool(spec.num_experts)
+    chained = bool(spec.num_experts) and ep > 1  # at EP 1 the experts are in the one optimizer
     found = []
     for pp_stage in range(pp):
         for tp_rank in range(tp):

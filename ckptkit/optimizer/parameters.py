@@ -31,11 +31,14 @@ Each parameter is one tensor-parallel piece of a canonical tensor: its rule (and
 padded vocabulary, for vocabulary tensors) says which region of the full tensor it
 holds and what shape it has.
 
-In a mixture of experts Megatron chains two optimizers (``ChainedOptimizer``): one over
-every other parameter and one over the experts of the rank's expert-parallel rank
-(``is_expert_parallel``), each with its own buffers and groups. An expert is named with
-its index local to the EP rank (``local_experts.1`` of EP rank 1 of 2 with 4 experts is
-global expert 3); its parameter says ``expert``.
+In a mixture of experts with expert parallelism (EP > 1) Megatron chains two optimizers
+(``ChainedOptimizer``): one over every other parameter and one over the experts of the
+rank's expert-parallel rank (``is_expert_parallel``), each with its own buffers and groups;
+their parameters say ``expert``. At EP 1 the experts' weights reduce over the whole DP group
+like the rest (``allreduce`` stays True: megatron/core/tensor_parallel/layers.py) and sit in
+the one optimizer, in their places in the order below. An expert is named with its index
+local to the EP rank (``local_experts.1`` of EP rank 1 of 2 with 4 experts is global
+expert 3).
 """
 from __future__ import annotations
 
@@ -171,7 +174,7 @@ def chunk_parameters(spec: ModelSpec, place: ChunkPlace, padded_vocab_size: int,
                         if prefix + expert_suffix in tensors:
                             parameters.append(piece(prefix + expert_suffix, file_names.file_name(
                                 expert_suffix, layer - layers.start, moe_layer=True, expert_offset=first_expert),
-                                expert=True))
+                                expert=place.ep > 1))
             elif prefix + suffix in tensors:
                 parameters.append(piece(prefix + suffix, file_names.file_name(suffix, layer - layers.start,
                                                                               moe_layer=moe_layer)))

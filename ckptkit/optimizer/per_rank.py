@@ -96,7 +96,8 @@ class PerRankOptimizerState(OptimizerState):
                         self._where[parameter.canonical] = (pp_stage, chunk, position, ep_rank)
         first = self._rank_file(0, 0)
         entry = first.state.get("optimizer")
-        self.chained = bool(self.spec.num_experts)  # one optimizer for the experts, one for the rest
+        # one optimizer for the experts, one for the rest, with expert parallelism (see .parameters)
+        self.chained = bool(self.spec.num_experts) and self.ep > 1
         entries = self._entries(first, entry)
         # The distributed optimizer's entry holds no per-parameter "state" (that is in distrib_optim.pt).
         inner = entries[0].get("optimizer", entries[0]) if isinstance(entries[0], dict) else None

@@ -58,6 +58,25 @@ class OptimizerInfo:
                 "grad_scaler": self.grad_scaler is not None, "source": self.source}
 
 
+def chained_param_groups(param_groups: list[dict], chained: bool) -> list[list[dict]]:
+    """The param groups of each optimizer Megatron chains: ``[the others']``, or with expert
+    parallelism ``[the others', the experts']``. State read at EP 1 has no experts' group;
+    one is made from the decay group (Megatron's experts' group has its hyper-parameters,
+    ``is_expert_parallel`` set; experts have no 1-D parameters). At EP 1 the experts' groups
+    are left out (their parameters are in the others').
+
+    >>> chained_param_groups([{"wd_mult": 1.0}, {"wd_mult": 0.0}], chained=True)[1]
+    [{'wd_mult': 1.0, 'is_expert_parallel': True}]
+    """
+    others = [group for group in param_groups if not group.get("is_expert_parallel", False)]
+    if not chained:
+        return [others]
+    experts = [group for group in param_groups if group.get("is_expert_parallel", False)]
+    if not experts:
+        experts = [{**group, "is_expert_parallel": True} for group in others if group.get("wd_mult", 1.0) != 0.0]
+    return [others, experts]
+
+
 class OptimizerState:
     """Canonical optimizer state, read one canonical tensor at a time (a context manager)."""
 

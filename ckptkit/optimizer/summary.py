@@ -94,8 +94,8 @@ def _per_rank(reader: CheckpointReader) -> OptimizerSummary:
         dtypes["grad buffers"] = str(settings.grad_dtype).removeprefix("torch.")
     sharding = ("distrib_optim.pt per TP/PP rank (every DP shard)" if distributed
                 else "model_optim_rng.pt per TP/PP rank" + (" (masters in fp32_from_fp16_params)" if mixed else ""))
-    if reader.spec.num_experts:
-        sharding += f"; the experts' own optimizer, per EP rank (EP={info.source.get('ep', 1)})"
+    if reader.spec.num_experts and info.source.get("ep", 1) > 1:
+        sharding += f"; the experts' own optimizer, per EP rank (EP={info.source['ep']})"
     return OptimizerSummary(info.kind, sharding, info.step, info.source.get("dp") or _data_parallel_size(args), dtypes)
 
 
@@ -120,8 +120,8 @@ def _torch_dist(reader) -> OptimizerSummary:
                                 note=f"{len(keys)} optimizer entries: {error}")
     dtypes = {"weights": weights, "master params": "float32", "moments": "float32",
               "grad buffers": str(settings.grad_dtype).removeprefix("torch.")}
-    if reader.spec.num_experts:
-        sharding += f"; the experts' own optimizer (chained_1), per EP rank (EP={info.source.get('ep', 1)})"
+    if reader.spec.num_experts and info.source.get("ep", 1) > 1:
+        sharding += f"; the experts' own optimizer (chained_1), per EP rank (EP={info.source['ep']})"
     if info.kind == "non-distributed":  # model space; an fp32 model's weights are the masters
         sharding = f"torch_dist {stored_as} (model space)"
         dtypes = {"weights": weights, "master params": "float32 (the weights)", "moments": "float32"}

@@ -15,7 +15,7 @@ from ..errors import BadInput, Unsupported
 from ..spec import rule_for
 from .buffers import BufferSettings
 from .dp_reshardable import bucket_chunks, domains
-from .state import STATE_KEYS, OptimizerState
+from .state import STATE_KEYS, OptimizerState, chained_param_groups
 from .torch_dist import MODEL_SPACE_KEYS, PLAIN
 
 
@@ -60,9 +60,9 @@ class DpReshardableEntries:
         self.settings = settings
         buffer_key = settings.buffer_key
         info = state.info
-        chained = bool(spec.num_experts)
-        part_groups = [[{**group, "step": info.step} for group in info.param_groups
-                        if bool(group.get("is_expert_parallel", False)) == bool(part)] for part in range(2)]
+        chained = bool(spec.num_experts) and ep > 1
+        part_groups = [[{**group, "step": info.step} for group in groups]
+                       for groups in chained_param_groups(info.param_groups, chained)]
         layout_domains = domains(spec, tp=tp, pp=pp, vpp=vpp, ep=ep, padded_vocab_size=padded_vocab_size,
                                  settings=settings, naming=naming)
         self.items, self._chunks, self.payloads = [], {}, {}

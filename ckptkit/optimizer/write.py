@@ -39,7 +39,7 @@ from .distrib_optim import FILE_NAME, DistribOptimWriter, rank_layout
 from .files import MetaFile
 from .parameters import ChunkPlace, chunk_parameters
 from .per_rank import group_index
-from .state import RESUME_CHECKED_ARGS, STATE_KEYS, OptimizerState
+from .state import RESUME_CHECKED_ARGS, STATE_KEYS, OptimizerState, chained_param_groups
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -168,7 +168,7 @@ class _StageWriter:
         self.tp_ranks = range(target.tp)
         self.ranks = [(tp_rank, ep_rank) for tp_rank in range(target.tp) for ep_rank in range(target.ep)]
         self.settings = target.settings_for(state.spec)
-        self.chained = bool(state.spec.num_experts)  # the experts' optimizer apart (parts 0 and 1)
+        self.chained = bool(state.spec.num_experts) and target.ep > 1  # the experts' optimizer apart
 
     def _rank_file(self, tp_rank: int, ep_rank: int = 0) -> Path:
         path = self.out_dir / self.target.rank_path(tp_rank, self.pp_stage, RANK_FILE, ep_rank)
@@ -188,12 +188,8 @@ class _StageWriter:
                 for tp_rank in self.tp_ranks}
 
     def _part_groups(self) -> list[list[dict]]:
-        """The param groups of each chained optimizer (one list without experts)."""
-        groups = self.state.info.param_groups
-        if not self.chained:
-            return [groups]
-        return [[group for group in groups if not group.get("is_expert_parallel", False)],
-                [group for group in groups if group.get("is_expert_parallel", False)]]
+        """The param groups of each chained optimizer (one list without expert parallelism)."""
+        return chained_param_groups(self.state.info.param_groups, self.chained)
 
     def _part_parameters(self, part: int, ep_rank: int) -> list[tuple[int, object]]:
         """(chunk, parameter) of chained optimizer ``part`` on EP rank ``ep_rank``, in order."""
