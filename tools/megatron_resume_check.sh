@@ -205,6 +205,8 @@ resume() {  # NAME FORMAT TP PP DP DISTRIBUTED SHARDING EP PORT [FLAGS...]
   shift 9
   [ "$distributed" = 1 ] && flags=--use-distributed-optimizer
   [ "$sharding" = fully_reshardable ] && flags="$flags --dist-ckpt-optim-fully-reshardable"
+  # Megatron refuses to train a mixture of experts at TP > 1 without sequence parallelism
+  [ "$MODEL_KIND" = moe ] && [ "$tp" -gt 1 ] && flags="$flags --sequence-parallel"
   megatron "$name" $((tp * pp * dp)) "$port" --ckpt-format "$format" --tensor-model-parallel-size "$tp" \
     --pipeline-model-parallel-size "$pp" --expert-model-parallel-size "${ep:-1}" $flags --train-iters 15 \
     --load "$WORK/$name" --no-load-rng --exit-on-missing-checkpoint "$@"
