@@ -18,7 +18,9 @@
 #          groups, 2 chosen), routed scaling factor 2.5, shared expert of ffn 32; one MTP layer.
 #          TP1 EP2 (DP2), saved as torch_dist; logits at TP1 EP1 on one GPU.
 #   v3tp2: the same model at TP2 EP1 (experts TP2, sequence parallel), saved as per-rank files
-#          (--ckpt-format torch); logits at TP2 (vocabulary slices gathered).
+#          (--ckpt-format torch); logits at TP2 (vocabulary slices gathered). Fails with
+#          Megatron-LM d98e8a6: it refuses MoE at TP2 without sequence parallelism, and its local
+#          spec refuses sequence parallelism with torch's LayerNorm (the default MODELS leave it out).
 #   v2:    DeepSeek-V2 style. MLA as v3 with plain rope, 4 experts of ffn 32, top-2 of a softmax
 #          over all experts (--moe-router-pre-softmax; Hugging Face's topk_method "greedy"),
 #          routed scaling factor 1.5, shared expert of ffn 64, layer 0 dense; no MTP. TP1 EP2,
@@ -38,7 +40,7 @@ set -u
 : "${MEGATRON_PATH:?set MEGATRON_PATH to a Megatron-LM source tree}"
 : "${OUT:=/tmp/megatron-deepseek-fixtures}"
 : "${WORK:=/tmp/megatron-deepseek-fixtures-work}"
-MODELS=${MODELS:-"v3 v2 v3tp2"}
+MODELS=${MODELS:-"v3 v2"}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export MEGATRON_PATH PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
