@@ -82,11 +82,11 @@ def test_a_conversion_carries_the_state_where_it_can_and_says_why_not_elsewhere(
         writer, notes = with_optimizer_state(TorchDistWriter(target, keep_source_args=True), target, reader,
                                              distributed=False)  # the plain optimizer, fp32
         assert notes == [] and writer.sharding == "plain"
-        bf16 = TargetLayout(tp=1, iteration=10, dtype=torch.bfloat16)
-        assert with_optimizer_state(TorchDistWriter(bf16, keep_source_args=True), bf16, reader,
+        fp16 = TargetLayout(tp=1, iteration=10, dtype=torch.float16)
+        assert with_optimizer_state(TorchDistWriter(fp16, keep_source_args=True), fp16, reader,
                                     distributed=False)[1] == [
-            "optimizer state dropped: torch_dist output carries the plain optimizer's state of fp32 models only "
-            "(this one is bfloat16; write --format torch, or --distributed-optimizer)"]
+            "optimizer state dropped: torch_dist output carries the plain optimizer's state of fp32 and bf16 models "
+            "only (this one is float16; write --format torch, or --distributed-optimizer)"]
         with pytest.raises(BadInput, match="--optimizer-sharding is a torch_dist sharding type"):
             with_optimizer_state(weights, target, reader, sharding="fully_reshardable")
         release = TargetLayout(tp=1, release=True)

@@ -121,7 +121,7 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
     source's where it is a torch_dist one of these, else ``dp_reshardable``) or the plain
     optimizer's (fp32 models; :class:`TorchDistWithOptimizerState`). The state is left out,
     with a note, where the source has none, where a torch_dist target cannot hold it (the
-    plain optimizer of a bf16/fp16 model, experts), or at a release target (Megatron loads
+    plain optimizer of an fp16 model, experts), or at a release target (Megatron loads
     no optimizer from one).
     """
     from ..layouts.torch_dist_writer import TorchDistWriter
@@ -154,10 +154,10 @@ def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointRe
                              "TP (write --format torch for the plain optimizer)"]
         if not distributed:
             dtype = layout.dtype or reader.meta.dtype
-            if dtype != torch.float32:
-                return weights, [f"optimizer state dropped: torch_dist output carries the plain optimizer's state of "
-                                 f"fp32 models only (this one is {str(dtype).removeprefix('torch.')}; write --format "
-                                 "torch, or --distributed-optimizer)"]
+            if dtype == torch.float16:
+                return weights, ["optimizer state dropped: torch_dist output carries the plain optimizer's state of "
+                                 "fp32 and bf16 models only (this one is float16; write --format torch, or "
+                                 "--distributed-optimizer)"]
             return TorchDistWithOptimizerState(weights, dp=dp, sharding=PLAIN), []
         if sharding is None:
             sharding = source.source.get("sharding") if source.source.get("sharding") in SHARDING_TYPES \

@@ -248,8 +248,8 @@ def with_fresh_optimizer_state(weights: CheckpointWriter, layout, run: TrainingR
                      "--global-batch-size, or --train-samples): start Megatron with --override-opt-param-scheduler")
     state_of = FreshStateOf(run, distributed, dp)
     if isinstance(weights, TorchDistWriter):  # in the same save as the weights, as reshard writes it
-        if not distributed and target.param_dtype != torch.float32:
-            raise Unsupported("a fresh plain optimizer in a bf16/fp16 torch_dist checkpoint is not written (its "
+        if not distributed and target.param_dtype == torch.float16:
+            raise Unsupported("a fresh plain optimizer in an fp16 torch_dist checkpoint is not written (its "
                               "layout is not checked on a real checkpoint): use --distributed-optimizer or --format "
                               "torch")
         return TorchDistWithOptimizerState(weights, dp=dp, sharding="dp_reshardable" if distributed else PLAIN,

@@ -15,11 +15,11 @@ or on request is read, checked on real Megatron-LM checkpoints:
   ``optimizer["optimizer"]``.
 * ``plain``, the non-distributed optimizer (no ``--use-distributed-optimizer``; no sharding
   type is stored): model space too, ``optimizer.state.{exp_avg,exp_avg_sq}.MODEL_KEY``;
-  an fp32 model's weights are its masters; the common state's ``optimizer`` holds the
-  param groups (without ``step``) and ``state: {"common_step": tensor(step)}``. Checked on a
-  real fp32 checkpoint (``gpt2o_dist_plain_tp2``); bf16/fp16 models keep their masters as
-  ``optimizer.state.fp32_param.MODEL_KEY`` (Megatron's ``Float16OptimizerWithFloat16Params``),
-  which no real checkpoint here shows, so they are refused.
+  an fp32 model's weights are its masters, a bf16 model's are
+  ``optimizer.state.fp32_param.MODEL_KEY`` (Megatron's ``Float16OptimizerWithFloat16Params``).
+  The common state's ``optimizer`` holds the param groups (without ``step``) and
+  ``state: {"common_step": tensor(step)}``, one level down (``optimizer["optimizer"]``) for
+  bf16. Checked on real fp32 and bf16 checkpoints; fp16 (a grad scaler besides) is refused.
 
 Every canonical tensor is read alone, as region reads of the entries above.
 """
@@ -38,6 +38,9 @@ SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
 PLAIN = "plain"  # the non-distributed optimizer
 # Model-space state keys of each type, and where the fp32 masters are
 MODEL_SPACE_KEYS = {"fully_reshardable": STATE_KEYS, PLAIN: ("exp_avg", "exp_avg_sq")}
+# How each state key is spelled in model space: masters are "fp32_param" in the plain
+# optimizer of a bf16 model (its fp32 model's weights are the masters)
+MIXED_PLAIN_KEYS = {"param": "fp32_param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
 
 
 def sharding_type(common_state: dict) -> str | None:
@@ -72,10 +75,10 @@ class TorchDistOptimizerState(OptimizerState):
         self.sharding = sharding_type(common)
         if self.sharding is None and not getattr(meta.args, "use_distributed_optimizer", False):
             self.sharding = PLAIN
-            if meta.dtype != torch.float32:
-                raise Unsupported(f"{self.folder}: the non-distributed optimizer of a {meta.dtype} torch_dist "
-                                  "checkpoint (masters as optimizer.state.fp32_param.*) is not read: no real "
-                                  "checkpoint of that kind has been checked")
+            if meta.dtype == torch.float16:
+                raise Unsupported(f"{self.folder}: the non-distributed optimizer of an fp16 torch_dist checkpoint "
+                                  "is not read: no real checkpoint of that kind has been checked")
+        self.mixed_plain = self.sharding == PLAIN and meta.dtype != torch.float32
         if self.sharding not in (*SHARDING_TYPES, PLAIN):
             raise Unsupported(f"{self.folder}: distributed optimizer sharding type {self.sharding!r}; ckptkit reads "
                               f"{' and '.join(SHARDING_TYPES)}")
@@ -92,6 +95,8 @@ class TorchDistOptimizerState(OptimizerState):
             groups = self._read_dp_reshardable(meta, where)
         elif self.sharding == PLAIN:
             entry = common.get("optimizer")
+            if self.mixed_plain and isinstance(entry, dict):
+                entry = entry.get("optimizer")  # Float16OptimizerWithFloat16Params wraps torch's state dict
             groups = entry.get("param_groups") if isinstance(entry, dict) else None
             state = entry.get("state") if isinstance(entry, dict) else None
             common_step = state.get("common_step") if isinstance(state, dict) else None
@@ -223,10 +228,11 @@ class TorchDistOptimizerState(OptimizerState):
             return assemble(self.spec, self._canonical[name], self.padded_vocab_size, self.tp, piece, keys)
         regions, out = [], {}
         place = self.weights.stored_place(name)
-        if self.sharding == PLAIN and "param" in keys:  # an fp32 model's weights are its masters
+        stored_keys = MIXED_PLAIN_KEYS if self.mixed_plain else {key: key for key in MODEL_SPACE_KEYS[self.sharding]}
+        if self.sharding == PLAIN and not self.mixed_plain and "param" in keys:  # fp32: the weights are masters
             out["param"] = self.weights.tensor(name).to(torch.float32)
-        for key in (key for key in keys if key in MODEL_SPACE_KEYS[self.sharding]):
-            stored_key = f"optimizer.state.{key}.{place.key}"
+        for key in (key for key in keys if key in stored_keys):
+            stored_key = f"optimizer.state.{stored_keys[key]}.{place.key}"
             entry = self.stored.get(stored_key)
             if entry is None:
                 raise BadInput(f"{self.folder}: {stored_key} missing (needed for {name})")

@@ -16,7 +16,7 @@ from ..spec import rule_for
 from .buffers import BufferSettings
 from .dp_reshardable import bucket_chunks, domains
 from .state import STATE_KEYS, OptimizerState, chained_param_groups
-from .torch_dist import MODEL_SPACE_KEYS, PLAIN
+from .torch_dist import MIXED_PLAIN_KEYS, MODEL_SPACE_KEYS, PLAIN
 
 
 class _CanonicalCache:
@@ -132,26 +132,30 @@ class ModelSpaceEntries:
         if spec.num_experts:
             raise Unsupported(f"{sharding} optimizer state of a mixture of experts is not written (no real "
                               "checkpoint of that kind has been checked; dp_reshardable is)")
-        if sharding == PLAIN and param_dtype != torch.float32:
-            raise Unsupported(f"the non-distributed optimizer of a {param_dtype} torch_dist checkpoint is not "
-                              "written: its layout (optimizer.state.fp32_param.*) is not checked on a real "
-                              "checkpoint (write --format torch, or --distributed-optimizer)")
-        self.keys = MODEL_SPACE_KEYS[sharding]
+        if sharding == PLAIN and param_dtype == torch.float16:
+            raise Unsupported("the non-distributed optimizer of an fp16 torch_dist checkpoint is not written: its "
+                              "layout is not checked on a real checkpoint (write --format torch, or "
+                              "--distributed-optimizer)")
+        mixed = sharding == PLAIN and param_dtype != torch.float32
+        self.keys = STATE_KEYS if mixed else MODEL_SPACE_KEYS[sharding]
+        stored = MIXED_PLAIN_KEYS if mixed else {key: key for key in self.keys}
         self._cache = _CanonicalCache(state, spec, padded_vocab_size, self.keys)
         model_items, model_sources = plan_items(spec, tp, padded_vocab_size, torch.float32, etp=etp, naming=naming)
         self.items, self._sources = [], {}
         for model_item in model_items:
             data = model_item.tensor_data
             for key in self.keys:
-                item = _tensor_item(f"optimizer.state.{key}.{model_item.index.fqn}", tuple(data.size),
+                item = _tensor_item(f"optimizer.state.{stored[key]}.{model_item.index.fqn}", tuple(data.size),
                                     tuple(data.chunk.offsets), tuple(data.chunk.sizes), torch.float32)
                 self.items.append(item)
                 self._sources[item.index] = (model_sources[model_item.index], key, len(data.size))
         info = state.info
         self.payloads = {}
         if sharding == PLAIN:
-            self.common = {"optimizer": {"param_groups": [dict(group) for group in info.param_groups],
-                                         "state": {"common_step": torch.tensor(float(info.step))}}}
+            inner = {"param_groups": [dict(group) for group in info.param_groups],
+                     "state": {"common_step": torch.tensor(float(info.step))}}
+            # a bf16 model's optimizer (Float16OptimizerWithFloat16Params) wraps torch's state dict
+            self.common = {"optimizer": {"optimizer": inner} if mixed else inner}
             self.content_metadata = {}
             self.args_fields = {"use_distributed_optimizer": False, "data_parallel_size": dp, "no_save_optim": None,
                                 "dist_ckpt_optim_fully_reshardable": False, **info.resume_args}
