@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 VOCAB = 1000  # the real vocabulary of every checked model; Megatron pads its logits past it
+
+
+def ckptkit(*args: str) -> None:
+    """Run the ckptkit CLI in a process of its own, importing ckptkit from ``CKPTKIT_PATH``
+    when set (a clean copy of a commit) and from outside the repo, which would shadow it."""
+    env = dict(os.environ)
+    if os.environ.get("CKPTKIT_PATH"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["CKPTKIT_PATH"], env.get("PYTHONPATH")]))
+    command = [sys.executable, "-c", "from ckptkit.cli import main; main()", *args]
+    print("$ ckptkit", " ".join(args), flush=True)
+    subprocess.run(command, check=True, env=env, cwd="/")
 
 
 def logits_row(results: Path, run: str, reference: dict) -> dict:

@@ -28,14 +28,11 @@ for the fixtures' tokens (float32, eager attention) and ckptkit's Megatron check
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from megatron_compare import logits_row, main, print_rows
+from megatron_compare import ckptkit, logits_row, main, print_rows
 
 # Sizes of tools/megatron_deepseek_flags.sh (COMMON with V3 or V2) in transformers' words.
 COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
@@ -65,14 +62,6 @@ RUNS = {
                           "Megatron's deepseek_v3_tp1ep2 resharded by ckptkit to per-rank TP2, loaded at TP2"),
 }
 
-
-def ckptkit(*args: str) -> None:
-    env = dict(os.environ)
-    if os.environ.get("CKPTKIT_PATH"):
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["CKPTKIT_PATH"], env.get("PYTHONPATH")]))
-    command = [sys.executable, "-c", "from ckptkit.cli import main; main()", *args]
-    print("$ ckptkit", " ".join(args), flush=True)
-    subprocess.run(command, check=True, env=env, cwd="/")
 
 
 def make_model(folder: Path, model_type: str, fields: dict) -> torch.Tensor:

@@ -29,7 +29,7 @@ import subprocess
 from pathlib import Path
 
 import torch
-from megatron_compare import VOCAB, logits_row, main, print_rows
+from megatron_compare import VOCAB, ckptkit, logits_row, main, print_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
@@ -46,12 +46,6 @@ RUNS = {
     "mistral_torch": "mistral", "mistral_dist": "mistral", "mistral_nowindow": "mistral",
     "phi3_torch": "phi3", "phi3_dist": "phi3",
 }
-
-
-def ckptkit(*args: str) -> None:
-    command = ["ckptkit", *args]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def to_megatron(hf: Path, out: Path, name: str) -> None:

@@ -27,13 +27,10 @@ ckptkit runs as ``ckptkit.cli:main`` from ``CKPTKIT_PATH`` when set (a clean
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from megatron_compare import logits_row, main, print_rows
+from megatron_compare import ckptkit, logits_row, main, print_rows
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -44,14 +41,6 @@ RUNS = {
     "qwen3_torch": ("moe_qwen3_tp1ep2", "reshard --format torch --tp 1 --pp 1 --ep 2 (per-rank)"),
 }
 
-
-def ckptkit(*args: str) -> None:
-    env = dict(os.environ)
-    if os.environ.get("CKPTKIT_PATH"):
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["CKPTKIT_PATH"], env.get("PYTHONPATH")]))
-    command = [sys.executable, "-c", "from ckptkit.cli import main; main()", *args]
-    print("$ ckptkit", " ".join(args), flush=True)
-    subprocess.run(command, check=True, env=env, cwd="/")
 
 
 def prepare(out: Path) -> None:
