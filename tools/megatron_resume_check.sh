@@ -222,27 +222,13 @@ for spec in $RUNS; do
 done
 wait
 
-python3 - "$OUT" $NAMES <<'EOF' | tee "$OUT/losses.txt"
-import os, re, sys
+REPO=$REPO python3 - "$OUT" $NAMES <<'EOF' | tee "$OUT/losses.txt"
+import os, sys
+sys.path.insert(0, os.path.join(os.environ["REPO"], "tools"))
+from megatron_losses import read_runs
 out = sys.argv[1]
 runs = ["train", "baseline"] + sys.argv[2:]
-losses = {}
-for run in runs:
-    path = f"{out}/{run}.log"
-    lines = open(path, errors="replace").read().splitlines() if os.path.exists(path) else []
-    problems = [line for line in lines if line.startswith("load_return") or re.match(r"\w*(Error|Exception)\b", line)]
-    if problems or "rc=0" not in lines:
-        print(f"{run}: FAILED", *problems[:4], sep="\n  ")
-    found = {}
-    for line in lines:
-        match = re.search(r"iteration\s+(\d+)/\s*\d+ \|.*lm loss: ([0-9.E+-]+)", line)
-        if match:
-            found[int(match.group(1))] = float(match.group(2))
-    if found:  # the second logged iteration averages the first two
-        first = min(found)
-        if first + 1 in found:
-            found[first + 1] = 2 * found[first + 1] - found[first]
-    losses[run] = found
+losses = read_runs(out, runs)
 print("iteration " + " ".join(f"{run:>14}" for run in runs))
 for iteration in range(1, 16):
     print(f"{iteration:9d} " + " ".join(f"{losses[run].get(iteration, float('nan')):14.6f}" for run in runs))

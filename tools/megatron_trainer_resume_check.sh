@@ -156,26 +156,12 @@ resume fresh trainer 2 "$BOTH" 29750 1 --use-distributed-optimizer --no-load-opt
 wait
 
 # 4. losses side by side
-python3 - "$OUT" direct tp2 dp1 nodist fresh <<'EOF' | tee "$OUT/losses.txt"
-import json, os, re, sys
+REPO=$REPO python3 - "$OUT" direct tp2 dp1 nodist fresh <<'EOF' | tee "$OUT/losses.txt"
+import json, os, sys
+sys.path.insert(0, os.path.join(os.environ["REPO"], "tools"))
+from megatron_losses import read_runs
 out, runs = sys.argv[1], sys.argv[2:]
-losses = {}
-for run in runs:
-    path = f"{out}/{run}.log"
-    lines = open(path, errors="replace").read().splitlines() if os.path.exists(path) else []
-    problems = [line for line in lines if line.startswith("load_return") or re.match(r"\w*(Error|Exception)\b", line)]
-    if problems or "rc=0" not in lines:
-        print(f"{run}: FAILED", *problems[:4], sep="\n  ")
-    found = {}
-    for line in lines:
-        match = re.search(r"iteration\s+(\d+)/\s*\d+ \|.*lm loss: ([0-9.E+-]+)", line)
-        if match:
-            found[int(match.group(1))] = float(match.group(2))
-    if found:  # the second logged iteration averages the first two
-        first = min(found)
-        if first + 1 in found:
-            found[first + 1] = 2 * found[first + 1] - found[first]
-    losses[run] = found
+losses = read_runs(out, runs)
 trainer = {}
 if os.path.exists(f"{out}/trainer_losses.jsonl"):
     for line in open(f"{out}/trainer_losses.jsonl"):
