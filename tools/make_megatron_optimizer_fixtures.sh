@@ -43,21 +43,7 @@ export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
 cp -r "$MEGATRON_PATH" "$WORK/megatron"
-python3 - "$WORK/megatron/megatron/core/optimizer/distrib_optimizer.py" <<'PY' || exit 1
-import sys
-path = sys.argv[1]
-text = open(path).read()
-for old, new in [
-    ("            assert len(steps) == 1\n            step = steps[0]\n",
-     "            assert len(steps) <= 1\n            step = steps[0] if steps else 0\n"),
-    ("                if not isinstance(tensors[key], torch.Tensor):\n",
-     "                if not isinstance(tensors.get(key), torch.Tensor):\n")]:
-    if text.count(old) != 1:
-        sys.exit(f"{path}: the code to fix was not found once: {old!r}")
-    text = text.replace(old, new)
-open(path, "w").write(text)
-print("applied 2 fixes")
-PY
+python3 "$(dirname "$0")/megatron_local_fixes.py" "$WORK/megatron" || exit 1
 MEGATRON=$WORK/megatron
 make -C "$MEGATRON/megatron/core/datasets" >/dev/null || exit 1
 

@@ -88,33 +88,7 @@ rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
 
 # A copy of Megatron with the fixes for resuming the distributed optimizer with torch Adam.
 cp -r "$MEGATRON_PATH" "$WORK/megatron"
-python3 - "$WORK/megatron/megatron/core/optimizer/distrib_optimizer.py" "$STEP_FIX" <<'EOF' || exit 1
-import sys
-path = sys.argv[1]
-text = open(path).read()
-fixes = [
-    # state_dict() before the optimizer's first step: its state is empty, so there is no step yet
-    ("            assert len(steps) == 1\n            step = steps[0]\n",
-     "            assert len(steps) <= 1\n            step = steps[0] if steps else 0\n"),
-    # loading parameter state: torch Adam's own state holds "step", which distrib_optim.pt does not
-    ("                if not isinstance(tensors[key], torch.Tensor):\n",
-     "                if not isinstance(tensors.get(key), torch.Tensor):\n"),
-]
-if sys.argv[2] == "1":
-    # load_state_dict: each parameter's own step (one shared tensor is advanced once per parameter)
-    fixes.append(('                s["step"] = step\n', '                s["step"] = step.clone()\n'))
-    # torch_dist (dp_reshardable): the parameter state loaded from the checkpoint carries the
-    # "step" tensor of the optimizer as it was before loading (a LocalNonpersistentObject: 0
-    # after fix 1), which _set_main_param_and_optimizer_states copied over the loaded step
-    fixes.append(("                if not isinstance(tensors.get(key), torch.Tensor):\n",
-                  "                if key == \"step\" or not isinstance(tensors.get(key), torch.Tensor):\n"))
-for old, new in fixes:
-    if text.count(old) != 1:
-        sys.exit(f"{path}: the code to fix was not found once: {old!r}")
-    text = text.replace(old, new)
-open(path, "w").write(text)
-print("applied", len(fixes), "fixes")
-EOF
+python3 "$REPO/tools/megatron_local_fixes.py" "$WORK/megatron" $([ "$STEP_FIX" = 1 ] && echo --step-fix) || exit 1
 MEGATRON=$WORK/megatron
 make -C "$MEGATRON/megatron/core/datasets" >/dev/null || exit 1
 

@@ -65,27 +65,7 @@ SECOND="${VISIBLE[1]:-${VISIBLE[0]}}"
 
 # A copy of Megatron with the fixes of tools/megatron_resume_check.sh (STEP_FIX=1).
 cp -r "$MEGATRON_PATH" "$WORK/megatron"
-python3 - "$WORK/megatron/megatron/core/optimizer/distrib_optimizer.py" <<'EOF' || exit 1
-import sys
-path = sys.argv[1]
-text = open(path).read()
-fixes = [
-    # state_dict() before the optimizer's first step: its state is empty, so there is no step yet
-    ("            assert len(steps) == 1\n            step = steps[0]\n",
-     "            assert len(steps) <= 1\n            step = steps[0] if steps else 0\n"),
-    # loading parameter state: torch Adam's own state holds "step", which distrib_optim.pt does not
-    ("                if not isinstance(tensors[key], torch.Tensor):\n",
-     "                if not isinstance(tensors.get(key), torch.Tensor):\n"),
-    # load_state_dict: each parameter's own step (one shared tensor is advanced once per parameter)
-    ('                s["step"] = step\n', '                s["step"] = step.clone()\n'),
-]
-for old, new in fixes:
-    if text.count(old) != 1:
-        sys.exit(f"{path}: the code to fix was not found once: {old!r}")
-    text = text.replace(old, new)
-open(path, "w").write(text)
-print("applied", len(fixes), "fixes")
-EOF
+python3 "$REPO/tools/megatron_local_fixes.py" "$WORK/megatron" --step-fix || exit 1
 MEGATRON=$WORK/megatron
 make -C "$MEGATRON/megatron/core/datasets" >/dev/null || exit 1
 
