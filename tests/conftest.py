@@ -169,3 +169,25 @@ def region_reads(monkeypatch):
 
     monkeypatch.setattr(torch_dist._DistFiles, "read_data", spy)
     return seen
+
+
+def tensor_layout(folder) -> dict:
+    """Every tensor key of a torch_dist folder -> (global shape, dtype, sorted chunk boxes)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from ckptkit.layouts import torch_dist
+
+    metadata = torch_dist.read_dcp_metadata(folder)
+    return {key: (tuple(entry.size), entry.properties.dtype,
+                  sorted((tuple(chunk.offsets), tuple(chunk.sizes)) for chunk in entry.chunks))
+            for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, TensorStorageMetadata)}
+
+
+def byte_keys(folder) -> set:
+    """Every bytes entry (ShardedObject) key of a torch_dist folder."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from ckptkit.layouts import torch_dist
+
+    metadata = torch_dist.read_dcp_metadata(folder)
+    return {key for key, entry in metadata.state_dict_metadata.items() if not isinstance(entry, TensorStorageMetadata)}

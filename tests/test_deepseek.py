@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ckptkit.convert import megatron_to_hf, reshard
 from ckptkit.layouts import open_checkpoint, torch_dist
 from ckptkit.layouts.megatron_common import TargetLayout
 from ckptkit.safe_load import safe_torch_load
 
-from conftest import fixture_path, hf_logits, reference_logits
+from conftest import byte_keys, fixture_path, hf_logits, reference_logits, tensor_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from megatron_deepseek_mtp import mtp_logits  # noqa: E402
@@ -56,19 +55,6 @@ def test_real_megatron_deepseek_mtp_layer_reproduces_megatrons_mtp_logits(name, 
     ours = mtp_logits(tmp_path / "hf", reference["tokens"])[..., :vocab]
     error = (ours - reference["mtp_logits"][0][..., :vocab]).abs()
     assert error.max().item() < FLOAT32_LOGITS_ATOL
-
-
-def tensor_layout(folder) -> dict:
-    """Every tensor key of a torch_dist folder -> (global shape, dtype, sorted chunk boxes)."""
-    metadata = torch_dist.read_dcp_metadata(folder)
-    return {key: (tuple(entry.size), entry.properties.dtype,
-                  sorted((tuple(chunk.offsets), tuple(chunk.sizes)) for chunk in entry.chunks))
-            for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, TensorStorageMetadata)}
-
-
-def byte_keys(folder) -> set:
-    metadata = torch_dist.read_dcp_metadata(folder)
-    return {key for key, entry in metadata.state_dict_metadata.items() if not isinstance(entry, TensorStorageMetadata)}
 
 
 def test_real_deepseek_rewritten_as_torch_dist_has_megatrons_keys_shapes_chunks_and_extra_state(tmp_path):

@@ -12,7 +12,6 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ckptkit.cli import main
 from ckptkit.convert import hf_to_megatron, megatron_to_hf, reshard
@@ -23,7 +22,7 @@ from ckptkit.layouts.megatron_common import TargetLayout
 from ckptkit.safe_load import safe_torch_load
 from ckptkit.verification import verify
 
-from conftest import assert_same_state, converted_logits_error, fixture_path, hf_logits, hf_state, make_hf_model
+from conftest import assert_same_state, byte_keys, converted_logits_error, fixture_path, hf_logits, hf_state, make_hf_model, tensor_layout
 
 FLOAT32_LOGITS_ATOL = 1e-5  # a hand merge reaches ~1e-6
 REAL = ["moe_mixtral_tp1ep2", "moe_qwen2_tp1ep2"]
@@ -35,19 +34,6 @@ EXPERT_FC1 = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_f
 
 def real_dist(name):
     return fixture_path(name, "dist")
-
-
-def tensor_layout(folder) -> dict:
-    """Every tensor key of a torch_dist folder -> (global shape, dtype, sorted chunk boxes)."""
-    metadata = torch_dist.read_dcp_metadata(folder)
-    return {key: (tuple(entry.size), entry.properties.dtype,
-                  sorted((tuple(chunk.offsets), tuple(chunk.sizes)) for chunk in entry.chunks))
-            for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, TensorStorageMetadata)}
-
-
-def byte_keys(folder) -> set:
-    metadata = torch_dist.read_dcp_metadata(folder)
-    return {key for key, entry in metadata.state_dict_metadata.items() if not isinstance(entry, TensorStorageMetadata)}
 
 
 def rank_model(path) -> dict:
