@@ -191,3 +191,19 @@ def byte_keys(folder) -> set:
 
     metadata = torch_dist.read_dcp_metadata(folder)
     return {key for key, entry in metadata.state_dict_metadata.items() if not isinstance(entry, TensorStorageMetadata)}
+
+
+def assert_same_rank_model(ours: Path, theirs: Path) -> None:
+    """The ``model`` entries of two per-rank ``model_optim_rng.pt`` files hold the same keys and
+    bit-identical tensors of the same dtypes and shapes (None ``_extra_state`` on both sides)."""
+    from ckptkit.safe_load import safe_torch_load
+
+    mine = safe_torch_load(ours, mmap=False)["model"]
+    real = safe_torch_load(theirs, mmap=False)["model"]
+    assert set(mine) == set(real)
+    for key, value in real.items():
+        if value is None:
+            assert mine[key] is None, key  # _extra_state of the local implementation
+        else:
+            assert (mine[key].dtype, mine[key].shape) == (value.dtype, value.shape), key
+            assert torch.equal(mine[key], value), key

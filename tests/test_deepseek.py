@@ -24,9 +24,8 @@ import torch
 from ckptkit.convert import megatron_to_hf, reshard
 from ckptkit.layouts import open_checkpoint, torch_dist
 from ckptkit.layouts.megatron_common import TargetLayout
-from ckptkit.safe_load import safe_torch_load
 
-from conftest import byte_keys, fixture_path, hf_logits, reference_logits, tensor_layout
+from conftest import assert_same_rank_model, byte_keys, fixture_path, hf_logits, reference_logits, tensor_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from megatron_deepseek_mtp import mtp_logits  # noqa: E402
@@ -78,15 +77,7 @@ def test_real_per_rank_deepseek_rewritten_has_megatrons_keys_shapes_and_values(n
     folders = sorted(path.name for path in real.iterdir())
     assert sorted(path.name for path in ours.iterdir()) == folders
     for folder in folders:
-        theirs = safe_torch_load(real / folder / "model_optim_rng.pt", mmap=False)["model"]
-        mine = safe_torch_load(ours / folder / "model_optim_rng.pt", mmap=False)["model"]
-        assert set(mine) == set(theirs)
-        for key, value in theirs.items():
-            if value is None:
-                assert mine[key] is None, key  # _extra_state of the local implementation
-            else:
-                assert (mine[key].dtype, mine[key].shape) == (value.dtype, value.shape), key
-                assert torch.equal(mine[key], value), key
+        assert_same_rank_model(ours / folder / "model_optim_rng.pt", real / folder / "model_optim_rng.pt")
 
 
 def test_the_trainer_refuses_a_deepseek_model_before_training(tmp_path):

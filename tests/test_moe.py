@@ -22,7 +22,7 @@ from ckptkit.layouts.megatron_common import TargetLayout
 from ckptkit.safe_load import safe_torch_load
 from ckptkit.verification import verify
 
-from conftest import assert_same_state, byte_keys, converted_logits_error, fixture_path, hf_logits, hf_state, make_hf_model, tensor_layout
+from conftest import assert_same_rank_model, assert_same_state, byte_keys, converted_logits_error, fixture_path, hf_logits, hf_state, make_hf_model, tensor_layout
 
 FLOAT32_LOGITS_ATOL = 1e-5  # a hand merge reaches ~1e-6
 REAL = ["moe_mixtral_tp1ep2", "moe_qwen2_tp1ep2"]
@@ -61,14 +61,7 @@ def test_real_per_rank_moe_rewritten_has_megatrons_folders_keys_shapes_and_extra
     assert sorted(path.name for path in ours.iterdir()) == sorted(path.name for path in real.iterdir()) == \
         ["mp_rank_00_000", "mp_rank_00_001"]
     for folder in ("mp_rank_00_000", "mp_rank_00_001"):
-        theirs, mine = (rank_model(root / folder / "model_optim_rng.pt") for root in (real, ours))
-        assert set(mine) == set(theirs)
-        for key, value in theirs.items():
-            if value is None:
-                assert mine[key] is None, key  # _extra_state of the local implementation
-            else:
-                assert (mine[key].dtype, mine[key].shape) == (value.dtype, value.shape), key
-                assert torch.equal(mine[key], value), key
+        assert_same_rank_model(ours / folder / "model_optim_rng.pt", real / folder / "model_optim_rng.pt")
 
 
 def test_real_per_rank_and_torch_dist_moe_read_as_the_same_experts(tmp_path):
