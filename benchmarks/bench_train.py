@@ -18,6 +18,10 @@ causal half; the peak from the GPU's name, or ``--peak-tflops``). Variants:
   norms and activations with their neighbours), the Triton output layer + cross-entropy
   and AdamW; ``compiled-model``: the whole model in one compiled graph;
   ``-graphs``: with ``mode="reduce-overhead"`` (CUDA graphs);
+* ``model-batched``, ``model-gelu``, ``model-step-graph``, ``model-all`` (and the pairs
+  ``model-graph-batched``, ``model-graph-gelu``): the whole model compiled with
+  ``grad_accumulation="batched"``, ``gelu_operator``, ``step_graph``, or all three;
+  ``fused-step-graph``, ``fused-batched``: the same changes without the compiler;
 * ``compiled-separate-loss``: the logits, then the Triton cross-entropy (not
   ``kernels.linear_cross_entropy``); ``compiled-flash``: SDPA's flash backend only.
 
@@ -65,6 +69,20 @@ VARIANTS = {
     "compiled-model-graphs": dict(fused_kernels=True, compile=True, compile_scope="model",
                                   compile_mode="reduce-overhead"),
 }
+# The whole model compiled, plus one change each: gradients added to main_grad in one launch per eight
+# parameters after each micro-batch (no hooks), bias + GeLU as the Triton operator inside the compiled
+# graph, the whole step as one CUDA graph; then all three together.
+_MODEL = VARIANTS["compiled-model"]
+VARIANTS.update({
+    "model-batched": dict(_MODEL, grad_accumulation="batched"),
+    "model-gelu": dict(_MODEL, gelu_operator=True),
+    "model-step-graph": dict(_MODEL, step_graph=True),
+    "model-graph-batched": dict(_MODEL, step_graph=True, grad_accumulation="batched"),
+    "model-graph-gelu": dict(_MODEL, step_graph=True, gelu_operator=True),
+    "model-all": dict(_MODEL, step_graph=True, grad_accumulation="batched", gelu_operator=True),
+    "fused-step-graph": dict(fused_kernels=True, step_graph=True),
+    "fused-batched": dict(fused_kernels=True, grad_accumulation="batched"),
+})
 # Variants that change a built trainer (see prepare): the output layer and the cross-entropy apart (the
 # logits, then the Triton cross-entropy: how the trainer ran before kernels.linear_cross_entropy), and one
 # SDPA backend allowed.
@@ -121,6 +139,7 @@ def measure(config: TrainConfig, warmup: int, profile: bool, check_syncs: bool, 
     records = trainer.run().records
     timed = records[warmup:]
     result = {"first_loss": records[0].loss, "last_loss": records[-1].loss,
+              "losses": [record.loss for record in records],
               "tokens_per_s": statistics.median(record.tokens_per_s for record in timed),
               "memory_gib": torch.cuda.max_memory_allocated() / 2**30,
               "seconds": time.perf_counter() - started}
@@ -294,7 +313,7 @@ def main(argv=None):
           f"triton {'yes' if kernels.fused_available() else 'NO'}", flush=True)
     if args.profile_dir:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
-    header = (f"{'variant':<12}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'loss step 1':>13}{'loss last':>11}"
+    header = (f"{'variant':<20}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'loss step 1':>13}{'loss last':>11}"
               f"{'syncs':>7}{'wall s':>8}")
     print(header)
     print("-" * len(header), flush=True)
@@ -302,19 +321,19 @@ def main(argv=None):
         explore = EXPLORE.get(label, {})
         changes = VARIANTS[explore.get("base", label)]
         if changes.get("fused_kernels") and not kernels.fused_available():
-            print(f"{label:<12}skipped: needs Triton", flush=True)
+            print(f"{label:<20}skipped: needs Triton", flush=True)
             continue
         try:
             result = measure(dataclasses.replace(config, **changes), args.warmup, args.profile, args.check_syncs,
                              explore, args.profile_dir, label)
         except Exception as error:  # one variant failing (a compiler error, say) does not hide the others
-            print(f"{label:<12}failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}",
+            print(f"{label:<20}failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}",
                   flush=True)
             import traceback
             traceback.print_exc()
             continue
         mfu = result["tokens_per_s"] * flops_per_token / (peak * 1e12) if peak else float("nan")
-        print(f"{label:<12}{result['tokens_per_s']:>12,.0f}{mfu:>8.1%}{result['memory_gib']:>10.1f}"
+        print(f"{label:<20}{result['tokens_per_s']:>12,.0f}{mfu:>8.1%}{result['memory_gib']:>10.1f}"
               f"{result['first_loss']:>13.4f}{result['last_loss']:>11.4f}{result.get('host_syncs', '-'):>7}"
               f"{result['seconds']:>8.1f}", flush=True)
         if args.json:

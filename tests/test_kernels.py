@@ -235,6 +235,51 @@ def test_fused_adam_step_matches_the_float64_update_in_one_pass(clipped, param_d
 
 
 @needs_triton
+@pytest.mark.parametrize("param_dtype", DTYPES)
+def test_fused_adam_step_reading_its_schedule_from_device_memory_is_the_same_update(param_dtype):
+    by_arguments, from_memory = adam_state(device="cuda", param_dtype=param_dtype), \
+        adam_state(device="cuda", param_dtype=param_dtype)
+    scale = torch.tensor(0.25, device="cuda")
+    kernels.adam_step(**by_arguments, grad_scale=scale, step=7, fused=True, **ADAM)
+    numbers = kernels.adam_schedule(ADAM["lr"], ADAM["beta1"], ADAM["beta2"], ADAM["weight_decay"], 7)
+    schedule = torch.tensor(numbers, dtype=torch.float32, device="cuda")
+    # lr and step given here are wrong on purpose: the kernel must take the schedule's numbers.
+    kernels.adam_step(**from_memory, grad_scale=scale, fused=True, schedule=schedule,
+                      **{**ADAM, "lr": 5.0}, step=1)
+    for name in ("param", "master", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(by_arguments[name], from_memory[name]), name
+
+
+@needs_triton
+@pytest.mark.parametrize("grad_dtype", DTYPES)
+def test_fused_gradient_accumulator_adds_every_gradient_as_one_add_per_tensor(grad_dtype):
+    # 19 tensors (three launches of up to eight), sizes around the 4096-element chunk, two without a gradient.
+    numels = [1, 7, 4095, 4096, 4097, 12288, 3, 768, 50000, 2, 9000, 1, 4096, 64, 5, 8193, 100, 17, 30000]
+    offsets = [sum(numels[:index]) for index in range(len(numels))]
+    generator = torch.Generator().manual_seed(3)
+    start = torch.randn(sum(numels), generator=generator).cuda()
+    grads = [torch.randn(numel, generator=generator).to("cuda", grad_dtype) for numel in numels]
+    grads[4] = grads[11] = None
+    ours, expected = start.clone(), start.clone()
+    fused = kernels.gradient_accumulator(numels, offsets, ours, fused=True)
+    assert type(fused).__module__.endswith("fused")
+    for _ in range(2):
+        fused.add(grads)
+        reference.GradientAccumulator(numels, offsets, expected).add(grads)
+    assert torch.equal(ours, expected)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 1000), (5, 7, 3072)])
+def test_fused_bias_gelu_one_pass_backward_on_partial_tiles_matches_float64(dtype, shape):
+    # Rows and columns that do not fill the backward's 64 x 128 tiles.
+    inputs = [random(*shape, dtype=dtype, device="cuda"), random(shape[-1], dtype=dtype, device="cuda", seed=1)]
+    assert_close_to_float64(lambda x, b: kernels.bias_gelu(x, b, "none", fused=True),
+                            lambda x, b: float64_gelu(x, b, "none"), inputs, dtype)
+
+
+@needs_triton
 def test_fused_cross_entropy_statistics_combine_over_vocabulary_slices_like_megatron():
     from ckptkit.kernels.fused import cross_entropy_partial_stats
 

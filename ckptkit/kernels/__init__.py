@@ -14,12 +14,12 @@ import functools
 
 import torch
 
-from . import reference
-from .reference import rope_inverse_frequencies, rope_scaling_parameters, rope_tables
+from . import ops, reference
+from .reference import adam_schedule, rope_inverse_frequencies, rope_scaling_parameters, rope_tables
 
-__all__ = ["fused_available", "bias_gelu", "layer_norm", "rms_norm", "apply_rope", "rope_tables",
+__all__ = ["fused_available", "bias_gelu", "bias_gelu_operator", "layer_norm", "rms_norm", "apply_rope", "rope_tables",
            "rope_inverse_frequencies", "rope_scaling_parameters", "cross_entropy", "linear_cross_entropy",
-           "adam_step"]
+           "adam_step", "adam_schedule", "gradient_accumulator"]
 
 
 @functools.cache
@@ -44,10 +44,15 @@ def _fused(tensor: torch.Tensor, fused: bool):
 
 def bias_gelu(x, bias, approximate: str = "none", *, fused: bool = False):
     """``gelu(x + bias)``: exact (erf) GeLU, or the tanh form with ``approximate="tanh"``."""
-    module = _fused(x, fused)
-    if module is None:
+    if _fused(x, fused) is None:
         return reference.bias_gelu(x, bias, approximate)
-    return module.bias_gelu(x, bias, approximate)
+    return ops.bias_gelu(x, bias, approximate)
+
+
+def bias_gelu_operator(x, bias, approximate: str = "none"):
+    """``bias_gelu`` as the operator ``torch.ops.ckptkit.bias_gelu``, which ``torch.compile`` keeps
+    whole: the Triton kernels on a GPU (its backward one pass), the same math elsewhere."""
+    return ops.bias_gelu(x, bias, approximate)
 
 
 def layer_norm(x, weight, bias, eps: float, *, fused: bool = False):
@@ -91,10 +96,26 @@ def linear_cross_entropy(x, weight, target, *, fused: bool = False):
 
 
 def adam_step(param, master, exp_avg, exp_avg_sq, grad, decay, grad_scale=None, *, lr: float, beta1: float,
-              beta2: float, eps: float, weight_decay: float, step: int, fused: bool = False) -> None:
+              beta2: float, eps: float, weight_decay: float, step: int, fused: bool = False,
+              schedule: torch.Tensor | None = None) -> None:
     """AdamW on flat float32 state, in place (see :func:`ckptkit.kernels.reference.adam_step`);
-    the Triton version makes one pass over it."""
+    the Triton version makes one pass over it. ``schedule`` (Triton only): a float32 device
+    tensor with :func:`adam_schedule`'s numbers, read when the kernel
+    runs instead of ``lr`` and ``step``, so that a captured CUDA graph replays every step."""
     module = _fused(master, fused)
-    (reference if module is None else module).adam_step(
-        param, master, exp_avg, exp_avg_sq, grad, decay, grad_scale, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, step=step)
+    if module is None:
+        if schedule is not None:
+            raise ValueError("adam_step: a device-side schedule needs the Triton kernel (a CUDA tensor)")
+        reference.adam_step(param, master, exp_avg, exp_avg_sq, grad, decay, grad_scale, lr=lr, beta1=beta1,
+                            beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+        return
+    module.adam_step(param, master, exp_avg, exp_avg_sq, grad, decay, grad_scale, lr=lr, beta1=beta1, beta2=beta2,
+                     eps=eps, weight_decay=weight_decay, step=step, schedule=schedule)
+
+
+def gradient_accumulator(numels: list[int], offsets: list[int], main: torch.Tensor, *, fused: bool = False):
+    """An object whose ``add(grads)`` does ``main[offsets[i]: offsets[i] + numels[i]] += grads[i]``
+    for every ``i`` (``None``: nothing) in float32: with Triton in one launch per eight
+    tensors, else one add each (:class:`ckptkit.kernels.reference.GradientAccumulator`)."""
+    module = _fused(main, fused)
+    return (reference if module is None else module).GradientAccumulator(numels, offsets, main)

@@ -3,7 +3,9 @@
 Imported only when a CUDA device and Triton are present (:func:`ckptkit.kernels.fused_available`).
 Each kernel reads and writes every element once, in one pass, computing in float32:
 
-* ``bias_gelu``: ``gelu(x + bias)`` (erf or tanh form); backward recomputes from ``x``.
+* ``bias_gelu``: ``gelu(x + bias)`` (erf or tanh form); backward recomputes from ``x`` and
+  writes the input gradient and per-tile column sums for the bias gradient in one pass
+  (the autograd wiring is the operator ``torch.ops.ckptkit.bias_gelu``, :mod:`.ops`).
 * ``layer_norm`` / ``rms_norm``: one program per block of rows, the row held in
   registers; the backward accumulates the weight (and bias) gradients of its rows
   in registers and writes one partial sum per program (summed by torch after).
@@ -23,6 +25,8 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
+
+from .reference import adam_schedule
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -60,49 +64,53 @@ def _bias_gelu_forward_kernel(x_ptr, bias_ptr, out_ptr, numel, width, HAS_BIAS: 
 
 
 @triton.jit
-def _bias_gelu_backward_kernel(grad_ptr, x_ptr, bias_ptr, out_ptr, numel, width, HAS_BIAS: tl.constexpr,
-                               TANH: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
+def _bias_gelu_backward_kernel(grad_ptr, x_ptr, bias_ptr, out_ptr, partial_ptr, rows, width, HAS_BIAS: tl.constexpr,
+                               TANH: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    # One tile of BLOCK_ROWS tokens x BLOCK_COLS features: writes its input gradient and, for the bias
+    # gradient, the tile's column sums (float32) as row ``program_id(0)`` of ``partial``.
+    row_block, col_block = tl.program_id(0), tl.program_id(1)
+    row_index = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col_index = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (row_index[:, None] < rows) & (col_index[None, :] < width)
+    offsets = row_index[:, None].to(tl.int64) * width + col_index[None, :]
     z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        z += tl.load(bias_ptr + offsets % width, mask=mask, other=0.0).to(tl.float32)
+        z += tl.load(bias_ptr + col_index, mask=col_index < width, other=0.0).to(tl.float32)[None, :]
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offsets, (grad * _gelu_derivative(z, TANH)).to(out_ptr.dtype.element_ty), mask=mask)
+    grad_z = grad * _gelu_derivative(z, TANH)
+    tl.store(out_ptr + offsets, grad_z.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.store(partial_ptr + row_block * width + col_index, tl.sum(grad_z, axis=0), mask=col_index < width)
 
 
 _ELEMENTWISE_BLOCK = 1024
+_GELU_BACKWARD_TILE = (64, 128)  # tokens x features per program
 
 
-class _BiasGelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, approximate):
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        tanh = approximate == "tanh"
-        grid = (triton.cdiv(x.numel(), _ELEMENTWISE_BLOCK),)
-        _bias_gelu_forward_kernel[grid](x, bias if bias is not None else x, out, x.numel(), x.shape[-1],
-                                        HAS_BIAS=bias is not None, TANH=tanh, BLOCK=_ELEMENTWISE_BLOCK)
-        ctx.save_for_backward(x, bias)
-        ctx.tanh = tanh
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, bias = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = torch.empty_like(x)
-        grid = (triton.cdiv(x.numel(), _ELEMENTWISE_BLOCK),)
-        _bias_gelu_backward_kernel[grid](grad, x, bias if bias is not None else x, grad_x, x.numel(), x.shape[-1],
-                                         HAS_BIAS=bias is not None, TANH=ctx.tanh, BLOCK=_ELEMENTWISE_BLOCK)
-        grad_bias = None
-        if bias is not None:
-            grad_bias = grad_x.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
-        return grad_x, grad_bias, None
+def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    grid = (triton.cdiv(x.numel(), _ELEMENTWISE_BLOCK),)
+    _bias_gelu_forward_kernel[grid](x, bias if bias is not None else x, out, x.numel(), x.shape[-1],
+                                    HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK=_ELEMENTWISE_BLOCK)
+    return out
 
 
-def bias_gelu(x, bias, approximate: str = "none"):
-    return _BiasGelu.apply(x, bias, approximate)
+def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str):
+    """``(grad_x, grad_bias)`` in one pass over ``grad`` and ``x``; the bias gradient sums the float32
+    input gradients of each tile, then the tiles' sums (``[tiles, width]``, small)."""
+    x, grad = x.contiguous(), grad.contiguous()
+    width = x.shape[-1]
+    rows = x.numel() // width
+    block_rows, block_cols = _GELU_BACKWARD_TILE
+    grad_x = torch.empty_like(x)
+    row_blocks = triton.cdiv(rows, block_rows)
+    partial = torch.empty((row_blocks, width), dtype=torch.float32, device=x.device) if bias is not None else x
+    _bias_gelu_backward_kernel[(row_blocks, triton.cdiv(width, block_cols))](
+        grad, x, bias if bias is not None else x, grad_x, partial, rows, width, HAS_BIAS=bias is not None,
+        TANH=approximate == "tanh", BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=8)
+    grad_bias = partial.sum(0).to(bias.dtype) if bias is not None else None
+    return grad_x, grad_bias
 
 
 # ----------------------------------------------------------------------------- LayerNorm / RMSNorm
@@ -433,11 +441,15 @@ def linear_cross_entropy(x, weight, target):
 # ----------------------------------------------------------------------------- AdamW
 
 @triton.jit
-def _adam_kernel(param_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_ptr, decay_ptr, scale_ptr, numel,
-                 decay_factor, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt,
-                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+def _adam_kernel(param_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_ptr, decay_ptr, scale_ptr, schedule_ptr,
+                 numel, decay_factor, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+                 bias_correction2_sqrt, HAS_SCALE: tl.constexpr, HAS_SCHEDULE: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
+    if HAS_SCHEDULE:  # the step's numbers from device memory (a captured CUDA graph replays other steps)
+        decay_factor = tl.load(schedule_ptr)
+        step_size = tl.load(schedule_ptr + 1)
+        bias_correction2_sqrt = tl.load(schedule_ptr + 2)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
     if HAS_SCALE:
         grad = grad * tl.load(scale_ptr)
@@ -462,14 +474,113 @@ _ADAM_BLOCK = 2048
 
 @torch.no_grad()
 def adam_step(param, master, exp_avg, exp_avg_sq, grad, decay, grad_scale, *, lr: float, beta1: float,
-              beta2: float, eps: float, weight_decay: float, step: int) -> None:
-    """One pass over the state: reads gradient, master, moments and decay flag once, writes each output once."""
+              beta2: float, eps: float, weight_decay: float, step: int, schedule: torch.Tensor | None = None) -> None:
+    """One pass over the state: reads gradient, master, moments and decay flag once, writes each output once.
+
+    ``schedule``: a float32 device tensor holding :func:`adam_schedule`'s three numbers, read
+    by the kernel when it runs instead of ``lr`` and ``step`` (so a CUDA graph that captured
+    the update can replay it at every step).
+    """
     numel = master.numel()
     for tensor in (param, exp_avg, exp_avg_sq, grad, decay):
         assert tensor.numel() == numel and tensor.is_contiguous(), "adam_step takes contiguous flat tensors"
+    decay_factor, step_size, bias_correction2_sqrt = adam_schedule(lr, beta1, beta2, weight_decay, step)
     # 1 - beta computed here in double: in float32, 1 - 0.999f is 1.3e-5 away from 0.001.
     _adam_kernel[(triton.cdiv(numel, _ADAM_BLOCK),)](
         param, master, exp_avg, exp_avg_sq, grad, decay.view(torch.uint8),
-        grad_scale if grad_scale is not None else master, numel, lr * weight_decay, beta1, 1.0 - beta1, beta2,
-        1.0 - beta2, eps, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step), HAS_SCALE=grad_scale is not None,
-        BLOCK=_ADAM_BLOCK, num_warps=8)
+        grad_scale if grad_scale is not None else master, schedule if schedule is not None else master, numel,
+        decay_factor, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, bias_correction2_sqrt,
+        HAS_SCALE=grad_scale is not None, HAS_SCHEDULE=schedule is not None, BLOCK=_ADAM_BLOCK, num_warps=8)
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+
+@triton.jit
+def _add_run(grad_ptr, main_ptr, start, numel, BLOCK: tl.constexpr):
+    offsets = start + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(main_ptr + offsets, tl.load(main_ptr + offsets, mask=mask, other=0.0) + grad, mask=mask)
+
+
+@triton.jit
+def _accumulate_gradients_kernel(g0, g1, g2, g3, g4, g5, g6, g7, main_ptr, chunk_tensor_ptr, chunk_start_ptr,
+                                 numel_ptr, offset_ptr, present, BLOCK: tl.constexpr):
+    # Program c adds elements [start, start + BLOCK) of gradient t = chunk_tensor[c] (one of the eight
+    # passed, bit t of ``present`` set) to main[offset[t] + start:].
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensor_ptr + chunk)
+    start = tl.load(chunk_start_ptr + chunk)
+    numel = tl.load(numel_ptr + tensor)
+    if (present >> tensor) & 1:
+        target = main_ptr + tl.load(offset_ptr + tensor)
+        if tensor == 0:
+            _add_run(g0, target, start, numel, BLOCK)
+        elif tensor == 1:
+            _add_run(g1, target, start, numel, BLOCK)
+        elif tensor == 2:
+            _add_run(g2, target, start, numel, BLOCK)
+        elif tensor == 3:
+            _add_run(g3, target, start, numel, BLOCK)
+        elif tensor == 4:
+            _add_run(g4, target, start, numel, BLOCK)
+        elif tensor == 5:
+            _add_run(g5, target, start, numel, BLOCK)
+        elif tensor == 6:
+            _add_run(g6, target, start, numel, BLOCK)
+        else:
+            _add_run(g7, target, start, numel, BLOCK)
+
+
+_ACCUMULATE_BLOCK = 4096
+_ACCUMULATE_GROUP = 8  # gradients per launch: the kernel's pointer arguments
+
+
+class _AccumulateGroup:
+    """Up to eight tensors' chunk tables (which tensor, from where, its size and place in ``main``)."""
+
+    def __init__(self, indices: list[int], numels: list[int], offsets: list[int], device):
+        chunk_tensor, chunk_start = [], []
+        for position, index in enumerate(indices):
+            for start in range(0, numels[index], _ACCUMULATE_BLOCK):
+                chunk_tensor.append(position)
+                chunk_start.append(start)
+        self.indices = indices
+        self.chunks = len(chunk_tensor)
+        self.chunk_tensor = torch.tensor(chunk_tensor, dtype=torch.int32, device=device)
+        self.chunk_start = torch.tensor(chunk_start, dtype=torch.int64, device=device)
+        self.numels = torch.tensor([numels[index] for index in indices], dtype=torch.int64, device=device)
+        self.offsets = torch.tensor([offsets[index] for index in indices], dtype=torch.int64, device=device)
+
+
+class GradientAccumulator:
+    """Adds the gradients of many tensors (tensor ``i`` is ``main[offsets[i]: offsets[i] + numels[i]]``
+    of one flat float32 buffer) to that buffer: one kernel launch per eight tensors, each
+    program adding one chunk of one tensor, instead of one launch per tensor.
+
+    Gradients are passed as kernel arguments (no table of addresses in device memory), so a
+    CUDA graph that captures the launches replays them on the same buffers.
+    """
+
+    def __init__(self, numels: list[int], offsets: list[int], main: torch.Tensor):
+        self.main = main
+        self.groups = [_AccumulateGroup(list(range(first, min(first + _ACCUMULATE_GROUP, len(numels)))), numels,
+                                        offsets, main.device)
+                       for first in range(0, len(numels), _ACCUMULATE_GROUP)]
+
+    @torch.no_grad()
+    def add(self, grads: list[torch.Tensor | None]) -> None:
+        for group in self.groups:
+            members = [grads[index] for index in group.indices]
+            present = sum(1 << position for position, grad in enumerate(members) if grad is not None)
+            if not present:
+                continue
+            stand_in = next(grad for grad in members if grad is not None)
+            for grad in members:
+                assert grad is None or (grad.is_contiguous() and grad.dtype == stand_in.dtype), \
+                    "gradients must be contiguous, of one dtype"
+            pointers = [grad if grad is not None else stand_in for grad in members]
+            pointers += [stand_in] * (_ACCUMULATE_GROUP - len(pointers))
+            _accumulate_gradients_kernel[(group.chunks,)](
+                *pointers, self.main, group.chunk_tensor, group.chunk_start, group.numels, group.offsets, present,
+                BLOCK=_ACCUMULATE_BLOCK, num_warps=8)

@@ -178,6 +178,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
 
 
 
+def adam_schedule(lr: float, beta1: float, beta2: float, weight_decay: float, step: int) -> tuple[float, float, float]:
+    """The three numbers of step ``step`` that the fused update takes: ``(lr x weight_decay,
+    lr / (1 - beta1^k), sqrt(1 - beta2^k))``, in double (as its scalar arguments are computed)."""
+    return lr * weight_decay, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)
+
+
 @torch.no_grad()
 def adam_step(param: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
               grad: torch.Tensor, decay: torch.Tensor, grad_scale: torch.Tensor | None, *, lr: float, beta1: float,
@@ -200,3 +206,16 @@ def adam_step(param: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, 
     denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
     master.addcdiv_(exp_avg, denominator, value=-lr / bias_correction1)
     param.copy_(master)
+
+
+class GradientAccumulator:
+    """``add(grads)``: ``main[offsets[i]: offsets[i] + numels[i]] += grads[i]`` (float32), one add per tensor."""
+
+    def __init__(self, numels: list[int], offsets: list[int], main: torch.Tensor):
+        self.runs = [main[offset: offset + numel] for numel, offset in zip(numels, offsets)]
+
+    @torch.no_grad()
+    def add(self, grads: list[torch.Tensor | None]) -> None:
+        for run, grad in zip(self.runs, grads):
+            if grad is not None:
+                run.add_(grad.reshape(-1))

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import BadInput, Unsupported
 from ..kernels import rope_scaling_parameters
 from ..spec import ModelSpec
-from .optim import AdamConfig
+from .optim import GRAD_ACCUMULATION, AdamConfig
 
 MODEL_PRESETS: dict[str, ModelSpec] = {
     # Small enough to train on a laptop CPU; the same shapes as the real Megatron fixtures' families.
@@ -81,6 +81,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (TP1 and EP1 only)
     compile_scope: str = "layers"  # "layers": each transformer layer; "model": the rank's whole model
     compile_mode: str | None = None  # torch.compile's mode: None (default), "reduce-overhead", "max-autotune", ...
+    gelu_operator: bool = False  # compiled: bias + GeLU stays the Triton operator (torch.ops.ckptkit.bias_gelu)
+    grad_accumulation: str = "hooks"  # into float32 main_grad: "hooks" (one per parameter) or "batched"
+    step_graph: bool = False  # the whole step (every micro-batch, clipping, AdamW) replayed as one CUDA graph
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16"
     device: str = "auto"  # "cpu" (gloo), "cuda" (NCCL, a GPU per rank), "auto": cuda when every rank has a GPU
     make_vocab_size_divisible_by: int = 128
@@ -107,6 +110,12 @@ class TrainConfig:
             # which this trainer has not run under torch.compile.
             raise Unsupported(f"compiling the layers needs TP=1 and EP=1 (got TP={self.tp}, EP={self.ep}): "
                               "their collectives are not compiled")
+        if self.step_graph and (self.world_size > 1 or self.device == "cpu"):
+            # One process on one GPU: collectives inside a captured graph have not been tried here.
+            raise Unsupported(f"a CUDA graph of the whole step needs one rank on a GPU (got TP={self.tp}, "
+                              f"PP={self.pp}, DP={self.dp}, device {self.device})")
+        if self.grad_accumulation not in GRAD_ACCUMULATION:
+            raise BadInput(f"grad accumulation {self.grad_accumulation!r}: choose {' or '.join(GRAD_ACCUMULATION)}")
         if self.compile_scope not in COMPILE_SCOPES:
             raise BadInput(f"compile scope {self.compile_scope!r}: choose {' or '.join(COMPILE_SCOPES)}")
         if self.device not in ("auto", "cpu", "cuda"):

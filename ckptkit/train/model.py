@@ -173,6 +173,9 @@ class MLP(nn.Module):
         self.gated = spec.gated
         self.approximate = "tanh" if spec.activation == "gelu_tanh" else "none"
         self.fused = fused
+        # True: bias + GeLU is the operator torch.ops.ckptkit.bias_gelu, which a compiled graph keeps
+        # whole (set by build_model for TrainConfig.gelu_operator).
+        self.gelu_operator = False
         self.linear_fc1 = Linear(spec.hidden_size, 2 * ffn if self.gated else ffn, bias=bias)
         self.linear_fc2 = Linear(ffn, spec.hidden_size, bias=bias)
 
@@ -182,7 +185,10 @@ class MLP(nn.Module):
             hidden = F.silu(gate) * up
         else:
             hidden = self.linear_fc1(x, add_bias=False)
-            hidden = kernels.bias_gelu(hidden, self.linear_fc1.bias, self.approximate, fused=self.fused)
+            if self.gelu_operator:
+                hidden = kernels.bias_gelu_operator(hidden, self.linear_fc1.bias, self.approximate)
+            else:
+                hidden = kernels.bias_gelu(hidden, self.linear_fc1.bias, self.approximate, fused=self.fused)
         if scale is not None:
             hidden = (hidden * scale.unsqueeze(-1)).to(hidden.dtype)
         return self.linear_fc2(hidden)

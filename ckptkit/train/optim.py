@@ -4,7 +4,10 @@ Like Megatron's ``DistributedDataParallel`` + ``DistributedOptimizer``:
 
 * every parameter of a rank is a view into one flat parameter buffer, and its
   gradient is accumulated in float32 into a view of one flat gradient buffer
-  (``param.main_grad``), whatever the parameter dtype;
+  (``param.main_grad``), whatever the parameter dtype: by a hook on each parameter as
+  its gradient arrives (``GRAD_ACCUMULATION["hooks"]``), or for all of them at once
+  after each micro-batch's backward (``"batched"``: :meth:`DistributedAdam.accumulate_gradients`,
+  one Triton launch per eight tensors instead of a launch per tensor);
 * after the last micro-batch the gradients are summed where a parameter lives on
   several ranks: over TP for the norms under sequence parallelism and for the query
   and key norms (each TP rank normalises only its own heads), between the first and
@@ -36,6 +39,10 @@ from .weights import canonical_name, canonical_table, is_expert_parameter
 # torch 2.13 renamed the flat-tensor collectives; older versions only have the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# How each micro-batch's gradients reach the float32 main_grad buffers: a post-accumulate hook per
+# parameter, or the trainer calling DistributedAdam.accumulate_gradients after each backward.
+GRAD_ACCUMULATION = ("hooks", "batched")
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,8 @@ class _FlatBuffer:
     rank keeps slice ``rank`` of ``size`` of the state.
     """
 
-    def __init__(self, named_parameters, group, distributed: bool, device, dtype):
+    def __init__(self, named_parameters, group, distributed: bool, device, dtype, hooks: bool = True,
+                 fused: bool = False):
         self.group = group
         size, rank = group_size(group), group_rank(group)
         self.distributed = distributed and size > 1
@@ -95,16 +103,27 @@ class _FlatBuffer:
             self.param_flat[offset: offset + numel].copy_(parameter.detach().reshape(-1))
             parameter.data = self.param_flat[offset: offset + numel].view_as(parameter)
             parameter.main_grad = self.grad_flat[offset: offset + numel].view_as(parameter)
-            parameter.register_post_accumulate_grad_hook(_accumulate_main_grad)
+            if hooks:
+                parameter.register_post_accumulate_grad_hook(_accumulate_main_grad)
             # Megatron's default: no weight decay on biases and norm weights (1-D tensors).
             decays[offset: offset + numel] = parameter.dim() > 1
         shard_size = padded // size if self.distributed else padded
         start = rank * shard_size if self.distributed else 0
         self.shard = slice(start, start + shard_size)
         self.decay = decays[self.shard]
+        self.accumulator = None if hooks else kernels.gradient_accumulator(
+            [numel for _, _, _, numel in self.entries], [offset for _, _, offset, _ in self.entries],
+            self.grad_flat, fused=fused)
         self.master = self.param_flat[self.shard].to(torch.float32, copy=True)
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
+
+    def accumulate(self) -> None:
+        """Add every parameter's ``.grad`` to its ``main_grad`` and drop it (the batched path)."""
+        parameters = [parameter for _, parameter, _, _ in self.entries]
+        self.accumulator.add([parameter.grad for parameter in parameters])
+        for parameter in parameters:
+            parameter.grad = None
 
     def count(self, offset: int, numel: int) -> None:
         if self.counted_ranges and sum(self.counted_ranges[-1]) == offset:  # one range per contiguous run
@@ -153,17 +172,24 @@ class DistributedAdam:
     """
 
     def __init__(self, model: GPT, groups: ParallelGroups, config: AdamConfig, *, distributed: bool = False,
-                 sequence_parallel: bool = False, fused: bool = False):
+                 sequence_parallel: bool = False, fused: bool = False, grad_accumulation: str = "hooks"):
         self.model, self.groups, self.config = model, groups, config
         self.fused = fused  # the update as one Triton kernel over each buffer (on a GPU with Triton)
+        if grad_accumulation not in GRAD_ACCUMULATION:
+            raise ValueError(f"grad_accumulation {grad_accumulation!r}: choose {' or '.join(GRAD_ACCUMULATION)}")
+        self.grad_accumulation = grad_accumulation
+        # The step's learning-rate numbers in device memory (use_device_schedule), for a captured step.
+        self.schedule: torch.Tensor | None = None
         spec: ModelSpec = model.spec
         first = next(model.parameters())
         named = list(model.named_parameters())
         dense = [(name, parameter) for name, parameter in named if not is_expert_parameter(name)]
         experts = [(name, parameter) for name, parameter in named if is_expert_parameter(name)]
-        self.buffers = [_FlatBuffer(dense, groups.dp_group, distributed, first.device, first.dtype)]
+        hooks = grad_accumulation == "hooks"
+        self.buffers = [_FlatBuffer(dense, groups.dp_group, distributed, first.device, first.dtype, hooks, fused)]
         if experts:
-            self.buffers.append(_FlatBuffer(experts, groups.expert_dp_group, distributed, first.device, first.dtype))
+            self.buffers.append(_FlatBuffer(experts, groups.expert_dp_group, distributed, first.device, first.dtype,
+                                            hooks, fused))
         table = canonical_table(spec)
         self.tp_summed_params, self.embedding_params = [], []
         tp_rank, pp_stage, pp = groups.tp_rank, groups.pp_stage, groups.layout.pp
@@ -187,6 +213,13 @@ class DistributedAdam:
         self.step_count = 0
 
     # -- gradients ------------------------------------------------------------------
+
+    def accumulate_gradients(self) -> None:
+        """After a micro-batch's backward (``grad_accumulation="batched"``): add the parameters'
+        gradients to their float32 ``main_grad`` and drop them. Nothing to do with hooks."""
+        if self.grad_accumulation == "batched":
+            for buffer in self.buffers:
+                buffer.accumulate()
 
     def zero_grad(self):
         for buffer in self.buffers:
@@ -222,16 +255,36 @@ class DistributedAdam:
         Nothing here waits for the device: the norm stays a tensor and clipping scales
         by ``min(1, clip / (norm + 1e-6))`` (Megatron's coefficient) on the device.
         """
+        self.advance(lr)
+        return self.update(lr)
+
+    def use_device_schedule(self) -> None:
+        """Read the step's learning-rate numbers from device memory (written by :meth:`advance`),
+        so that :meth:`update`, once captured in a CUDA graph, replays right at every step."""
+        if not self.fused:
+            raise ValueError("a device-side learning-rate schedule needs the Triton AdamW kernel")
+        self.schedule = torch.zeros(3, dtype=torch.float32, device=self.buffers[0].master.device)
+
+    def advance(self, lr: float) -> None:
+        """Count one more step, and with a device schedule queue its numbers (no host sync)."""
+        self.step_count += 1
+        if self.schedule is not None:
+            config = self.config
+            values = kernels.adam_schedule(lr, config.beta1, config.beta2, config.weight_decay, self.step_count)
+            self.schedule.copy_(torch.tensor(values, dtype=torch.float32).pin_memory(), non_blocking=True)
+
+    @torch.no_grad()
+    def update(self, lr: float) -> torch.Tensor:
+        """The device work of :meth:`step` at the step :meth:`advance` counted."""
         self.reduce_gradients()
         grad_norm = self.gradient_norm()
         config = self.config
-        self.step_count += 1
         clip = (config.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0) if config.clip_grad > 0 else None
         for buffer in self.buffers:
             kernels.adam_step(buffer.param_flat[buffer.shard], buffer.master, buffer.exp_avg, buffer.exp_avg_sq,
                               buffer.grad_flat[buffer.shard], buffer.decay, clip, lr=lr, beta1=config.beta1,
                               beta2=config.beta2, eps=config.eps, weight_decay=config.weight_decay,
-                              step=self.step_count, fused=self.fused)
+                              step=self.step_count, fused=self.fused, schedule=self.schedule)
             if buffer.distributed:
                 mine = buffer.param_flat[buffer.shard].clone()
                 _all_gather_flat(buffer.param_flat, mine, group=buffer.group)

@@ -35,10 +35,11 @@ from .checkpoint import open_resume, optimizer_saving_note, save_checkpoint, set
 from .config import MODEL_PRESETS, TrainConfig
 from .data import GlobalBatches, open_samples
 from .launch import init_from_environment, launch, launched_by_torchrun, rank_device, run_device
-from .model import GPT
+from .model import GPT, MLP
 from .optim import DistributedAdam, learning_rate
 from .parallel import Layout, ParallelGroups, build_groups, parallelize
 from .parallel.pipeline import one_forward_one_backward
+from .step_graph import StepGraph
 from .weights import initial_weights, load_weights, materialize
 
 
@@ -109,7 +110,8 @@ def model_flops_per_token(spec: ModelSpec, seq_length: int, padded_vocab: int | 
 
 def build_model(spec: ModelSpec, groups: ParallelGroups, padded_vocab: int, weights, *, device, dtype,
                 sequence_parallel: bool = False, recompute: bool = False, fused_kernels: bool = False,
-                compile: bool = False, compile_scope: str = "layers", compile_mode: str | None = None) -> GPT:
+                compile: bool = False, compile_scope: str = "layers", compile_mode: str | None = None,
+                gelu_operator: bool = False) -> GPT:
     """This rank's part of the model, filled from ``weights`` (canonical name -> full tensor).
 
     ``compile``: ``torch.compile`` (with ``compile_mode``) of each transformer layer
@@ -118,13 +120,18 @@ def build_model(spec: ModelSpec, groups: ParallelGroups, padded_vocab: int, weig
     embedding, layers, final norm and output layer in one graph). What is compiled runs
     the eager norms and activations (the compiler fuses them with their neighbours); the
     Triton kernels stay for what is outside (the cross-entropy, AdamW, and with
-    ``"layers"`` the final norm).
+    ``"layers"`` the final norm). ``gelu_operator``: the MLPs' bias + GeLU stays the
+    operator ``torch.ops.ckptkit.bias_gelu`` (Triton, one-pass backward) inside what is
+    compiled, instead of the compiler's kernels.
     """
     with torch.device("meta"):
         model = GPT(spec, padded_vocab, fused_kernels=fused_kernels and not compile)
     parallelize(model, groups, sequence_parallel=sequence_parallel, recompute=recompute)
     materialize(model, device, dtype)
     load_weights(model, weights, groups.layout, groups.tp_rank, groups.pp_stage, groups.ep_rank)
+    for module in model.modules():
+        if isinstance(module, MLP):
+            module.gelu_operator = gelu_operator
     if compile:
         targets = model.decoder.layers if compile_scope == "layers" else [model]
         for target in targets:
@@ -163,6 +170,7 @@ class Trainer:
         self.batches = GlobalBatches(samples, config.batch_size, config.seed)
         self._loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         self._last_finished = 0.0
+        self.step_graph = StepGraph(self) if config.step_graph else None
 
     def _build(self, config: TrainConfig, groups: ParallelGroups, device: torch.device, resume) -> None:
         """The model, from the checkpoint's weights or a fresh initialisation, and its optimizer,
@@ -177,13 +185,15 @@ class Trainer:
         self.model = build_model(self.spec, groups, self.padded_vocab_size, weights, device=device, dtype=self.dtype,
                                  sequence_parallel=config.sequence_parallel, recompute=config.recompute,
                                  fused_kernels=self.fused, compile=config.compile,
-                                 compile_scope=config.compile_scope, compile_mode=config.compile_mode)
+                                 compile_scope=config.compile_scope, compile_mode=config.compile_mode,
+                                 gelu_operator=config.gelu_operator)
         # On one tensor-parallel rank the last stage's output layer and loss run as one
         # (kernels.linear_cross_entropy: the logits buffer becomes their gradient).
         self.model.output_in_loss = self.fused and config.tp == 1 and self.model.output_layer is not None
         self.optimizer = DistributedAdam(self.model, groups, config.optimizer,
                                          distributed=config.distributed_optimizer,
-                                         sequence_parallel=config.sequence_parallel, fused=self.fused)
+                                         sequence_parallel=config.sequence_parallel, fused=self.fused,
+                                         grad_accumulation=config.grad_accumulation)
         self.start_iteration = resume.iteration if resume else 0
         self.flops_so_far = resume.flops_so_far if resume else 0.0
         adam_state = resume.adam_state(self.model, groups.layout, groups.tp_rank, groups.pp_stage,
@@ -214,10 +224,17 @@ class Trainer:
             batch = batch.pin_memory()
         return batch.to(self.device, non_blocking=True)
 
+    def host_microbatches(self, step: int) -> list[torch.Tensor]:
+        """This DP rank's micro-batches of step ``step`` (0-based), ``[micro_batch, seq + 1]`` tokens on the host."""
+        config = self.config
+        return self.batches.microbatches(step, self.groups.dp_rank, config.dp, config.micro_batch_size)
+
     def _forward_backward(self, step: int) -> torch.Tensor:
+        return self.forward_backward_on([self._to_device(batch) for batch in self.host_microbatches(step)])
+
+    def forward_backward_on(self, microbatches: list[torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of these micro-batches (on the device); their mean loss (0-d tensor)."""
         config, groups = self.config, self.groups
-        microbatches = [self._to_device(batch) for batch in
-                        self.batches.microbatches(step, groups.dp_rank, config.dp, config.micro_batch_size)]
         tokens_in_batch = config.batch_size * config.seq_length
         self._loss_sum.zero_()
 
@@ -238,7 +255,7 @@ class Trainer:
 
         self.model.train()
         one_forward_one_backward(forward_step, len(microbatches), groups, self._activation_shape(), self.dtype,
-                                 self.device)
+                                 self.device, after_backward=self.optimizer.accumulate_gradients)
         loss = self._loss_sum.clone()
         if not (groups.is_last_stage and groups.tp_rank == 0):
             loss.zero_()  # one contribution per DP rank: its last stage's TP rank 0
@@ -253,9 +270,12 @@ class Trainer:
         so the host can queue the next step while the device runs this one.
         """
         started = time.perf_counter()
-        loss = self._forward_backward(step)
         lr = learning_rate(step, self.config.optimizer, self.config.steps)
-        grad_norm = self.optimizer.step(lr)
+        if self.step_graph is not None:
+            loss, grad_norm = self.step_graph.run(self.host_microbatches(step), lr)
+        else:
+            loss = self._forward_backward(step)
+            grad_norm = self.optimizer.step(lr)
         tokens = self.config.batch_size * self.config.seq_length
         self.flops_so_far += tokens * model_flops_per_token(self.spec, self.config.seq_length, self.padded_vocab_size)
         return PendingStep(step, loss, grad_norm, lr, started)

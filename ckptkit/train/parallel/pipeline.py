@@ -94,24 +94,27 @@ class _PeerToPeer:
         return None if received is None else received.requires_grad_()
 
 
-def _backward(inputs, output, output_grad):
+def _backward(inputs, output, output_grad, after_backward: Callable[[], None] | None = None):
     """Backward through one micro-batch of this stage; returns the gradient of its input."""
     if output_grad is None:  # last stage: output is the loss
         torch.autograd.backward(output)
     else:
         torch.autograd.backward(output, grad_tensors=output_grad)
+    if after_backward is not None:
+        after_backward()
     return None if inputs is None else inputs.grad
 
 
 def one_forward_one_backward(forward_step: Callable[[int, torch.Tensor | None], torch.Tensor],
                              num_microbatches: int, groups: ParallelGroups, activation_shape,
-                             dtype: torch.dtype, device) -> None:
+                             dtype: torch.dtype, device, after_backward: Callable[[], None] | None = None) -> None:
     """Run forward and backward of every micro-batch on this stage in 1F1B order.
 
     ``forward_step(microbatch, input)`` runs this stage on one micro-batch: ``input`` is
     None on the first stage (it reads its tokens itself) and the received activation
     elsewhere; it returns the activation to send on, or on the last stage the scalar
-    loss to differentiate. Gradients accumulate in the parameters.
+    loss to differentiate. Gradients accumulate in the parameters; ``after_backward()``
+    runs after each micro-batch's backward (the optimizer's batched accumulation).
     """
     pp, stage = groups.layout.pp, groups.pp_stage
     p2p = _PeerToPeer(groups, activation_shape, dtype, device)
@@ -129,7 +132,7 @@ def one_forward_one_backward(forward_step: Callable[[int, torch.Tensor | None], 
         output_grad = p2p.send_forward_recv_backward(output) if not groups.is_last_stage else None
         saved.append((inputs, output))
         oldest_inputs, oldest_output = saved.pop(0)
-        input_grad = _backward(oldest_inputs, oldest_output, output_grad)
+        input_grad = _backward(oldest_inputs, oldest_output, output_grad, after_backward)
         if index == steady - 1:
             inputs = None
             p2p.send_backward(input_grad)
@@ -138,7 +141,7 @@ def one_forward_one_backward(forward_step: Callable[[int, torch.Tensor | None], 
     for _ in range(warmup):
         oldest_inputs, oldest_output = saved.pop(0)
         output_grad = p2p.recv_backward()
-        p2p.send_backward(_backward(oldest_inputs, oldest_output, output_grad))
+        p2p.send_backward(_backward(oldest_inputs, oldest_output, output_grad, after_backward))
 
 
 @torch.no_grad()
