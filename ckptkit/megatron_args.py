@@ -235,9 +235,32 @@ def moe_args(spec: ModelSpec) -> dict:
     )
 
 
+def model_kind_fields(args, model_kind: str) -> dict:
+    """The spec's fields of a BERT or T5 model, as Megatron builds them from args.
+
+    BertModel (examples/bert/pretrain_bert.py, megatron/core/models/bert/bert_model.py, and the
+    pre-Core megatron/legacy/model/bert_model.py alike): two token types and the pooler and
+    binary head with ``bert_binary_head`` (none without), the lm_head transform always, a bias
+    on the output layer always. T5Model (megatron/core/models/T5/t5_model.py, T5LMHead): the
+    encoder has ``encoder_num_layers`` layers, and the output layer a bias exactly when the
+    embeddings are tied.
+    """
+    if model_kind == "encoder":
+        binary_head = bool(_get(args, "bert_binary_head", default=True))
+        return dict(num_tokentypes=2 if binary_head else 0, binary_head=binary_head, lm_head_transform=True,
+                    output_layer_bias=True)
+    if model_kind == "encoder_decoder":
+        return dict(encoder_num_layers=int(_get(args, "encoder_num_layers", "num_layers")),
+                    output_layer_bias=not _get(args, "untie_embeddings_and_output_weights", default=False))
+    return {}
+
+
 def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkpoint",
-                   architecture: str | None = None) -> ModelSpec:
+                   architecture: str | None = None, model_kind: str = "decoder") -> ModelSpec:
     """Read the architecture from Megatron's args.
+
+    Megatron's args do not say which model they built (GPT, BERT and T5 share one parser):
+    ``model_kind`` (a key of :data:`ckptkit.spec.MODEL_KINDS`) comes from the checkpoint's keys.
 
     ``vocab_size`` overrides ``args.vocab_size`` (absent in some checkpoints, where
     only ``padded_vocab_size`` is known and padding cannot be told from real rows).
@@ -282,6 +305,8 @@ def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkp
             qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),
             mtp_num_layers=int(_get(args, "mtp_num_layers", default=0) or 0),
             **moe_fields_from_args(args, args.num_layers),
+            model_kind=model_kind,
+            **model_kind_fields(args, model_kind),
         )
         fields.update(mla_fields_from_args(args))  # MLA's head sizes, norms and rotary scaling
         spec = ModelSpec(**fields)
@@ -310,7 +335,7 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
     args = argparse.Namespace(**vars(base)) if base is not None else argparse.Namespace()
     gelu_tanh = spec.activation == "gelu_tanh"
     fields = dict(
-        num_layers=spec.num_layers, encoder_num_layers=spec.num_layers,
+        num_layers=spec.num_layers, encoder_num_layers=spec.encoder_num_layers or spec.num_layers,
         hidden_size=spec.hidden_size, ffn_hidden_size=spec.ffn_hidden_size,
         num_attention_heads=spec.num_attention_heads, kv_channels=spec.head_dim,
         group_query_attention=spec.num_query_groups != spec.num_attention_heads,
@@ -342,10 +367,13 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         transformer_impl=transformer_impl, iteration=iteration,
         ckpt_format="torch",
     )
+    if spec.model_kind == "encoder":
+        fields["bert_binary_head"] = spec.binary_head
     fields.update(moe_args(spec))
     fields.update(mla_args(spec))
     bridge = BRIDGES.get(spec.family)
-    fields[ARCHITECTURE_FIELD] = bridge.architecture if bridge and bridge.mismatch(spec) is None else None
+    fields[ARCHITECTURE_FIELD] = bridge.architecture if bridge and not bridge.no_hf and bridge.problem(spec) is None \
+        else None
     check_expressible(spec)
     if spec.rope_scaling and spec.rope_scaling["rope_type"] == "llama3":
         fields["rope_scaling_factor"] = spec.rope_scaling["factor"]

@@ -29,6 +29,24 @@ mtp.layers.{D}.transformer_layer.*                 (layer)  as decoder.layers.{l
 output_layer.weight                                vocab    untied embeddings only
 =================================================  =======  ==========================
 
+The model kind (:data:`MODEL_KINDS`) says which layer stacks there are: GPTModel's
+``decoder``, BertModel's ``encoder``, T5Model's ``encoder`` then ``decoder``; each stack's
+layers are ``{stack}.layers.{L}.*`` (as above) and its final norm ``{stack}.final_layernorm``.
+A T5 decoder layer adds cross-attention, and BERT and T5 add heads:
+
+=================================================  =======  ==========================
+embedding.tokentype_embeddings.weight              replic.  num_tokentypes rows (BERT)
+decoder.layers.{L}.pre_cross_attn_layernorm.*      replic.  encoder_decoder decoder only
+decoder.layers.{L}.cross_attention.linear_q.*      column   [heads x head_dim, hidden]
+decoder.layers.{L}.cross_attention.linear_kv.*     column   rows [k0 v0 k1 v1 ...] per group
+decoder.layers.{L}.cross_attention.linear_proj.w   row      .bias replicated
+lm_head.dense.weight/bias                          replic.  BERT's transform (a plain Linear)
+lm_head.layer_norm.weight/bias                     replic.  BERT's transform norm
+output_layer.bias                                  vocab    BERT; T5 with tied embeddings
+pooler.dense.weight/bias                           replic.  BERT's binary head only
+binary_head.weight/bias                            replic.  [2, hidden]: BERT's next-sentence head
+=================================================  =======  ==========================
+
 Vocabulary tensors may carry padding rows past ``vocab_size`` (what Megatron saved);
 they are dropped for Hugging Face and re-made for another tensor-parallel size.
 
@@ -63,9 +81,35 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from . import rules
-from .errors import BadInput
+from .errors import BadInput, Unsupported
 
-LAYER = "decoder.layers.{layer}."
+LAYER = "{stack}.layers.{layer}."
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a Megatron model is built of: its layer stacks, in build order, and whether
+    Megatron can cut it into pipeline stages."""
+
+    name: str
+    stacks: tuple[str, ...]
+    cross_attention_stack: str | None = None  # the stack whose layers attend to the encoder
+    no_pipeline: str | None = None  # why Megatron cannot pipeline it, or None
+
+    @property
+    def pipelined_stack(self) -> str:
+        """The stack pipeline stages cut (the one stack of a model Megatron can pipeline)."""
+        return self.stacks[-1]
+
+
+MODEL_KINDS = {kind.name: kind for kind in (
+    ModelKind("decoder", ("decoder",)),  # GPTModel
+    ModelKind("encoder", ("encoder",)),  # BertModel
+    # examples/t5/pretrain_t5.py (d98e8a6), model_provider: "Pipeline parallelism is not
+    # supported for T5." (the --pipeline-model-parallel-split-rank machinery it describes is gone)
+    ModelKind("encoder_decoder", ("encoder", "decoder"), cross_attention_stack="decoder",
+              no_pipeline="Megatron-LM's T5 (examples/t5/pretrain_t5.py) refuses pipeline parallelism"),
+)}
 
 
 @dataclass(frozen=True)
@@ -128,8 +172,19 @@ class ModelSpec:
     # Multi-token prediction layers (DeepSeek-V3's; Megatron's --mtp-num-layers), on the last
     # pipeline stage, each shaped as the last decoder layer
     mtp_num_layers: int = 0
+    # Which Megatron model the tensors belong to (a key of MODEL_KINDS): GPTModel's decoder,
+    # BertModel's encoder or T5Model's encoder and decoder. num_layers counts the layers of
+    # the last stack (BERT's encoder, T5's decoder), encoder_num_layers a T5 encoder's.
+    model_kind: str = "decoder"
+    encoder_num_layers: int = 0
+    num_tokentypes: int = 0  # token-type embedding rows (BERT: 2 with the binary head)
+    lm_head_transform: bool = False  # BERT: dense, GeLU (erf), LayerNorm before the vocabulary projection
+    binary_head: bool = False  # BERT: pooler (dense + tanh of the first token) and 2-way binary head
+    output_layer_bias: bool = False  # a vocabulary-parallel bias on the logits (BERT; T5 when tied)
 
     def __post_init__(self):
+        if self.model_kind not in MODEL_KINDS:
+            raise BadInput(f"unknown model kind {self.model_kind!r} (known: {', '.join(MODEL_KINDS)})")
         if self.num_attention_heads % self.num_query_groups:
             raise BadInput(f"{self.num_attention_heads} attention heads are not divisible "
                            f"into {self.num_query_groups} query groups")
@@ -164,6 +219,16 @@ class ModelSpec:
             (bool(self.mtp_num_layers), "multi-token prediction layers"),
         ) if present]
 
+    @property
+    def kind(self) -> ModelKind:
+        return MODEL_KINDS[self.model_kind]
+
+    def stack_layers(self, stack: str) -> int:
+        """How many layers ``stack`` has: a T5 encoder's are encoder_num_layers."""
+        if stack == "encoder" and self.kind.cross_attention_stack is not None:
+            return self.encoder_num_layers
+        return self.num_layers
+
     def is_moe_layer(self, layer: int) -> bool:
         if not self.num_experts:
             return False
@@ -187,6 +252,16 @@ class CanonicalTensor:
     # a dtype the tensor keeps whatever the model's: Megatron keeps the router's expert bias
     # in float32 (megatron/core/transformer/moe/router.py, _maintain_float32_expert_bias)
     dtype: torch.dtype | None = None
+    stack: str = "decoder"  # the layer stack of a layer's tensor (see MODEL_KINDS)
+
+
+def layer_suffix(name: str) -> str:
+    """A layer tensor's name inside its layer.
+
+    >>> layer_suffix("encoder.layers.3.mlp.linear_fc1.weight")
+    'mlp.linear_fc1.weight'
+    """
+    return name.split(".", 3)[3]
 
 
 def stored_dtype(tensor: CanonicalTensor, model_dtype: torch.dtype) -> torch.dtype:
@@ -227,7 +302,28 @@ def _attention_entries(spec: ModelSpec) -> list[tuple]:
     ]
 
 
-def _layer_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
+def _cross_attention_entries(spec: ModelSpec, stack: str) -> list[tuple]:
+    """A T5 decoder layer's attention to the encoder output (megatron/core/transformer/
+    attention.py, CrossAttention): queries from the layer, keys and values from the encoder,
+    ``linear_kv`` rows per query group ``[k0 v0 k1 v1 ...]`` (its forward views them as
+    ``[groups, 2 x head_dim]``), so a column split keeps whole groups."""
+    if stack != spec.kind.cross_attention_stack:
+        return []
+    hidden, width = spec.hidden_size, spec.num_attention_heads * spec.head_dim
+    kv_rows = 2 * spec.num_query_groups * spec.head_dim
+    return [
+        ("pre_cross_attn_layernorm.weight", (hidden,), "replicated", True),
+        ("pre_cross_attn_layernorm.bias", (hidden,), "replicated", spec.has_norm_bias),
+        ("cross_attention.linear_q.weight", (width, hidden), "column", True),
+        ("cross_attention.linear_q.bias", (width,), "column", spec.add_bias_linear),
+        ("cross_attention.linear_kv.weight", (kv_rows, hidden), "column", True),
+        ("cross_attention.linear_kv.bias", (kv_rows,), "column", spec.add_bias_linear),
+        ("cross_attention.linear_proj.weight", (hidden, width), "row", True),
+        ("cross_attention.linear_proj.bias", (hidden,), "replicated", spec.add_bias_linear),
+    ]
+
+
+def _layer_tensors(spec: ModelSpec, layer: int, stack: str = "decoder") -> list[CanonicalTensor]:
     hidden, ffn = spec.hidden_size, spec.ffn_hidden_size
     entries = [
         ("input_layernorm.weight", (hidden,), "replicated", True),
@@ -235,18 +331,20 @@ def _layer_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
         *_attention_entries(spec),
         ("self_attention.linear_proj.weight", (hidden, spec.num_attention_heads * spec.head_dim), "row", True),
         ("self_attention.linear_proj.bias", (hidden,), "replicated", spec.add_bias_linear),
+        *_cross_attention_entries(spec, stack),
         ("pre_mlp_layernorm.weight", (hidden,), "replicated", True),
         ("pre_mlp_layernorm.bias", (hidden,), "replicated", spec.has_norm_bias),
     ]
-    prefix = LAYER.format(layer=layer)
-    tensors = [CanonicalTensor(prefix + suffix, shape, rule, layer)
+    prefix = LAYER.format(stack=stack, layer=layer)
+    tensors = [CanonicalTensor(prefix + suffix, shape, rule, layer, stack=stack)
                for suffix, shape, rule, present in entries if present]
-    mlp = _moe_tensors(spec, layer) if spec.is_moe_layer(layer) else _mlp_tensors(spec, "mlp.", ffn, layer)
+    mlp = _moe_tensors(spec, layer) if spec.is_moe_layer(layer) else \
+        _mlp_tensors(spec, "mlp.", ffn, layer, stack=stack)
     return tensors + mlp
 
 
 def _mlp_tensors(spec: ModelSpec, module: str, ffn: int, layer: int, expert: int | None = None,
-                 biases: bool | None = None) -> list[CanonicalTensor]:
+                 biases: bool | None = None, stack: str = "decoder") -> list[CanonicalTensor]:
     """``linear_fc1``/``linear_fc2`` of one MLP (dense, shared expert or one expert)."""
     hidden = spec.hidden_size
     biases = spec.add_bias_linear if biases is None else biases
@@ -258,14 +356,14 @@ def _mlp_tensors(spec: ModelSpec, module: str, ffn: int, layer: int, expert: int
         ("linear_fc2.weight", (hidden, ffn), "row", True),
         ("linear_fc2.bias", (hidden,), "replicated", biases),
     ]
-    prefix = LAYER.format(layer=layer) + module
-    return [CanonicalTensor(prefix + suffix, shape, rule, layer, expert)
+    prefix = LAYER.format(stack=stack, layer=layer) + module
+    return [CanonicalTensor(prefix + suffix, shape, rule, layer, expert, stack=stack)
             for suffix, shape, rule, present in entries if present]
 
 
 def _moe_tensors(spec: ModelSpec, layer: int) -> list[CanonicalTensor]:
     """Router, then every expert (global index), then the shared expert and its gate."""
-    prefix = LAYER.format(layer=layer)
+    prefix = LAYER.format(stack="decoder", layer=layer)
     tensors = [CanonicalTensor(prefix + "mlp.router.weight", (spec.num_experts, spec.hidden_size), "replicated",
                                layer)]
     if spec.moe_router_expert_bias:
@@ -292,7 +390,7 @@ def _mtp_tensors(spec: ModelSpec, depth: int) -> list[CanonicalTensor]:
     ([embedding, hidden] columns), a transformer layer built as the last decoder layer (its
     experts too), and its final norm. The embedding and output head are the model's own."""
     hidden, prefix = spec.hidden_size, MTP.format(depth=depth)
-    last = LAYER.format(layer=spec.num_layers - 1)
+    last = LAYER.format(stack="decoder", layer=spec.num_layers - 1)
     layer = [replace(tensor, name=prefix + MTP_LAYER + tensor.name[len(last):], layer=None)
              for tensor in _layer_tensors(spec, spec.num_layers - 1)]
     return [CanonicalTensor(prefix + "enorm.weight", (hidden,), "replicated"),
@@ -321,16 +419,39 @@ def canonical_tensors(spec: ModelSpec) -> list[CanonicalTensor]:
     if spec.position_embedding == "learned_absolute":
         tensors.append(CanonicalTensor("embedding.position_embeddings.weight",
                                        (spec.max_position_embeddings, hidden), "replicated"))
-    for layer in range(spec.num_layers):
-        tensors += _layer_tensors(spec, layer)
-    tensors.append(CanonicalTensor("decoder.final_layernorm.weight", (hidden,), "replicated"))
-    if spec.has_norm_bias:
-        tensors.append(CanonicalTensor("decoder.final_layernorm.bias", (hidden,), "replicated"))
+    if spec.num_tokentypes:
+        tensors.append(CanonicalTensor("embedding.tokentype_embeddings.weight", (spec.num_tokentypes, hidden),
+                                       "replicated"))
+    for stack in spec.kind.stacks:
+        for layer in range(spec.stack_layers(stack)):
+            tensors += _layer_tensors(spec, layer, stack)
+        tensors.append(CanonicalTensor(f"{stack}.final_layernorm.weight", (hidden,), "replicated"))
+        if spec.has_norm_bias:
+            tensors.append(CanonicalTensor(f"{stack}.final_layernorm.bias", (hidden,), "replicated"))
     for depth in range(spec.mtp_num_layers):
         tensors += _mtp_tensors(spec, depth)
-    if not spec.tied_embeddings:
-        tensors.append(CanonicalTensor("output_layer.weight", (spec.vocab_size, hidden), "vocab"))
-    return tensors
+    return tensors + _head_tensors(spec)
+
+
+def _head_tensors(spec: ModelSpec) -> list[CanonicalTensor]:
+    """The output layer and BERT's heads, in BertModel's order (lm_head, output_layer,
+    binary_head, pooler: megatron/core/models/bert/bert_model.py). Megatron's lm_head and
+    pooler dense layers and binary head are plain ``torch.nn.Linear`` layers
+    (megatron/core/transformer/utils.py, ``get_linear_layer``): whole on every TP rank."""
+    hidden, vocab = spec.hidden_size, spec.vocab_size
+    entries = [
+        ("lm_head.dense.weight", (hidden, hidden), "replicated", spec.lm_head_transform),
+        ("lm_head.dense.bias", (hidden,), "replicated", spec.lm_head_transform),
+        ("lm_head.layer_norm.weight", (hidden,), "replicated", spec.lm_head_transform),
+        ("lm_head.layer_norm.bias", (hidden,), "replicated", spec.lm_head_transform),
+        ("output_layer.weight", (vocab, hidden), "vocab", not spec.tied_embeddings),
+        ("output_layer.bias", (vocab,), "vocab", spec.output_layer_bias),
+        ("binary_head.weight", (2, hidden), "replicated", spec.binary_head),
+        ("binary_head.bias", (2,), "replicated", spec.binary_head),
+        ("pooler.dense.weight", (hidden, hidden), "replicated", spec.binary_head),
+        ("pooler.dense.bias", (hidden,), "replicated", spec.binary_head),
+    ]
+    return [CanonicalTensor(name, shape, rule) for name, shape, rule, present in entries if present]
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -367,6 +488,8 @@ def check_parallel_sizes(spec: ModelSpec, tp: int, pp: int, vpp: int = 1, ep: in
     """
     if tp < 1 or pp < 1 or vpp < 1:
         raise BadInput(f"parallel sizes must be positive (got TP={tp}, PP={pp}, VPP={vpp})")
+    if spec.kind.no_pipeline and pp * vpp > 1:
+        raise Unsupported(f"PP={pp} x VPP={vpp}: {spec.kind.no_pipeline}; write PP=1")
     problems = [
         (spec.num_attention_heads % tp, f"{spec.num_attention_heads} attention heads"),
         (spec.num_query_groups % tp, f"{spec.num_query_groups} query groups"),

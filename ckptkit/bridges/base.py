@@ -56,12 +56,28 @@ class Bridge:
     claims: Callable[[ModelSpec], bool] = lambda spec: False
     # HF tensors transformers keeps in a checkpoint that carry no weights of ours
     ignorable: tuple[str, ...] = ()
+    model_kind: str = "decoder"  # the Megatron model it is (a key of ckptkit.spec.MODEL_KINDS)
+    # why Hugging Face export and import are not offered, for a Megatron-only entry; None: offered
+    no_hf: str | None = None
+
+    def problem(self, spec: ModelSpec) -> str | None:
+        """Why this architecture cannot hold ``spec`` (another kind of Megatron model, or the
+        bridge's own :attr:`mismatch`), or None."""
+        if spec.model_kind != self.model_kind:
+            return f"a Megatron {spec.model_kind} model; {self.architecture} is a {self.model_kind} model"
+        return self.mismatch(spec)
 
     def check(self, spec: ModelSpec) -> None:
         """Refuse a model this architecture cannot hold, in one line."""
-        reason = self.mismatch(spec)
+        reason = self.problem(spec)
         if reason:
             raise Unsupported(f"{self.architecture} cannot hold this model: {reason}")
+        self.check_hf()
+
+    def check_hf(self) -> None:
+        """Refuse Hugging Face export or import of a Megatron-only entry, with the reason."""
+        if self.no_hf:
+            raise Unsupported(f"{self.name}: no Hugging Face export or import: {self.no_hf}")
 
 
 def same(tensor, spec):

@@ -74,6 +74,13 @@ _MCORE_LOCAL_LAYER = {
     "mlp.shared_experts.linear_fc1.weight": ["mlp.shared_experts.linear_fc1.weight"],
     "mlp.shared_experts.linear_fc2.weight": ["mlp.shared_experts.linear_fc2.weight"],
     "mlp.shared_experts.gate_weight": ["mlp.shared_experts.gate_weight"],
+    # A T5 decoder layer's cross-attention (megatron/core/models/T5/t5_spec.py): its own norm
+    # and three linears, the same names with or without Transformer Engine
+    **{suffix: [suffix] for suffix in (
+        "pre_cross_attn_layernorm.weight", "pre_cross_attn_layernorm.bias",
+        "cross_attention.linear_q.weight", "cross_attention.linear_q.bias",
+        "cross_attention.linear_kv.weight", "cross_attention.linear_kv.bias",
+        "cross_attention.linear_proj.weight", "cross_attention.linear_proj.bias")},
 }
 
 # Multi-latent attention in the local spec (megatron/core/models/gpt/gpt_layer_specs.py,
@@ -140,13 +147,17 @@ _LEGACY_LAYER = {
     "mlp.linear_fc2.bias": ["mlp.dense_4h_to_h.bias"],
 }
 
-_MCORE_GLOBAL = {
-    "embedding.word_embeddings.weight": ["embedding.word_embeddings.weight"],
-    "embedding.position_embeddings.weight": ["embedding.position_embeddings.weight"],
-    "decoder.final_layernorm.weight": ["decoder.final_layernorm.weight"],
-    "decoder.final_layernorm.bias": ["decoder.final_layernorm.bias"],
-    "output_layer.weight": ["output_layer.weight"],
-}
+# Megatron-Core spells every global tensor as its canonical name (BertModel's heads too:
+# megatron/core/models/bert/bert_model.py)
+_MCORE_GLOBAL = {name: [name] for name in (
+    "embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
+    "embedding.tokentype_embeddings.weight",
+    "encoder.final_layernorm.weight", "encoder.final_layernorm.bias",
+    "decoder.final_layernorm.weight", "decoder.final_layernorm.bias",
+    "lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight", "lm_head.layer_norm.bias",
+    "output_layer.weight", "output_layer.bias",
+    "binary_head.weight", "binary_head.bias", "pooler.dense.weight", "pooler.dense.bias",
+)}
 
 _LEGACY_GLOBAL = {
     "embedding.word_embeddings.weight": ["language_model.embedding.word_embeddings.weight"],
@@ -160,6 +171,20 @@ _LEGACY_GLOBAL = {
     # Untied heads live under language_model; the tied head copy on the last stage
     # is word_embeddings_for_head (see TIED_HEAD below).
     "output_layer.weight": ["language_model.output_layer.weight"],
+    # Pre-Core BERT (megatron/legacy/model/bert_model.py, language_model.py at fd5cfec0ba):
+    # BertLMHead keeps the vocabulary-parallel output bias as lm_head.bias and its norm as
+    # lm_head.norm (lm_head.layernorm before 2024: its load_state_dict renames layernorm -> norm);
+    # the pooler lives in the language model.
+    "embedding.tokentype_embeddings.weight": ["language_model.embedding.tokentype_embeddings.weight"],
+    "lm_head.dense.weight": ["lm_head.dense.weight"],
+    "lm_head.dense.bias": ["lm_head.dense.bias"],
+    "lm_head.layer_norm.weight": ["lm_head.norm.weight", "lm_head.layernorm.weight"],
+    "lm_head.layer_norm.bias": ["lm_head.norm.bias", "lm_head.layernorm.bias"],
+    "output_layer.bias": ["lm_head.bias"],
+    "binary_head.weight": ["binary_head.weight"],
+    "binary_head.bias": ["binary_head.bias"],
+    "pooler.dense.weight": ["language_model.pooler.dense.weight"],
+    "pooler.dense.bias": ["language_model.pooler.dense.bias"],
 }
 
 # Linear layers that carry an `_extra_state` entry (None with the local implementation):
@@ -169,6 +194,9 @@ _MCORE_LINEARS = ["self_attention.linear_qkv", "self_attention.linear_proj", "ml
 _MCORE_MOE_LINEARS = ["self_attention.linear_qkv", "self_attention.linear_proj",
                       EXPERT + "linear_fc1", EXPERT + "linear_fc2"]
 _MCORE_SHARED_EXPERT_LINEARS = ["mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2"]
+# A T5 decoder layer's linears, cross-attention's between self-attention's and the MLP's
+CROSS_ATTENTION_LINEARS = ["cross_attention.linear_q", "cross_attention.linear_kv",
+                                  "cross_attention.linear_proj"]
 _LEGACY_LINEARS = ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
 
 
@@ -177,7 +205,7 @@ class Naming:
     """One naming style: how canonical names are spelled inside a per-rank file."""
 
     name: str
-    layer_prefixes: tuple[str, ...]  # first is written
+    layer_prefixes: tuple[str, ...]  # first is written: the decoder's (one_stack: the model's one stack)
     layer_names: dict = field(hash=False)
     global_names: dict = field(hash=False)
     tied_head: tuple[str, ...]  # spelling of the tied output head copy on the last stage
@@ -188,9 +216,32 @@ class Naming:
     shared_expert_extra_state_linears: tuple[str, ...] = ()
     # what to write instead, named when a canonical tensor has no spelling here
     instead: str = "write mcore-local or mcore-te"
+    # Pre-Core models have one layer stack, spelled language_model.encoder.layers whether it is
+    # GPT's decoder or BERT's encoder: the layer prefixes and the final norm's spellings stand for
+    # the model's one stack, and the tables name it "decoder".
+    one_stack: bool = False
+
+    def stack_prefix(self, stack: str) -> str:
+        """The prefix of layer keys of ``stack`` in a file.
+
+        >>> NAMINGS["mcore-local"].stack_prefix("encoder"), NAMINGS["legacy"].stack_prefix("encoder")
+        ('encoder.layers.', 'language_model.encoder.layers.')
+        """
+        return self.layer_prefixes[0] if self.one_stack else f"{stack}.layers."
+
+    def _stack_of(self, prefix: str, main_stack: str) -> str:
+        return main_stack if self.one_stack else prefix.split(".")[0]
+
+    def _table_name(self, canonical: str) -> str:
+        """A global canonical name as this naming's table has it (a one-stack naming's final norm
+        is "decoder.final_layernorm" for any stack)."""
+        stack, _, rest = canonical.partition(".")
+        if self.one_stack and rest.startswith("final_layernorm."):
+            return f"decoder.{rest}"
+        return canonical
 
     def file_name(self, canonical_suffix: str, local_layer: int | None, *, moe_layer: bool = False,
-                  expert_offset: int = 0) -> str:
+                  expert_offset: int = 0, stack: str = "decoder") -> str:
         """The spelling we write for a canonical name (suffix inside the layer if per-layer).
 
         An expert's global index becomes local: ``expert_offset`` is the first global
@@ -202,14 +253,15 @@ class Naming:
         if local_layer is None and mtp_part(canonical_suffix) is not None:
             return self._mtp_name(canonical_suffix)
         if local_layer is None:
-            if canonical_suffix not in self.global_names:
+            table_name = self._table_name(canonical_suffix)
+            if table_name not in self.global_names:
                 raise Unsupported(f"the {self.name} naming has no name for {canonical_suffix}: {self.instead}")
-            return self.global_names[canonical_suffix][0]
+            return self.global_names[table_name][0]
         template, expert = expert_of(canonical_suffix)
         spelled = self.layer_spelling(template, moe_layer=moe_layer)
         if expert is not None:
             spelled = spelled.format(expert=expert - expert_offset)
-        return f"{self.layer_prefixes[0]}{local_layer}.{spelled}"
+        return f"{self.stack_prefix(stack)}{local_layer}.{spelled}"
 
     def _mtp_name(self, canonical: str) -> str:
         """A multi-token prediction tensor's key: its transformer layer is the module
@@ -262,11 +314,12 @@ class Naming:
         return names[suffix][0]
 
     def extra_state_names(self, local_layer: int, *, moe_layer: bool = False, local_experts: int = 0,
-                          shared_expert: bool = False, attention: tuple[str, ...] | None = None) -> list[str]:
-        """The ``_extra_state`` keys of one layer: its linears', and in a MoE layer each of its
-        ``local_experts`` experts' and the shared expert's. ``attention`` names the attention's
-        linears when they are not this naming's fused QKV and projection (MLA's:
-        :func:`attention_linears`)."""
+                          shared_expert: bool = False, attention: tuple[str, ...] | None = None,
+                          stack: str = "decoder", cross_attention: bool = False) -> list[str]:
+        """The ``_extra_state`` keys of one layer of ``stack``: its linears', and in a MoE layer
+        each of its ``local_experts`` experts' and the shared expert's. ``attention`` names the
+        attention's linears when they are not this naming's fused QKV and projection (MLA's:
+        :func:`attention_linears`); ``cross_attention`` adds a T5 decoder layer's."""
         if not moe_layer:
             linears = list(self.extra_state_linears)
         else:
@@ -275,37 +328,44 @@ class Naming:
             linears += list(self.shared_expert_extra_state_linears) if shared_expert else []
         if attention is not None:
             linears = list(attention) + [linear for linear in linears if not linear.startswith("self_attention.")]
-        return [f"{self.layer_prefixes[0]}{local_layer}.{linear}._extra_state" for linear in linears]
+        if cross_attention:
+            linears[2:2] = CROSS_ATTENTION_LINEARS
+        return [f"{self.stack_prefix(stack)}{local_layer}.{linear}._extra_state" for linear in linears]
 
-    def parse(self, file_key: str):
-        """``(canonical_suffix, local_layer, local_expert)`` for a file key, or None if not ours.
+    def parse(self, file_key: str, main_stack: str = "decoder"):
+        """``(canonical_suffix, local_layer, local_expert, stack)`` for a file key, or None if not
+        ours. ``main_stack`` is the model's one stack, for a one-stack naming.
 
         ``decoder.layers.3.self_attention.linear_qkv.weight`` ->
-        ``("self_attention.linear_qkv.weight", 3, None)``; globals give ``(name, None, None)``;
-        the tied head copy gives ``("output_layer.weight", None, None)``; an expert's tensor
-        gives the template and the expert's index in the file:
+        ``("self_attention.linear_qkv.weight", 3, None, "decoder")``; globals give
+        ``(name, None, None, None)``; the tied head copy gives ``("output_layer.weight", None,
+        None, None)``; an expert's tensor gives the template and the expert's index in the file:
         ``decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight`` ->
-        ``("mlp.experts.local_experts.{expert}.linear_fc1.weight", 1, 0)``.
+        ``("mlp.experts.local_experts.{expert}.linear_fc1.weight", 1, 0, "decoder")``.
         """
         lookup = _reverse_lookup(self)
         if file_key.startswith("mtp.layers."):
             return self._parse_mtp(file_key, lookup)
         if file_key in lookup["global"]:
-            return lookup["global"][file_key], None, None
+            name = lookup["global"][file_key]
+            if self.one_stack and name.startswith("decoder.final_layernorm."):
+                name = f"{main_stack}.{name.split('.', 1)[1]}"
+            return name, None, None, None
         if file_key in self.tied_head:
-            return "output_layer.weight", None, None
+            return "output_layer.weight", None, None, None
         for prefix in self.layer_prefixes:
             if file_key.startswith(prefix):
                 match = _LAYER_KEY.match(file_key[len(prefix):])
                 if not match:
                     continue
                 layer, rest = int(match.group(1)), match.group(2)
+                stack = self._stack_of(prefix, main_stack)
                 if rest in lookup["layer"]:
-                    return lookup["layer"][rest], layer, None
+                    return lookup["layer"][rest], layer, None, stack
                 for pattern, template in lookup["experts"]:
                     expert = pattern.match(rest)
                     if expert:
-                        return template, layer, int(expert.group(1))
+                        return template, layer, int(expert.group(1)), stack
         return None
 
 
@@ -314,17 +374,17 @@ class Naming:
         depth, rest = mtp_part(file_key)
         prefix = MTP.format(depth=depth)
         if rest in MTP_OWN:
-            return file_key, None, None
+            return file_key, None, None, None
         for spelled_layer in (PER_RANK_MTP_LAYER, MTP_LAYER):
             if not rest.startswith(spelled_layer):
                 continue
             inner = rest[len(spelled_layer):]
             if inner in lookup["layer"]:
-                return f"{prefix}{MTP_LAYER}{lookup['layer'][inner]}", None, None
+                return f"{prefix}{MTP_LAYER}{lookup['layer'][inner]}", None, None, None
             for pattern, template in lookup["experts"]:
                 expert = pattern.match(inner)
                 if expert:
-                    return f"{prefix}{MTP_LAYER}{template.format(expert=int(expert.group(1)))}", None, None
+                    return f"{prefix}{MTP_LAYER}{template.format(expert=int(expert.group(1)))}", None, None, None
         return None
 
 
@@ -351,18 +411,45 @@ def _reverse_lookup(naming: Naming) -> dict:
 NAMINGS = {
     naming.name: naming
     for naming in (
-        Naming("mcore-local", ("decoder.layers.",), _MCORE_LOCAL_LAYER, _MCORE_GLOBAL, ("output_layer.weight",),
+        Naming("mcore-local", ("decoder.layers.", "encoder.layers."), _MCORE_LOCAL_LAYER, _MCORE_GLOBAL, ("output_layer.weight",),
                tuple(_MCORE_LINEARS), "output_layer._extra_state", {}, tuple(_MCORE_MOE_LINEARS),
                tuple(_MCORE_SHARED_EXPERT_LINEARS)),
-        Naming("mcore-te", ("decoder.layers.",), _MCORE_TE_LAYER, _MCORE_GLOBAL, ("output_layer.weight",),
+        Naming("mcore-te", ("decoder.layers.", "encoder.layers."), _MCORE_TE_LAYER, _MCORE_GLOBAL, ("output_layer.weight",),
                tuple(_MCORE_LINEARS), "output_layer._extra_state", _MCORE_TE_MOE_LAYER, tuple(_MCORE_MOE_LINEARS),
                tuple(_MCORE_SHARED_EXPERT_LINEARS),
                instead="multi-latent attention is written for Megatron's local spec only: write mcore-local"),
         Naming("legacy", ("language_model.encoder.layers.", "language_model.transformer.layers."),
                _LEGACY_LAYER, _LEGACY_GLOBAL, ("word_embeddings_for_head.weight",), tuple(_LEGACY_LINEARS),
-               instead="pre-Core models lack it: write mcore-local or mcore-te"),
+               instead="pre-Core models lack it: write mcore-local or mcore-te", one_stack=True),
     )
 }
+
+
+# Keys only an encoder (BERT) has: Megatron-Core's encoder stack, and pre-Core BERT's heads (its
+# layers are language_model.encoder.layers, as a pre-Core GPT's are)
+_ENCODER_KEYS = ("encoder.layers.", "encoder.final_layernorm.", "embedding.tokentype_embeddings.",
+                 "language_model.embedding.tokentype_embeddings.", "lm_head.", "binary_head.",
+                 "language_model.pooler.")
+
+
+def model_kind_of(keys) -> str:
+    """Which Megatron model stored these keys (a key of :data:`ckptkit.spec.MODEL_KINDS`):
+    T5Model has an encoder and a decoder stack, BertModel its encoder or BERT's heads, GPTModel
+    neither. Megatron's args cannot tell: pretrain_gpt.py, pretrain_bert.py and pretrain_t5.py
+    share one argument parser. Per-rank files: the first and the last stage's keys.
+
+    >>> model_kind_of(["encoder.layers.0.input_layernorm.weight", "decoder.layers.0.input_layernorm.weight"])
+    'encoder_decoder'
+    >>> model_kind_of(["language_model.encoder.layers.0.input_norm.weight", "lm_head.bias"])
+    'encoder'
+    """
+    keys = list(keys)
+    stacks = {stack for stack in ("encoder", "decoder") if any(key.startswith(f"{stack}.layers.") for key in keys)}
+    if stacks == {"encoder", "decoder"}:
+        return "encoder_decoder"
+    if any(key.startswith(_ENCODER_KEYS) for key in keys):
+        return "encoder"
+    return "decoder"
 
 
 def detect_naming(file_keys) -> Naming | None:

@@ -26,7 +26,7 @@ from ...torch_offsets import offsets_known
 from .. import copies
 from ..base import CheckpointMeta, CheckpointReader
 from ..megatron_common import parallel_sizes, source_iteration
-from ..megatron_names import Naming, detect_naming
+from ..megatron_names import Naming, detect_naming, model_kind_of
 from .discovery import NAME, RANK_FILE, _extract_zip, check_rank_set, locate_iteration_dir, scan_ranks
 from .files import _model_chunks, _RankFiles
 
@@ -83,11 +83,14 @@ class MegatronLegacyReader(CheckpointReader):
         first_chunks = _model_chunks(first, first_file)
         if offsets_known(first_chunks):
             self.files.loaded[(0, 0)] = (first, first_chunks)
-        self.spec = spec_from_args(args, vocab_size=vocab_size, source=str(first_file))
+        chunks = self.files.chunks(0, 0)
+        # the first and the last stage's keys tell which Megatron model this is (see model_kind_of)
+        stage_keys = [key for pp_stage in {0, pp - 1} for chunk in self.files.chunks(0, pp_stage) for key in chunk]
+        self.spec = spec_from_args(args, vocab_size=vocab_size, source=str(first_file),
+                                   model_kind=model_kind_of(stage_keys))
         _check_expert_sizes(self.spec, sizes, first_file)
         version = float(first.get("checkpoint_version", 0) or 0)
         iteration = source_iteration(iteration, release, first)
-        chunks = self.files.chunks(0, 0)
         naming = detect_naming(chunks[0].keys())
         if naming is None:
             raise BadInput(f"{first_file}: no parameter names of a known Megatron naming "
@@ -103,10 +106,11 @@ class MegatronLegacyReader(CheckpointReader):
             args=args, files=[str(files.path(t, p)) for p in range(pp) for files in self.ep_files for t in range(tp)],
         )
         self.layer_counts = layer_counts
-        total_layers = sum(layer_counts.values())
-        if total_layers != self.spec.num_layers:
-            raise BadInput(f"{folder}: files hold {total_layers} layers; args say num_layers="
-                           f"{self.spec.num_layers}")
+        for stack in self.spec.kind.stacks:
+            total_layers = sum(count for (_, _, counted), count in layer_counts.items() if counted == stack)
+            if total_layers != self.spec.stack_layers(stack):
+                raise BadInput(f"{folder}: files hold {total_layers} {stack} layers; args say "
+                               f"{self.spec.stack_layers(stack)}")
         for canonical in self.canonical():
             if canonical.name not in self.index:
                 raise BadInput(f"{folder}: tensor {canonical.name} is missing from every rank file")
@@ -116,7 +120,8 @@ class MegatronLegacyReader(CheckpointReader):
     def _build_index(self, num_chunks: int):
         """Map canonical names to (stage, chunk, key, EP rank), making layer and expert indices
         global. Non-expert tensors are indexed in EP rank 0's files (the other EP ranks' copies
-        are compared by :meth:`validate`), each expert in its EP rank's."""
+        are compared by :meth:`validate`), each expert in its EP rank's. Each layer stack is
+        numbered on its own (a T5 has two, and one stage)."""
         pp, ep = self.files.pp, len(self.ep_files)
         per_rank = self.spec.num_experts // ep if self.spec.num_experts else 0
         per_chunk = {}
@@ -132,7 +137,7 @@ class MegatronLegacyReader(CheckpointReader):
                     for key in state:
                         if key.endswith("._extra_state"):
                             continue
-                        found = self.naming.parse(key)
+                        found = self.naming.parse(key, self.spec.kind.pipelined_stack)
                         if found is None:
                             raise BadInput(f"{files.path(0, pp_stage)}: unknown tensor {key!r} "
                                            f"for naming {self.naming.name}")
@@ -144,18 +149,20 @@ class MegatronLegacyReader(CheckpointReader):
                             parsed[(ep_rank, key)] = found
         layer_counts = {}
         for place, parsed in per_chunk.items():
-            layers = [layer for _, layer, _ in parsed.values() if layer is not None]
-            layer_counts[place] = max(layers) + 1 if layers else 0
-        # virtual stage s = chunk x PP + stage holds the next contiguous block of layers
-        offsets, running = {}, 0
+            for stack in self.spec.kind.stacks:
+                layers = [layer for _, layer, _, in_stack in parsed.values() if layer is not None and in_stack == stack]
+                layer_counts[(*place, stack)] = max(layers) + 1 if layers else 0
+        # virtual stage s = chunk x PP + stage holds the next contiguous block of each stack's layers
+        offsets, running = {}, dict.fromkeys(self.spec.kind.stacks, 0)
         for virtual in range(num_chunks * pp):
-            place = (virtual % pp, virtual // pp)
-            offsets[place] = running
-            running += layer_counts[place]
+            for stack in self.spec.kind.stacks:
+                place = (virtual % pp, virtual // pp, stack)
+                offsets[place] = running[stack]
+                running[stack] += layer_counts[place]
         index, tied_head = {}, None
         last_place = (pp - 1, num_chunks - 1)
         for place, parsed in per_chunk.items():
-            for (ep_rank, key), (suffix, layer, local_expert) in parsed.items():
+            for (ep_rank, key), (suffix, layer, local_expert, stack) in parsed.items():
                 location = _Location(place[0], place[1], key, ep_rank)
                 if layer is None:
                     name = suffix
@@ -165,7 +172,7 @@ class MegatronLegacyReader(CheckpointReader):
                 else:
                     if local_expert is not None:
                         suffix = suffix.format(expert=ep_rank * per_rank + local_expert)
-                    name = f"decoder.layers.{offsets[place] + layer}.{suffix}"
+                    name = f"{stack}.layers.{offsets[(*place, stack)] + layer}.{suffix}"
                 if name in index:
                     raise BadInput(f"{self.ep_files[ep_rank].path(0, place[0])}: tensor {name} appears twice")
                 index[name] = location

@@ -19,7 +19,7 @@ from ... import pipeline
 from ...errors import BadInput, InternalError, Unsupported
 from ...plan import Plan, PlannedFile
 from ...safe_load import safe_torch_load
-from ...spec import ModelSpec, canonical_tensors, check_parallel_sizes, kept_dtypes, rule_for
+from ...spec import ModelSpec, canonical_tensors, check_parallel_sizes, kept_dtypes, layer_suffix, rule_for
 from ...torch_stream import StreamingTorchWriter
 from ..base import CheckpointReader, compare_with_plan
 from ..megatron_common import (WRITE_CHECKPOINT_VERSION, MegatronWriter, TargetLayout, check_tracker,
@@ -48,12 +48,13 @@ class PlannedRankFile:
     ep_rank: int = 0
 
 
-def stage_layers(spec: ModelSpec, pp: int, vpp: int) -> dict[tuple[int, int], range]:
-    """Global layers of each (stage, chunk): virtual stage ``c x PP + p`` holds block ``c x PP + p``.
+def stage_layers(spec: ModelSpec, pp: int, vpp: int, stack: str | None = None) -> dict[tuple[int, int], range]:
+    """Global layers of ``stack`` (default: the one pipeline stages cut) of each (stage, chunk):
+    virtual stage ``c x PP + p`` holds block ``c x PP + p``.
 
     8 layers, PP=2, VPP=2: (0,0)->0-1, (1,0)->2-3, (0,1)->4-5, (1,1)->6-7.
     """
-    per_virtual = spec.num_layers // (pp * vpp)
+    per_virtual = spec.stack_layers(stack or spec.kind.pipelined_stack) // (pp * vpp)
     return {(virtual % pp, virtual // pp): range(virtual * per_virtual, (virtual + 1) * per_virtual)
             for virtual in range(pp * vpp)}
 
@@ -73,8 +74,11 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
     if target.naming not in NAMINGS:
         raise BadInput(f"unknown naming {target.naming!r} (choose from {', '.join(NAMINGS)})")
     naming = NAMINGS[target.naming]
+    if naming.one_stack and len(spec.kind.stacks) > 1:
+        raise Unsupported(f"the {naming.name} naming holds one layer stack; a {spec.model_kind} model has "
+                          f"{len(spec.kind.stacks)}: write mcore-local")
     experts_per_rank = spec.num_experts // target.ep if spec.num_experts else 0
-    layers_of = stage_layers(spec, target.pp, target.vpp)
+    layers_of = {stack: stage_layers(spec, target.pp, target.vpp, stack) for stack in spec.kind.stacks}
     canonical = canonical_tensors(spec)
     embedding = next(tensor for tensor in canonical if tensor.name == "embedding.word_embeddings.weight")
     last = (target.pp - 1, target.vpp - 1)
@@ -85,18 +89,18 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
             chunks, extra_states = [], []
             for chunk in range(target.vpp):
                 place = (pp_stage, chunk)
-                layers = layers_of[place]
                 entries, extra = [], []
                 for tensor in canonical:
                     if tensor.layer is not None:
+                        layers = layers_of[tensor.stack][place]
                         if tensor.layer not in layers:
                             continue
                         if tensor.expert is not None and \
                                 not first_expert <= tensor.expert < first_expert + experts_per_rank:
                             continue  # another EP rank's expert
-                        suffix = tensor.name.split(".", 3)[3]
-                        key = naming.file_name(suffix, tensor.layer - layers.start,
-                                               moe_layer=spec.is_moe_layer(tensor.layer), expert_offset=first_expert)
+                        key = naming.file_name(layer_suffix(tensor.name), tensor.layer - layers.start,
+                                               moe_layer=spec.is_moe_layer(tensor.layer), expert_offset=first_expert,
+                                               stack=tensor.stack)
                         entries.append(PlannedTensor(key, tensor.name, tensor.rule))
                         continue
                     first_stage_tensor = tensor.name.startswith("embedding.")
@@ -109,12 +113,16 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
                     # Megatron keeps its own copy of the embeddings for the output head on the last stage.
                     entries.append(PlannedTensor(naming.tied_head[0], "output_layer.weight", embedding.rule,
                                                  copy_of=embedding.name))
-                for layer in layers:
-                    extra += naming.extra_state_names(layer - layers.start, moe_layer=spec.is_moe_layer(layer),
-                                                      local_experts=experts_per_rank,
-                                                      shared_expert=bool(spec.moe_shared_expert_size),
-                                                      attention=attention_linears(spec))
-                head_present = place == last and (not spec.tied_embeddings or target.pp * target.vpp > 1)
+                for stack in spec.kind.stacks:
+                    layers = layers_of[stack][place]
+                    for layer in layers:
+                        extra += naming.extra_state_names(
+                            layer - layers.start, moe_layer=spec.is_moe_layer(layer), local_experts=experts_per_rank,
+                            shared_expert=bool(spec.moe_shared_expert_size), attention=attention_linears(spec),
+                            stack=stack, cross_attention=stack == spec.kind.cross_attention_stack)
+                # the output layer's module holds a weight, or a bias (BERT, tied T5)
+                head_present = place == last and (not spec.tied_embeddings or target.pp * target.vpp > 1
+                                                  or spec.output_layer_bias)
                 if head_present and naming.head_extra_state:
                     extra.append(naming.head_extra_state)
                 if place == last:  # Megatron builds the multi-token prediction layers on the last stage
@@ -141,10 +149,12 @@ def _nest(flat: dict, naming: str) -> dict:
             nested.setdefault("language_model", OrderedDict()).setdefault("encoder", OrderedDict())[
                 key[len("language_model.encoder."):]] = value
         elif key.startswith("language_model."):
-            module, param = key[len("language_model."):].rsplit(".", 1)
+            # language_model.pooler.dense.weight -> ["language_model"]["pooler"]["dense.weight"]
+            module, param = key[len("language_model."):].split(".", 1)
             nested.setdefault("language_model", OrderedDict()).setdefault(module, OrderedDict())[param] = value
         else:
-            module, param = key.rsplit(".", 1)
+            # lm_head.dense.weight -> ["lm_head"]["dense.weight"] (a module's own state dict)
+            module, param = key.split(".", 1)
             nested.setdefault(module, OrderedDict())[param] = value
     return nested
 

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ...spec import MTP, MTP_LAYER, CanonicalTensor, ModelSpec, mtp_part
-from ..megatron_names import EXPERT, NAMINGS, attention_linears, expert_of
+from ..megatron_names import CROSS_ATTENTION_LINEARS, EXPERT, NAMINGS, attention_linears, expert_of
 
 LEGACY_COMMON_FILE = "common.pt"
 COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", shape (1,), offset (0,))
@@ -45,11 +45,15 @@ def is_optimizer_key(key: str) -> bool:
 
 # ShardedObject keys: KEY/shard_OFFSETS_SHAPE, dotted over several axes (an expert's: 0.3_2.4)
 _EXTRA_STATE = re.compile(r"\._extra_state/shard_[\d.]+_[\d.]+$")
-_PER_LAYER_KEY = re.compile(r"^decoder\.layers\.\d+\.")
+_PER_LAYER_KEY = re.compile(r"^(decoder|encoder)\.layers\.\d+\.")
 
 _TE = NAMINGS["mcore-te"]
 _LOCAL = NAMINGS["mcore-local"]
-_LAYER_PREFIX = "decoder.layers."
+_LAYER_PREFIX = "decoder.layers."  # GPT's stack; BERT's and T5's encoder is "encoder.layers."
+
+
+def _stack_prefix(stack: str) -> str:
+    return f"{stack}.layers."
 
 
 _STORED_EXPERTS = "mlp.experts.experts."  # SequentialMLP's experts under one key, EXPERT in the live model
@@ -102,8 +106,9 @@ def _layer_spellings(suffix: str, moe_layer: bool, naming: str | None, mla: bool
 def _place(spec: ModelSpec, canonical: CanonicalTensor, spelling: str, per_layer: bool) -> StoredPlace:
     if canonical.layer is None:
         return StoredPlace(spelling)
-    layer_index, layer_axis = ((), ()) if per_layer else ((canonical.layer,), (spec.num_layers,))
-    prefix = f"{_LAYER_PREFIX}{canonical.layer}." if per_layer else _LAYER_PREFIX
+    layer_index, layer_axis = ((), ()) if per_layer else ((canonical.layer,), (spec.stack_layers(canonical.stack),))
+    stack_prefix = _stack_prefix(canonical.stack)
+    prefix = f"{stack_prefix}{canonical.layer}." if per_layer else stack_prefix
     if canonical.expert is None:
         return StoredPlace(prefix + spelling, layer_index, layer_axis)
     return StoredPlace(prefix + spelling, (*layer_index, canonical.expert), (*layer_axis, spec.num_experts))
@@ -172,7 +177,7 @@ def stored_key(canonical: CanonicalTensor, spec: ModelSpec | None = None) -> str
         return _TE.global_names[canonical.name][0]
     if spec is not None:
         return stored_place(spec, canonical).key
-    return _LAYER_PREFIX + _layer_spellings(_layer_suffix(canonical), False, "mcore-local")[0]
+    return _stack_prefix(canonical.stack) + _layer_spellings(_layer_suffix(canonical), False, "mcore-local")[0]
 
 
 def _stored_spellings() -> dict[str, list[str]]:
@@ -195,8 +200,8 @@ def _stored_spellings() -> dict[str, list[str]]:
 
 
 _STORED_SPELLINGS = _stored_spellings()
-_KNOWN_KEYS = {_LAYER_PREFIX + key if suffix not in _LOCAL.global_names else key
-               for suffix, keys in _STORED_SPELLINGS.items() for key in keys}
+_KNOWN_KEYS = {_stack_prefix(stack) + key if suffix not in _LOCAL.global_names else key
+               for suffix, keys in _STORED_SPELLINGS.items() for key in keys for stack in ("decoder", "encoder")}
 _MOE_KEYS = {_LAYER_PREFIX + key for suffix, keys in _STORED_SPELLINGS.items() for key in keys
              if suffix.startswith(("mlp.router.", "mlp.experts.", "mlp.shared_experts."))}
 
@@ -205,7 +210,7 @@ def is_known_key(key: str, moe: bool) -> bool:
     """A weight key ckptkit knows, stacked or per layer, whether or not this model has it;
     the experts' keys count only for a mixture of experts (in a dense model they are as
     unknown as any other: nothing would read them)."""
-    known = _PER_LAYER_KEY.sub(_LAYER_PREFIX, key)
+    known = _PER_LAYER_KEY.sub(r"\1.layers.", key)
     return known in _KNOWN_KEYS and (moe or known not in _MOE_KEYS)
 
 
@@ -214,9 +219,9 @@ def _object_key(key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> s
     return f"{key}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
 
 
-def extra_state_key(linear: str, layer: int, num_layers: int) -> str:
+def extra_state_key(linear: str, layer: int, num_layers: int, stack: str = "decoder") -> str:
     """Megatron's key for one layer's ``_extra_state`` of a linear module (replicated over TP)."""
-    return _object_key(f"{_LAYER_PREFIX}{linear}._extra_state", (layer,), (num_layers,))
+    return _object_key(f"{_stack_prefix(stack)}{linear}._extra_state", (layer,), (num_layers,))
 
 
 def extra_state_keys(spec: ModelSpec) -> list[str]:
@@ -227,14 +232,18 @@ def extra_state_keys(spec: ModelSpec) -> list[str]:
     per_layer = keys_per_layer(spec)
     attention = attention_linears(spec)
     keys = []
-    for layer in range(spec.num_layers):
+    stack_layers = [(stack, layer) for stack in spec.kind.stacks for layer in range(spec.stack_layers(stack))]
+    for stack, layer in stack_layers:
         moe = spec.is_moe_layer(layer)
         linears = list(_TE.extra_state_linears) if not moe else list(_TE.moe_extra_state_linears) + \
             (list(_TE.shared_expert_extra_state_linears) if spec.moe_shared_expert_size else [])
         if attention is not None:
             linears = list(attention) + [linear for linear in linears if not linear.startswith("self_attention.")]
-        prefix = f"{_LAYER_PREFIX}{layer}." if per_layer else _LAYER_PREFIX
-        index, axes = ((), ()) if per_layer else ((layer,), (spec.num_layers,))
+        if stack == spec.kind.cross_attention_stack:
+            linears[2:2] = CROSS_ATTENTION_LINEARS
+        stack_prefix = _stack_prefix(stack)
+        prefix = f"{stack_prefix}{layer}." if per_layer else stack_prefix
+        index, axes = ((), ()) if per_layer else ((layer,), (spec.stack_layers(stack),))
         for linear in linears:
             if not linear.startswith(EXPERT):
                 keys.append(_object_key(f"{prefix}{linear}._extra_state", index or (0,), axes or (1,)))

@@ -16,6 +16,7 @@ from ...megatron_args import spec_from_args
 from ...spec import CanonicalTensor, canonical_tensors
 from ..base import CheckpointMeta, CheckpointReader
 from ..megatron_common import naming_from_args, parallel_sizes, source_iteration
+from ..megatron_names import model_kind_of
 from ..torch_dist_folders import CONFIG_FILE, DCP_METADATA, NAME, locate_checkpoint_dir
 from .keys import (_EXTRA_STATE, _NON_WEIGHT_PREFIXES, COMMON_STATE_KEY, LEGACY_COMMON_FILE, StoredPlace,
                    is_known_key, is_optimizer_key, stored_places)
@@ -48,7 +49,8 @@ class TorchDistReader(CheckpointReader):
         args = self.common_state.get("args")
         if args is None:
             raise BadInput(f"{folder}: the common state has no 'args' entry; cannot tell the architecture")
-        self.spec = spec_from_args(args, vocab_size=vocab_size, source=f"{folder}/{COMMON_STATE_KEY}")
+        self.spec = spec_from_args(args, vocab_size=vocab_size, source=f"{folder}/{COMMON_STATE_KEY}",
+                                   model_kind=model_kind_of(self.metadata.state_dict_metadata))
         self._canonical = {tensor.name: tensor for tensor in canonical_tensors(self.spec)}
         self.skipped = self._check_keys()
         embedding = self.metadata.state_dict_metadata["embedding.word_embeddings.weight"]
@@ -163,7 +165,7 @@ class TorchDistReader(CheckpointReader):
         if not isinstance(entry, TensorStorageMetadata):
             raise BadInput(f"{self.folder}: {key} is stored as bytes, not a tensor")
         found = tuple(entry.size)
-        vocab = key in ("embedding.word_embeddings.weight", "output_layer.weight")
+        vocab = key in ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
         if vocab and found[1:] == shape[1:] and found[0] >= shape[0]:
             return  # padded vocabulary rows
         if found != tuple(shape):
@@ -175,7 +177,7 @@ class TorchDistReader(CheckpointReader):
 
     @staticmethod
     def _stacked(key: str) -> bool:
-        return key.startswith("decoder.layers.") and not key.split(".")[2].isdigit()
+        return key.startswith(("decoder.layers.", "encoder.layers.")) and not key.split(".")[2].isdigit()
 
     # -- tensors
 

@@ -1,0 +1,121 @@
+"""Megatron BERT (BertModel, and the pre-Core model) <-> Hugging Face MegatronBertForPreTraining.
+
+HF -> Megatron (any TP/PP, per-rank files and torch_dist) -> HF gives the same class, the same
+architecture fields of config.json and bit-identical tensors; the converted model computes
+the same MLM and next-sentence logits. Real Megatron-LM checkpoints: see the tests marked
+with their fixture, which compare with the logits Megatron computed."""
+import json
+
+import pytest
+import torch
+
+from ckptkit.bridges import BRIDGES
+from ckptkit.convert import hf_to_megatron, megatron_to_hf, reshard
+from ckptkit.errors import Unsupported
+from ckptkit.layouts import open_checkpoint
+from ckptkit.spec import canonical_tensors
+
+from conftest import assert_same_state, hf_state
+
+# name -> (transformers model_type, config fields over make_bert's defaults)
+BERT_CASES = {
+    "bert": ("megatron-bert", {}),
+    "bert-untied": ("megatron-bert", {"tie_word_embeddings": False}),
+}
+BERT_DEFAULTS = dict(vocab_size=101, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=32, type_vocab_size=2, layer_norm_eps=1e-5)
+NOT_ARCHITECTURE = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}
+
+
+def make_bert(folder, seed: int = 0, **config):
+    """A randomly initialised MegatronBertForPreTraining saved as safetensors, every parameter
+    non-trivial (norm weights are ones and biases zeros at init)."""
+    from transformers import MegatronBertConfig, MegatronBertForPreTraining
+
+    torch.manual_seed(seed)
+    model = MegatronBertForPreTraining(MegatronBertConfig(**{**BERT_DEFAULTS, **config}))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+        if not model.config.tie_word_embeddings:
+            # untied, transformers keeps cls.predictions.bias apart from the decoder's bias, which
+            # alone is used; Megatron has one output bias (ckptkit writes both equal)
+            model.cls.predictions.bias.copy_(model.cls.predictions.decoder.bias)
+    model.save_pretrained(folder)
+    return folder
+
+
+def bert_logits(folder, tokens, token_types):
+    """(MLM logits, next-sentence logits) of a saved MegatronBertForPreTraining."""
+    from transformers import MegatronBertForPreTraining
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    model = MegatronBertForPreTraining.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        output = model(input_ids=tokens, token_type_ids=token_types)
+    return output.prediction_logits.float(), output.seq_relationship_logits.float()
+
+
+def architecture_fields(folder) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    return {name: value for name, value in config.items() if name not in NOT_ARCHITECTURE}
+
+
+@pytest.mark.parametrize("case", sorted(BERT_CASES))
+def test_bert_round_trip_through_megatron_keeps_class_config_tensors_and_logits(case, tmp_path):
+    _, fields = BERT_CASES[case]
+    original = make_bert(tmp_path / "hf", **fields)
+    hf_to_megatron(original, tmp_path / "dist_tp2pp2", tp=2, pp=2, format="torch_dist",
+                   make_vocab_size_divisible_by=8)
+    reshard(tmp_path / "dist_tp2pp2", tmp_path / "torch_tp1pp4", tp=1, pp=4, format="torch")
+    reshard(tmp_path / "torch_tp1pp4", tmp_path / "torch_tp4pp1", tp=4, pp=1, format="torch")
+    megatron_to_hf(tmp_path / "torch_tp4pp1", tmp_path / "back")
+    back = tmp_path / "back"
+    assert architecture_fields(back) == architecture_fields(original)
+    assert architecture_fields(back)["architectures"] == ["MegatronBertForPreTraining"]
+    assert_same_state(hf_state(original), hf_state(back))
+    tokens = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))
+    token_types = (torch.arange(8) >= 4).long().expand(2, 8)
+    for ours, theirs in zip(bert_logits(back, tokens, token_types), bert_logits(original, tokens, token_types)):
+        assert torch.equal(ours, theirs)
+
+
+def test_bert_megatron_files_hold_bertmodel_names_with_the_vocab_parallel_output_bias(tmp_path):
+    hf_to_megatron(make_bert(tmp_path / "hf"), tmp_path / "megatron", tp=2, pp=2, make_vocab_size_divisible_by=8)
+    last_stage = torch.load(tmp_path / "megatron/release/mp_rank_01_001/model_optim_rng.pt", weights_only=False)
+    first_stage = torch.load(tmp_path / "megatron/release/mp_rank_00_000/model_optim_rng.pt", weights_only=False)
+    assert "embedding.tokentype_embeddings.weight" in first_stage["model"]
+    assert "encoder.layers.1.self_attention.linear_qkv.weight" in first_stage["model"]
+    heads = {"encoder.final_layernorm.weight", "lm_head.dense.weight", "lm_head.layer_norm.weight",
+             "output_layer.bias", "output_layer.weight", "pooler.dense.weight", "binary_head.weight"}
+    assert heads <= set(last_stage["model"])
+    # 101 tokens padded to 112 (a multiple of 8 x TP 2): each TP rank holds 56 entries of the bias
+    assert last_stage["model"]["output_layer.bias"].shape == (56,)
+    assert last_stage["args"].bert_binary_head is True
+
+
+def test_bert_checkpoint_is_read_as_an_encoder_with_its_heads(tmp_path):
+    hf_to_megatron(make_bert(tmp_path / "hf"), tmp_path / "megatron", tp=2, pp=1)
+    with open_checkpoint(tmp_path / "megatron") as reader:
+        assert (reader.spec.family, reader.spec.model_kind) == ("bert", "encoder")
+        names = {tensor.name for tensor in canonical_tensors(reader.spec)}
+    assert not any(name.startswith("decoder.") for name in names)
+    assert {"pooler.dense.bias", "binary_head.bias", "embedding.tokentype_embeddings.weight"} <= names
+
+
+def test_decoder_families_do_not_claim_a_bert_model(tmp_path):
+    hf_to_megatron(make_bert(tmp_path / "hf"), tmp_path / "megatron", tp=1, pp=1)
+    with open_checkpoint(tmp_path / "megatron") as reader:
+        spec = reader.spec
+    assert BRIDGES["gpt2"].problem(spec) == "a Megatron encoder model; GPT2LMHeadModel is a decoder model"
+
+
+def test_bert_with_tanh_gelu_is_refused_because_megatron_s_head_uses_erf(tmp_path):
+    with pytest.raises(Unsupported, match="erf GeLU"):
+        hf_to_megatron(make_bert(tmp_path / "hf", hidden_act="gelu_new"), tmp_path / "megatron", tp=1, pp=1)
+
+
+def test_bert_with_other_than_two_token_types_is_refused(tmp_path):
+    with pytest.raises(Unsupported, match="type_vocab_size 3"):
+        hf_to_megatron(make_bert(tmp_path / "hf", type_vocab_size=3), tmp_path / "megatron", tp=1, pp=1)

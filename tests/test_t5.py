@@ -1,0 +1,81 @@
+"""Megatron T5 (T5Model): inspected, resharded between TP sizes and formats bit for bit, never
+exported to Hugging Face (refused with the reason), never pipelined (Megatron refuses too).
+
+The real Megatron-LM fixture's tests compare with the logits Megatron computed; the synthetic
+checkpoints here are written by ckptkit's own writers from random canonical tensors, so they
+check only that a reshard keeps every tensor (self-consistency, not correctness)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptkit.convert import megatron_to_hf, reshard
+from ckptkit.errors import Unsupported
+from ckptkit.layouts import open_checkpoint
+from ckptkit.layouts.base import CheckpointMeta, CheckpointReader
+from ckptkit.layouts.megatron_common import TargetLayout
+from ckptkit.layouts.megatron_legacy.write import write as write_rank_files
+from ckptkit.spec import ModelSpec, canonical_tensors
+
+T5_SPEC = ModelSpec(family="t5", model_kind="encoder_decoder", num_layers=2, encoder_num_layers=3, hidden_size=32,
+                    num_attention_heads=4, num_query_groups=4, ffn_hidden_size=64, vocab_size=101,
+                    max_position_embeddings=32, head_dim=8, output_layer_bias=True)
+
+
+class RandomReader(CheckpointReader):
+    """Random canonical tensors of a spec (seeded by name), as a source for ckptkit's writers."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.meta = CheckpointMeta(layout="random", path=Path("random"), dtype=torch.float32)
+
+    def tensor(self, name):
+        shape = next(tensor.shape for tensor in canonical_tensors(self.spec) if tensor.name == name)
+        generator = torch.Generator().manual_seed(sum(map(ord, name)))
+        return torch.randn(shape, generator=generator)
+
+
+def make_t5(folder: Path, tp: int = 2) -> Path:
+    write_rank_files(RandomReader(T5_SPEC), folder, TargetLayout(tp=tp, make_vocab_size_divisible_by=8))
+    return folder
+
+
+def all_tensors(path) -> dict:
+    with open_checkpoint(path) as reader:
+        return {tensor.name: reader.tensor(tensor.name)[: tensor.shape[0]] for tensor in reader.canonical()}
+
+
+def test_t5_canonical_tensors_are_an_encoder_and_a_decoder_with_cross_attention():
+    names = {tensor.name for tensor in canonical_tensors(T5_SPEC)}
+    assert "encoder.layers.2.self_attention.linear_qkv.weight" in names
+    assert "encoder.layers.0.cross_attention.linear_q.weight" not in names
+    assert {"decoder.layers.1.pre_cross_attn_layernorm.weight", "decoder.layers.1.cross_attention.linear_kv.weight",
+            "encoder.final_layernorm.bias", "decoder.final_layernorm.bias", "output_layer.bias"} <= names
+
+
+def test_t5_is_read_as_an_encoder_decoder_model(tmp_path):
+    with open_checkpoint(make_t5(tmp_path / "t5")) as reader:
+        assert (reader.spec.model_kind, reader.spec.family) == ("encoder_decoder", "t5")
+        assert (reader.spec.encoder_num_layers, reader.spec.num_layers) == (3, 2)
+
+
+@pytest.mark.parametrize("path", [("torch", 1), ("torch_dist", 4), ("torch", 4)])
+def test_t5_reshard_keeps_every_tensor_bit_for_bit(tmp_path, path):
+    source = make_t5(tmp_path / "t5")
+    out_format, tp = path
+    reshard(source, tmp_path / "out", tp=tp, pp=1, format=out_format, make_vocab_size_divisible_by=8)
+    reshard(tmp_path / "out", tmp_path / "back", tp=2, pp=1, format="torch", make_vocab_size_divisible_by=8)
+    original, back = all_tensors(source), all_tensors(tmp_path / "back")
+    assert sorted(original) == sorted(back)
+    for name in original:
+        assert torch.equal(original[name], back[name]), name
+
+
+def test_t5_pipeline_parallelism_is_refused_as_megatron_refuses_it(tmp_path):
+    with pytest.raises(Unsupported, match="refuses pipeline parallelism"):
+        reshard(make_t5(tmp_path / "t5"), tmp_path / "out", tp=1, pp=2)
+
+
+def test_t5_export_to_hugging_face_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(Unsupported, match="relative position buckets"):
+        megatron_to_hf(make_t5(tmp_path / "t5"), tmp_path / "hf")
