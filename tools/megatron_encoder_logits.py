@@ -75,15 +75,10 @@ def batch_of(inputs: dict) -> dict:
             "enc_mask": (encoder > 0).long(), "dec_mask": (decoder > 0).long()}
 
 
-def main():
-    initialize()
-    args = get_args()
-    model = get_model(example.model_provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
-    iteration = load_checkpoint(model, None, None, strict=True)
-    print(f"load_return iteration={iteration}")
-    for chunk in model:
-        chunk.eval()
-    inputs = fixed_inputs(MODEL, args.vocab_size)
+def megatron_logits(model: list, inputs: dict, args) -> dict | None:
+    """Run INPUTS through MODEL (the list get_model returns) with Megatron's forward-only schedule;
+    on the last pipeline stage return the saved dict (logits gathered over tensor parallelism),
+    elsewhere None."""
     saved = {"model": MODEL, **inputs}
     outputs = []
 
@@ -109,9 +104,8 @@ def main():
             forward_step_func=forward_step, data_iterator=iter([batch]), model=model, num_microbatches=1,
             seq_length=batch["text" if MODEL == "bert" else "text_enc"].shape[1], micro_batch_size=2,
             decoder_seq_length=decoder_length, forward_only=True, collect_non_loss_data=True)
-
     if not mpu.is_pipeline_last_stage():
-        return
+        return None
     if MODEL == "bert":
         logits, binary_logits = outputs[0]
         saved["binary_logits"] = None if binary_logits is None else binary_logits.float().cpu()
@@ -119,12 +113,26 @@ def main():
     else:
         logits, key = outputs[0], "logits"
     saved[key] = gather_from_tensor_model_parallel_region(logits.float()).cpu()
-    layout = f"TP{args.tensor_model_parallel_size} PP{args.pipeline_model_parallel_size}"
-    saved.update(layout=layout, load=args.load, iteration=iteration, padded_vocab_size=args.padded_vocab_size,
-                 vocab=args.vocab_size, params_dtype=str(args.params_dtype))
-    if mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_data_parallel_rank() == 0:
+    saved.update(layout=f"TP{args.tensor_model_parallel_size} PP{args.pipeline_model_parallel_size}",
+                 load=args.load, padded_vocab_size=args.padded_vocab_size, vocab=args.vocab_size,
+                 params_dtype=str(args.params_dtype))
+    return saved
+
+
+def main():
+    initialize()
+    args = get_args()
+    model = get_model(example.model_provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
+    iteration = load_checkpoint(model, None, None, strict=True)
+    print(f"load_return iteration={iteration}")
+    for chunk in model:
+        chunk.eval()
+    saved = megatron_logits(model, fixed_inputs(MODEL, args.vocab_size), args)
+    if saved is not None and mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_data_parallel_rank() == 0:
+        saved["iteration"] = iteration
+        key = "mlm_logits" if MODEL == "bert" else "logits"
         torch.save(saved, args.logits_out)
-        print(f"saved logits {key} {tuple(saved[key].shape)} at {layout} to {args.logits_out}")
+        print(f"saved logits {key} {tuple(saved[key].shape)} at {saved['layout']} to {args.logits_out}")
 
 
 if __name__ == "__main__":
