@@ -126,14 +126,19 @@ def time_loss_and_grad_kernel(tokens: int, bandwidth: float) -> None:
     loss = torch.empty(tokens, device="cuda")
     grad_loss = torch.full((tokens,), 1.0 / tokens, device="cuda")
     block = fused._CROSS_ENTROPY_BLOCK
-    one = lambda: fused._cross_entropy_loss_and_grad_kernel[(tokens,)](logits, target, loss, vocab, BLOCK=block)
+    one = lambda: fused.cross_entropy_loss_and_grad(logits, target, loss, programs_per_sm=0)
 
     def two():
         row_max, sum_exp, target_logit = fused.cross_entropy_partial_stats(logits, target)
         fused._cross_entropy_backward_kernel[(tokens,)](logits, target, row_max, sum_exp, grad_loss, logits, vocab,
                                                         BLOCK=block)
     size = 2 * tokens * vocab
-    for label, run, floor_bytes in (("loss+grad, one kernel", one, 2 * size), ("stats, then grad", two, 3 * size)):
+    # The one kernel with k programs per SM looping over rows (fused.CROSS_ENTROPY_PROGRAMS_PER_SM).
+    looping = [(f"loss+grad, {k} per SM", lambda k=k: fused.cross_entropy_loss_and_grad(logits, target, loss,
+                                                                                        programs_per_sm=k), 2 * size)
+               for k in (1, 2, 4, 8)]
+    for label, run, floor_bytes in [("loss+grad, one kernel", one, 2 * size), *looping,
+                                    ("stats, then grad", two, 3 * size)]:
         milliseconds = gpu_time_ms(run)
         floor_ms = floor_bytes / bandwidth * 1e3
         print(f"cross-entropy {label:<24}{milliseconds:>8.3f} ms  floor {floor_ms:.3f} ms  "
@@ -223,9 +228,16 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--matmuls", action="store_true",
                         help="instead: time the step's matrix products and causal attention (per SDPA backend)")
+    parser.add_argument("--loss", action="store_true",
+                        help="instead: only the output layer's loss+grad kernel (one program per row, or k per SM)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (none found)")
+        return 0
+    if args.loss:
+        bandwidth = copy_bandwidth()
+        print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:,.0f} GB/s  tokens {args.tokens}")
+        time_loss_and_grad_kernel(args.tokens, bandwidth)
         return 0
     if args.matmuls:
         time_matmuls(args.tokens)

@@ -90,6 +90,7 @@ EXPLORE = {
     "compiled-separate-loss": dict(base="compiled", separate_loss=True),
     "compiled-model-separate-loss": dict(base="compiled-model", separate_loss=True),
     "compiled-flash": dict(base="compiled", sdpa="flash"),
+    "model-all-flash": dict(base="model-all", sdpa="flash"),
 }
 SDPA_FLAGS = {"flash": "enable_flash_sdp", "cudnn": "enable_cudnn_sdp", "efficient": "enable_mem_efficient_sdp",
               "math": "enable_math_sdp"}
@@ -295,6 +296,9 @@ def main(argv=None):
     parser.add_argument("--optimizer", action="store_true", help="time one AdamW update, eager and fused")
     parser.add_argument("--profile-dir", type=Path, help="write a profile of two steps per variant here")
     parser.add_argument("--json", type=Path, help="append one JSON line per result to this file")
+    parser.add_argument("--loss-programs-per-sm", type=int, default=0,
+                        help="the loss kernel's programs per SM, each looping over rows (0: one program per row); "
+                             "kernels.fused.CROSS_ENTROPY_PROGRAMS_PER_SM")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if its name is not known")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -302,6 +306,9 @@ def main(argv=None):
         return 0
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or peak_tflops(name)
+    if args.loss_programs_per_sm and kernels.fused_available():
+        from ckptkit.kernels import fused
+        fused.CROSS_ENTROPY_PROGRAMS_PER_SM = args.loss_programs_per_sm
     spec = MODEL_PRESETS["gpt2-124m"]
     config = TrainConfig(model=spec, steps=args.warmup + args.steps, micro_batch_size=args.micro_batch_size,
                          global_batch_size=args.global_batch_size, seq_length=args.seq_length, dtype="bfloat16",
@@ -324,8 +331,9 @@ def main(argv=None):
             print(f"{label:<20}skipped: needs Triton", flush=True)
             continue
         try:
+            shown = label + (f"-loss{args.loss_programs_per_sm}" if args.loss_programs_per_sm else "")
             result = measure(dataclasses.replace(config, **changes), args.warmup, args.profile, args.check_syncs,
-                             explore, args.profile_dir, label)
+                             explore, args.profile_dir, shown)
         except Exception as error:  # one variant failing (a compiler error, say) does not hide the others
             print(f"{label:<20}failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}",
                   flush=True)
@@ -339,6 +347,7 @@ def main(argv=None):
         if args.json:
             with open(args.json, "a") as stream:
                 stream.write(json.dumps({"gpu": name, "variant": label, "micro_batch_size": args.micro_batch_size,
+                                         "loss_programs_per_sm": args.loss_programs_per_sm,
                                          "microbatches": config.num_microbatches(), "mfu": mfu, **result}) + "\n")
     if args.optimizer:
         bandwidth = copy_bandwidth()

@@ -280,6 +280,19 @@ def test_fused_bias_gelu_one_pass_backward_on_partial_tiles_matches_float64(dtyp
 
 
 @needs_triton
+@pytest.mark.parametrize("programs_per_sm", [1, 2, 4])
+def test_fused_loss_kernel_looping_over_rows_writes_the_same_losses_and_gradients(programs_per_sm):
+    from ckptkit.kernels import fused
+    logits = random(3000, 1000, dtype=torch.bfloat16, device="cuda", scale=4.0)
+    target = torch.randint(0, 1000, (3000,), generator=torch.Generator().manual_seed(0)).cuda()
+    per_row, looping = logits.clone(), logits.clone()
+    loss_per_row, loss_looping = torch.empty(3000, device="cuda"), torch.empty(3000, device="cuda")
+    fused.cross_entropy_loss_and_grad(per_row, target, loss_per_row, programs_per_sm=0)
+    fused.cross_entropy_loss_and_grad(looping, target, loss_looping, programs_per_sm=programs_per_sm)
+    assert torch.equal(loss_per_row, loss_looping) and torch.equal(per_row, looping)
+
+
+@needs_triton
 def test_fused_cross_entropy_statistics_combine_over_vocabulary_slices_like_megatron():
     from ckptkit.kernels.fused import cross_entropy_partial_stats
 

@@ -372,34 +372,59 @@ def cross_entropy(logits, target, vocab_start: int = 0, group=None):
 
 
 @triton.jit
-def _cross_entropy_loss_and_grad_kernel(logits_ptr, target_ptr, loss_ptr, width, BLOCK: tl.constexpr):
-    """One row: its loss, then ``softmax - onehot(target)`` written over the row's logits.
+def _cross_entropy_loss_and_grad_kernel(logits_ptr, target_ptr, loss_ptr, rows, width, BLOCK: tl.constexpr,
+                                        FIRST_READ: tl.constexpr, SECOND_READ: tl.constexpr):
+    """Rows ``program_id, program_id + programs, ...``: each row's loss, then ``softmax - onehot(target)``
+    written over the row's logits.
 
-    The row is read twice (statistics, then the gradient); the second read mostly comes
-    from L2 (one 100 KB row per program in flight), so HBM sees about one read and one write.
+    The row is read twice (statistics, then the gradient); HBM sees one read and one write
+    only when the second read comes from L2. ``FIRST_READ`` / ``SECOND_READ``: the loads'
+    eviction policies ("" for the default).
     """
     row = tl.program_id(0)
-    base = logits_ptr + row.to(tl.int64) * width
-    target = tl.load(target_ptr + row)
-    running_max = -float("inf")
-    running_sum = 0.0
-    target_logit = 0.0
-    for start in range(0, width, BLOCK):
-        columns = start + tl.arange(0, BLOCK)
-        mask = columns < width
-        values = tl.load(base + columns, mask=mask, other=-float("inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(values, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(values - new_max), axis=0)
-        running_max = new_max
-        target_logit += tl.sum(tl.where(columns == target, values, 0.0), axis=0)
-    tl.store(loss_ptr + row, tl.log(running_sum) + running_max - target_logit)
-    inverse_sum = 1.0 / running_sum
-    for start in range(0, width, BLOCK):
-        columns = start + tl.arange(0, BLOCK)
-        mask = columns < width
-        values = tl.load(base + columns, mask=mask, other=0.0).to(tl.float32)
-        grad = tl.exp(values - running_max) * inverse_sum - tl.where(columns == target, 1.0, 0.0)
-        tl.store(base + columns, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+    while row < rows:
+        base = logits_ptr + row.to(tl.int64) * width
+        target = tl.load(target_ptr + row)
+        running_max = -float("inf")
+        running_sum = 0.0
+        target_logit = 0.0
+        for start in range(0, width, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            mask = columns < width
+            values = tl.load(base + columns, mask=mask, other=-float("inf"), eviction_policy=FIRST_READ)
+            values = values.to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(values, axis=0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(values - new_max), axis=0)
+            running_max = new_max
+            target_logit += tl.sum(tl.where(columns == target, values, 0.0), axis=0)
+        tl.store(loss_ptr + row, tl.log(running_sum) + running_max - target_logit)
+        inverse_sum = 1.0 / running_sum
+        for start in range(0, width, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            mask = columns < width
+            values = tl.load(base + columns, mask=mask, other=0.0, eviction_policy=SECOND_READ).to(tl.float32)
+            grad = tl.exp(values - running_max) * inverse_sum - tl.where(columns == target, 1.0, 0.0)
+            tl.store(base + columns, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+        row += tl.num_programs(0)
+
+
+# Programs per SM of the loss kernel. 0: one program per row, as many rows in flight as the GPU
+# schedules (at GPT-2's vocabulary a row is 100 KB, so they overflow L2 and the second read of a row
+# goes to HBM). k > 0: k x SMs programs, each looping over rows, so that about that many rows are in
+# flight, read first with "keep in L2" and then with "evict first".
+CROSS_ENTROPY_PROGRAMS_PER_SM = 0
+
+
+def cross_entropy_loss_and_grad(logits2d: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
+                                programs_per_sm: int | None = None) -> None:
+    """``loss[r]`` for each row of ``logits2d [rows, vocab]``, whose row becomes its gradient."""
+    rows, width = logits2d.shape
+    per_sm = CROSS_ENTROPY_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    programs = min(rows, per_sm * _multiprocessors(logits2d.device)) if per_sm else rows
+    first, second = ("evict_last", "evict_first") if per_sm else ("", "")
+    _cross_entropy_loss_and_grad_kernel[(programs,)](logits2d, target, loss, rows, width,
+                                                     BLOCK=min(_CROSS_ENTROPY_BLOCK, triton.next_power_of_2(width)),
+                                                     FIRST_READ=first, SECOND_READ=second)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -419,8 +444,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_logits = x2d @ weight.t()  # the logits until the kernel overwrites them
         rows, width = grad_logits.shape
         loss = torch.empty(rows, dtype=torch.float32, device=x.device)
-        _cross_entropy_loss_and_grad_kernel[(rows,)](grad_logits, target.reshape(-1).contiguous(), loss, width,
-                                                     BLOCK=min(_CROSS_ENTROPY_BLOCK, triton.next_power_of_2(width)))
+        cross_entropy_loss_and_grad(grad_logits, target.reshape(-1).contiguous(), loss)
         ctx.save_for_backward(x2d, weight, grad_logits)
         ctx.x_shape = x.shape
         return loss.view(target.shape)
@@ -503,7 +527,7 @@ def _add_run(grad_ptr, main_ptr, start, numel, BLOCK: tl.constexpr):
     tl.store(main_ptr + offsets, tl.load(main_ptr + offsets, mask=mask, other=0.0) + grad, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["present"])  # a bit mask, not a size: no variant for present == 1
 def _accumulate_gradients_kernel(g0, g1, g2, g3, g4, g5, g6, g7, main_ptr, chunk_tensor_ptr, chunk_start_ptr,
                                  numel_ptr, offset_ptr, present, BLOCK: tl.constexpr):
     # Program c adds elements [start, start + BLOCK) of gradient t = chunk_tensor[c] (one of the eight
