@@ -24,7 +24,8 @@
 #               that version's legacy models have no torch_dist).
 #
 # Logits: bert_core and t5 at TP1 PP1 from dist/ (logits.pt) and at the training layout from
-# conv/torch/ (logits_torch.pt); bert_legacy at TP2 PP2 from torch/ (logits.pt).
+# conv/torch/ (logits_torch.pt); bert_legacy at TP2 PP2 from torch/ (logits.pt) and at TP1 PP1
+# after that version's own tools/checkpoint/convert.py resharded a copy (tp1/, logits_tp1.pt).
 #
 # Needs MEGATRON_PATH (Megatron-LM d98e8a6 with examples/bert and examples/t5) and, for
 # bert_legacy, MEGATRON_2024 (a copy of fd5cfec0ba's megatron/ and pretrain_bert.py; the fixes are
@@ -134,7 +135,20 @@ run_fixture() {  # NAME PORT
     step "$log" 100 "logits $name at TP$TP PP$PP from torch/" \
       env MEGATRON_PATH="$TREE" torchrun --nproc-per-node "$NPROC" --master-port $((port + 3)) \
       "$REPO/tools/megatron_encoder_logits.py" "$MODEL" "${ARGS[@]}" "${seq[@]}" "${LOAD[@]}" \
-      --load "$w/torch" "${layout[@]}" --logits-out "$w/logits.pt"
+      --load "$w/torch" "${layout[@]}" --logits-out "$w/logits.pt" &
+    # A second reference: Megatron's own converter of that version reshards a copy to TP1 PP1.
+    if step "$log.2" 100 "convert $name to TP1 PP1 with Megatron's tools/checkpoint/convert.py" \
+      env CUDA_VISIBLE_DEVICES="$FIRST_GPU" python3 "$TREE/tools/checkpoint/convert.py" --model-type BERT \
+      --loader megatron --saver megatron --load-dir "$w/torch" --save-dir "$w/tp1" \
+      --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1 --megatron-path "$TREE"; then
+      step "$log.2" 100 "logits $name at TP1 PP1 from tp1/ (Megatron's conversion)" \
+        env MEGATRON_PATH="$TREE" CUDA_VISIBLE_DEVICES="$FIRST_GPU" torchrun --nproc-per-node 1 \
+        --master-port $((port + 4)) "$REPO/tools/megatron_encoder_logits.py" "$MODEL" "${ARGS[@]}" \
+        "${seq[@]}" "${LOAD[@]}" --load "$w/tp1" --tensor-model-parallel-size 1 \
+        --pipeline-model-parallel-size 1 --logits-out "$w/logits_tp1.pt"
+    fi
+    wait
+    cat "$log.2" >>"$log"; rm -f "$log.2"
     dump_args "$TREE" "$w/torch" "$w/args.json" >>"$log" 2>&1
   fi
   python3 - "$w" >>"$log" 2>&1 <<'EOF'
@@ -151,7 +165,7 @@ if len(files) == 2:
             print(f"{key}: {a['layout']} vs {b['layout']} max abs {(a[key] - b[key]).abs().max().item():.3g}")
 EOF
   ls -lR "$w" >>"$log"
-  (cd "$w" && tar --exclude=tokenizer -czf "$OUT/$name.tgz" $(ls -d dist conv torch logits*.pt args.json 2>/dev/null)) >>"$log" 2>&1
+  (cd "$w" && tar --exclude=tokenizer -czf "$OUT/$name.tgz" $(ls -d dist conv torch tp1 logits*.pt args.json 2>/dev/null)) >>"$log" 2>&1
   echo "== $name: done" >>"$log"
 }
 
