@@ -11,7 +11,7 @@ import click
 from ..errors import CkptError
 from .config import COMPILE_SCOPES, MODEL_PRESETS, TrainConfig, model_spec
 from .launch import launched_by_torchrun
-from .optim import AdamConfig
+from .optim import GRAD_ACCUMULATION, AdamConfig
 
 EXAMPLE = """\b
 Examples:
@@ -68,6 +68,14 @@ Examples:
               help="With --compile: each transformer layer, or the whole model in one graph.")
 @click.option("--compile-mode", help="With --compile: torch.compile's mode (reduce-overhead: CUDA graphs; "
                                      "max-autotune-no-cudagraphs; ...).")
+@click.option("--gelu-operator", is_flag=True,
+              help="With --compile: bias + GeLU stays the Triton operator (one-pass backward) inside the compiled "
+                   "graph.")
+@click.option("--grad-accumulation", type=click.Choice(GRAD_ACCUMULATION), default="hooks", show_default=True,
+              help="How gradients reach the float32 main_grad: a hook per parameter, or all at once after each "
+                   "micro-batch's backward.")
+@click.option("--step-graph", is_flag=True,
+              help="Replay the whole step as one CUDA graph (one rank on a GPU; the second step captures it).")
 @click.option("--save", type=click.Path(file_okay=False), help="Folder for Megatron per-rank checkpoints.")
 @click.option("--save-interval", type=int, help="Also save every N iterations (always at the end).")
 @click.option("--load", type=click.Path(exists=True),
@@ -78,8 +86,8 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train(preset, config_file, tp, pp, dp, ep, steps, micro_batch_size, global_batch_size, seq_length, data, tokenizer,
           seed, lr, min_lr, warmup_steps, clip_grad, weight_decay, sequence_parallel, distributed_optimizer,
-          recompute, dtype, device, fused_kernels, compile_layers, compile_scope, compile_mode, save, save_interval, load, log_json, log_interval,
-          as_json):
+          recompute, dtype, device, fused_kernels, compile_layers, compile_scope, compile_mode, gelu_operator,
+          grad_accumulation, step_graph, save, save_interval, load, log_json, log_interval, as_json):
     """Train a Megatron-style GPT with tensor, pipeline and data parallelism.
 
     Runs TP x PP x DP ranks: worker processes on this machine (gloo on its CPUs, or
@@ -96,7 +104,8 @@ def train(preset, config_file, tp, pp, dp, ep, steps, micro_batch_size, global_b
             seed=seed, data=data, tokenizer=tokenizer, save=save, save_interval=save_interval, load=load,
             log_json=log_json, distributed_optimizer=distributed_optimizer, sequence_parallel=sequence_parallel,
             recompute=recompute, fused_kernels=fused_kernels, compile=compile_layers, compile_scope=compile_scope,
-            compile_mode=compile_mode, dtype=dtype, device=device,
+            compile_mode=compile_mode, gelu_operator=gelu_operator, grad_accumulation=grad_accumulation,
+            step_graph=step_graph, dtype=dtype, device=device,
             log_interval=0 if as_json else log_interval,
             optimizer=AdamConfig(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, clip_grad=clip_grad,
                                  weight_decay=weight_decay),
