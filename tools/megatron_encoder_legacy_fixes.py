@@ -11,24 +11,38 @@ pre-Core BERT (--use-legacy-models) trains on a machine with neither apex nor Tr
    (pretrain_bert.py imports it even for the legacy model); without Transformer Engine the
    three TE class names are undefined there (NameError), so they are set to None: the spec
    object is built but never used.
-3. ``from pkg_resources import packaging`` in the modules a BERT run imports: setuptools 81
+3. ``torch.load`` of the per-rank files (megatron/training/checkpointing.py) passes
+   ``weights_only=False``: torch 2.6 made True the default, and these files pickle
+   argparse.Namespace and Megatron's enums.
+4. ``from pkg_resources import packaging`` in the modules a BERT run imports: setuptools 81
    dropped pkg_resources.
-4. ``fused_kernels.load`` (megatron/legacy/fused_kernels/__init__.py) runs nvcc to find the CUDA
+5. tools/checkpoint/convert.py's Megatron loader and saver build the models with
+   ``--no-gradient-accumulation-fusion`` too (that fusion is an apex extension).
+6. ``fused_kernels.load`` (megatron/legacy/fused_kernels/__init__.py) runs nvcc to find the CUDA
    version although that version builds no kernel any more; it returns at once instead.
 
-Each fix must match its code exactly once, or nothing is written and the exit code is 1.
+Each fix must match its code exactly once (or the stated number of times), or nothing is
+written and the exit code is 1.
 """
 import sys
 from pathlib import Path
 
 # setuptools 81 dropped pkg_resources; ``import packaging.version`` binds the same ``packaging``.
 PKG_RESOURCES = ("from pkg_resources import packaging\n", "import packaging.version\n")
+NO_APEX_FUSION = ("                '--no-bias-dropout-fusion',\n",
+                  "                '--no-bias-dropout-fusion',\n                '--no-gradient-accumulation-fusion',\n")
 FIXES = {
     "megatron/core/tensor_parallel/random.py": [PKG_RESOURCES],
     "megatron/core/transformer/attention.py": [PKG_RESOURCES],
     "megatron/core/dist_checkpointing/strategies/torch.py": [PKG_RESOURCES],
     "megatron/legacy/model/transformer.py": [PKG_RESOURCES],
     "megatron/core/models/retro/config.py": [PKG_RESOURCES],
+    # torch 2.6 made weights_only=True the default of torch.load; these files pickle
+    # argparse.Namespace and Megatron's enums. Three reads of the per-rank files.
+    "megatron/training/checkpointing.py": [
+        ("torch.load(checkpoint_name, map_location='cpu')",
+         "torch.load(checkpoint_name, map_location='cpu', weights_only=False)", 3),
+    ],
     "megatron/legacy/model/fused_layer_norm.py": [
         ('        fused_layer_norm_cuda = importlib.import_module("fused_layer_norm_cuda")\n',
          "        fused_layer_norm_cuda = None\n"),
@@ -42,6 +56,10 @@ FIXES = {
          "except ImportError:\n    HAVE_TE = False\n"
          "    TEDotProductAttention = TELayerNormColumnParallelLinear = TERowParallelLinear = None\n"),
     ],
+    # The converter builds the models from its own argument list, where gradient accumulation
+    # fusion (an apex extension) is on by default.
+    "tools/checkpoint/loader_megatron.py": [NO_APEX_FUSION],
+    "tools/checkpoint/saver_megatron.py": [NO_APEX_FUSION],
     "megatron/legacy/fused_kernels/__init__.py": [
         ("def load(args):\n", "def load(args):\n    return\n"),
     ],
@@ -53,9 +71,10 @@ def main(argv: list[str]) -> int:
     patched = {}
     for name, fixes in FIXES.items():
         text = (root / name).read_text()
-        for old, new in fixes:
-            if text.count(old) != 1:
-                print(f"{root / name}: the code to fix was not found once: {old!r}", file=sys.stderr)
+        for old, new, *times in fixes:
+            expected = times[0] if times else 1
+            if text.count(old) != expected:
+                print(f"{root / name}: the code to fix was not found {expected} time(s): {old!r}", file=sys.stderr)
                 return 1
             text = text.replace(old, new)
         patched[name] = text
