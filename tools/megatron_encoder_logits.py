@@ -124,7 +124,7 @@ def main():
     args = get_args()
     model = get_model(example.model_provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
     iteration = load_checkpoint(model, None, None, strict=True)
-    print(f"load_return iteration={iteration}")
+    print(f"loaded checkpoint (iteration {iteration})")
     for chunk in model:
         chunk.eval()
     saved = megatron_logits(model, fixed_inputs(MODEL, args.vocab_size), args)
