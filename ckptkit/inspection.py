@@ -64,7 +64,9 @@ def inspect_checkpoint(path, **options) -> InspectResult:
                                       tuple(rule.shard_shape(canonical.shape, ranks)),
                                       canonical.expert // per_rank if expert and per_rank else None))
         count = sum(math.prod(canonical.shape) for canonical in canonical_tensors(spec))
-        architecture = BRIDGES[spec.family].architecture if spec.family in BRIDGES else None
+        # a Megatron-only entry (T5) names no Hugging Face class
+        architecture = BRIDGES[spec.family].architecture if spec.family in BRIDGES and \
+            not BRIDGES[spec.family].no_hf else None
         experts = [[rank * per_rank, (rank + 1) * per_rank - 1] for rank in range(meta.ep)] if per_rank else []
         return InspectResult(str(path), meta.summary(), spec.family, architecture, spec.to_dict(), count, tensors,
                              experts, describe_optimizer_state(reader))

@@ -119,3 +119,10 @@ def test_bert_with_tanh_gelu_is_refused_because_megatron_s_head_uses_erf(tmp_pat
 def test_bert_with_other_than_two_token_types_is_refused(tmp_path):
     with pytest.raises(Unsupported, match="type_vocab_size 3"):
         hf_to_megatron(make_bert(tmp_path / "hf", type_vocab_size=3), tmp_path / "megatron", tp=1, pp=1)
+
+
+def test_a_fresh_optimizer_state_for_bert_is_refused_in_one_line(tmp_path):
+    # Megatron's parameter order (ckptkit/optimizer/parameters.py) is mapped for GPTModel only
+    with pytest.raises(Unsupported, match="optimizer state of a Megatron encoder model"):
+        hf_to_megatron(make_bert(tmp_path / "hf"), tmp_path / "megatron", tp=1, pp=1, optimizer="fresh",
+                       megatron_args="--lr 1e-4 --min-lr 1e-5")

@@ -2,11 +2,12 @@
 
 Adding a family is one file beside these and one line in ``BRIDGES``. The order is the
 order in which a Megatron checkpoint that records no Hugging Face architecture is
-claimed: the model kind first (BERT and T5 claim only their own kind of Megatron model;
-the decoder families never claim them), then the most specific families first (DeepSeek's multi-latent attention, mixtures of experts; Qwen3 has q/k norms, Qwen2
-q/k/v-only biases, Mistral a sliding window), plain Llama and GPT-2 last. Phi-3 claims nothing: its
-Megatron model is a Llama's, so only a recorded architecture (or ``--architecture``)
-picks it.
+claimed, among the bridges of its model kind (BERT and T5 claim only their own kind of
+Megatron model; the decoder families never claim them): the most specific families first
+(DeepSeek's multi-latent attention, mixtures of experts; Qwen3 has q/k norms, Qwen2 q/k/v-only
+biases, Mistral a sliding window), plain Llama and GPT-2 last. Phi-3 claims nothing: its
+Megatron model is a Llama's, so only a recorded architecture (or ``--architecture``) picks it.
+A Megatron-only entry (T5) has no Hugging Face export or import; it refuses both with why.
 
 >>> bridge_for_config({"architectures": ["Qwen3ForCausalLM"]}).name
 'qwen3'

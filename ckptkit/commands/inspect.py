@@ -28,7 +28,7 @@ def inspect_command(checkpoint, tensors, strict, trust_remote_pickle, as_json):
     layout = info.layout
     summary = Table(title=str(checkpoint), show_header=False)
     for key, value in [("layout", layout["layout"]), ("naming", layout.get("naming")),
-                       ("family", f"{info.family} ({info.architecture})"),
+                       ("family", f"{info.family} ({info.architecture or 'no Hugging Face class'})"),
                        ("parallel", f"TP={layout['tp']} PP={layout['pp']} VPP={layout['vpp']}"
                                     + (f" EP={layout['ep']} ETP={layout['etp']}" if info.spec["num_experts"] else "")),
                        ("iteration", "release" if layout.get("release") else layout.get("iteration")),
@@ -39,6 +39,7 @@ def inspect_command(checkpoint, tensors, strict, trust_remote_pickle, as_json):
         if value is not None:
             summary.add_row(key, str(value))
     spec = info.spec
+    summary.add_row("model", _model_kind(spec))
     summary.add_row("architecture", f"{spec['num_layers']} layers, hidden {spec['hidden_size']}, "
                     f"{spec['num_attention_heads']} heads / {spec['num_query_groups']} groups, ffn "
                     f"{spec['ffn_hidden_size']}, vocab {spec['vocab_size']}, {spec['normalization']}, "
@@ -63,6 +64,20 @@ def inspect_command(checkpoint, tensors, strict, trust_remote_pickle, as_json):
                 row.append("" if tensor.ep_rank is None else str(tensor.ep_rank))
             table.add_row(*row)
         stdout.print(table)
+
+
+def _model_kind(spec: dict) -> str:
+    """Which Megatron model: ``encoder (BertModel): binary head, 2 token types, MLM head``."""
+    if spec["model_kind"] == "encoder_decoder":
+        return (f"encoder-decoder (T5Model): {spec['encoder_num_layers']} encoder layers, {spec['num_layers']} "
+                "decoder layers with cross-attention" + (", output bias" if spec["output_layer_bias"] else ""))
+    if spec["model_kind"] == "encoder":
+        heads = [what for present, what in ((spec["binary_head"], "pooler and binary head"),
+                                            (spec["num_tokentypes"], f"{spec['num_tokentypes']} token types"),
+                                            (spec["lm_head_transform"], "MLM head transform"),
+                                            (spec["output_layer_bias"], "output bias")) if present]
+        return "encoder (BertModel): " + ", ".join(heads)
+    return "decoder (GPTModel)"
 
 
 COMMANDS = (inspect_command,)

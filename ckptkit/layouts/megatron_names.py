@@ -411,10 +411,12 @@ def _reverse_lookup(naming: Naming) -> dict:
 NAMINGS = {
     naming.name: naming
     for naming in (
-        Naming("mcore-local", ("decoder.layers.", "encoder.layers."), _MCORE_LOCAL_LAYER, _MCORE_GLOBAL, ("output_layer.weight",),
+        Naming("mcore-local", ("decoder.layers.", "encoder.layers."), _MCORE_LOCAL_LAYER, _MCORE_GLOBAL,
+               ("output_layer.weight",),
                tuple(_MCORE_LINEARS), "output_layer._extra_state", {}, tuple(_MCORE_MOE_LINEARS),
                tuple(_MCORE_SHARED_EXPERT_LINEARS)),
-        Naming("mcore-te", ("decoder.layers.", "encoder.layers."), _MCORE_TE_LAYER, _MCORE_GLOBAL, ("output_layer.weight",),
+        Naming("mcore-te", ("decoder.layers.", "encoder.layers."), _MCORE_TE_LAYER, _MCORE_GLOBAL,
+               ("output_layer.weight",),
                tuple(_MCORE_LINEARS), "output_layer._extra_state", _MCORE_TE_MOE_LAYER, tuple(_MCORE_MOE_LINEARS),
                tuple(_MCORE_SHARED_EXPERT_LINEARS),
                instead="multi-latent attention is written for Megatron's local spec only: write mcore-local"),
