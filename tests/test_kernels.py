@@ -293,6 +293,13 @@ def test_fused_loss_kernel_looping_over_rows_writes_the_same_losses_and_gradient
 
 
 @needs_triton
+def test_fused_row_scaling_of_the_loss_backward_is_the_float32_product_rounded_once():
+    from ckptkit.kernels import fused
+    x, scale = random(300, 1000, dtype=torch.bfloat16, device="cuda"), torch.rand(300, device="cuda")
+    assert torch.equal(fused._scale_rows(x, scale), (x.float() * scale[:, None]).to(torch.bfloat16))
+
+
+@needs_triton
 def test_fused_cross_entropy_statistics_combine_over_vocabulary_slices_like_megatron():
     from ckptkit.kernels.fused import cross_entropy_partial_stats
 

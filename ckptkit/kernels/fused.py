@@ -427,6 +427,26 @@ def cross_entropy_loss_and_grad(logits2d: torch.Tensor, target: torch.Tensor, lo
                                                      FIRST_READ=first, SECOND_READ=second)
 
 
+@triton.jit
+def _scale_rows_kernel(x_ptr, scale_ptr, out_ptr, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = columns < width
+    offsets = row.to(tl.int64) * width + columns
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (x * tl.load(scale_ptr + row)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _scale_rows(x2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(x2d.float() * scale[:, None]).to(x2d.dtype)`` in one pass (no float32 copy of ``x2d``)."""
+    x2d = x2d.contiguous()
+    out = torch.empty_like(x2d)
+    rows, width = x2d.shape
+    block = min(1024, triton.next_power_of_2(width))
+    _scale_rows_kernel[(rows, triton.cdiv(width, block))](x2d, scale.contiguous(), out, width, BLOCK=block)
+    return out
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-token loss of ``x @ weight^T``; the logits buffer becomes the (unscaled) logit gradient.
 
@@ -452,9 +472,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         x2d, weight, grad_logits = ctx.saved_tensors
-        scale = grad_loss.reshape(-1, 1).to(torch.float32)
-        grad_x = ((grad_logits @ weight).float() * scale).to(x2d.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.t() @ (x2d.float() * scale).to(x2d.dtype) if ctx.needs_input_grad[1] else None
+        scale = grad_loss.reshape(-1).to(torch.float32)
+        grad_x = _scale_rows(grad_logits @ weight, scale) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ _scale_rows(x2d, scale) if ctx.needs_input_grad[1] else None
         return None if grad_x is None else grad_x.view(ctx.x_shape), grad_weight, None
 
 
