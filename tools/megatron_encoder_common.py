@@ -42,6 +42,8 @@ def import_training_script(model: str):
     sys.path.insert(0, str(MEGATRON_PATH))
     if model == "bert":
         _without_transformer_engine_bert_spec()
+    else:
+        _t5_final_norms_without_transformer_engine()
     script = training_script(model)
     spec = importlib.util.spec_from_file_location(f"pretrain_{model}", script)
     module = importlib.util.module_from_spec(spec)
@@ -60,6 +62,20 @@ def _without_transformer_engine_bert_spec() -> None:
     if not getattr(bert_layer_specs, "HAVE_TE", True) and "__getattr__" in vars(bert_layer_specs):
         bert_layer_specs.bert_layer_with_transformer_engine_spec = None
         print("Transformer Engine absent: bert_layer_with_transformer_engine_spec = None (--spec local is used)")
+
+
+def _t5_final_norms_without_transformer_engine() -> None:
+    """Megatron-LM d98e8a6's local T5 block specs (megatron/core/models/T5/t5_spec.py) name
+    ``TENorm`` as the final LayerNorm of the encoder and of the decoder; without Transformer
+    Engine that name is None and both blocks silently lose their final norm. Real T5 checkpoints
+    (trained with Transformer Engine installed, whatever --transformer-impl says) have
+    ``encoder.final_layernorm`` and ``decoder.final_layernorm``, so without Transformer Engine
+    the spec gets the module's own local norm (``LNImpl``: apex's FusedLayerNorm or Megatron's
+    WrappedTorchNorm, a torch LayerNorm with the same weight and bias)."""
+    from megatron.core.models.T5 import t5_spec
+    if getattr(t5_spec, "TENorm", True) is None:
+        t5_spec.TENorm = t5_spec.LNImpl
+        print(f"Transformer Engine absent: T5 final norms built as {t5_spec.LNImpl.__name__}")
 
 
 def has_argument_parsing_of_its_own() -> bool:

@@ -16,7 +16,9 @@
 #               by Megatron's own --ckpt-convert-format torch (conv/torch/).
 #   t5          Megatron-Core T5Model, local block specs, 2 encoder + 2 decoder layers, hidden 64,
 #               4 heads, kv-channels 16, ffn 128, encoder length 32, decoder length 16, learned
-#               positions (32), tied output layer. TP2 only: examples/t5/pretrain_t5.py raises
+#               positions (32), tied output layer, final LayerNorms on encoder and decoder (without
+#               Transformer Engine the local block spec would drop them: see
+#               tools/megatron_encoder_common.py). TP2 only: examples/t5/pretrain_t5.py raises
 #               "Pipeline parallelism is not supported for T5." for any PP > 1. dist/ and conv/torch/.
 #   bert_legacy The pre-Core megatron.legacy.model.BertModel of a 2024 Megatron-LM (fd5cfec0ba,
 #               --use-legacy-models; tools/megatron_encoder_legacy_fixes.py makes it run without
