@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput
+from .errors import BadInput, Unsupported
 from .layouts import detect_layout, open_checkpoint
 
 HF_LAYOUTS = ("hf-safetensors", "hf-bin")
@@ -73,6 +73,11 @@ def compare_logits(a, b, *, tokens: torch.Tensor | None = None, atol: float = 1e
     True
     """
     with open_checkpoint(a) as reader_a, open_checkpoint(b) as reader_b:
+        for reader in (reader_a, reader_b):
+            if reader.spec.model_kind != "decoder":
+                # the in-repo model (ckptkit/train/model.py) and AutoModelForCausalLM are decoders
+                raise Unsupported(f"{reader.meta.path}: verify --logits runs GPT models only; this is a Megatron "
+                                  f"{reader.spec.model_kind} model ({reader.spec.family or 'unknown'})")
         vocab = min(reader_a.spec.vocab_size, reader_b.spec.vocab_size)
         positions = min(reader_a.spec.max_position_embeddings, reader_b.spec.max_position_embeddings)
     if tokens is None:

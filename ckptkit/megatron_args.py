@@ -306,6 +306,7 @@ def spec_from_args(args, *, vocab_size: int | None = None, source: str = "checkp
             mtp_num_layers=int(_get(args, "mtp_num_layers", default=0) or 0),
             **moe_fields_from_args(args, args.num_layers),
             model_kind=model_kind,
+            residual_post_layernorm=bool(_get(args, "apply_residual_connection_post_layernorm", default=False)),
             **model_kind_fields(args, model_kind),
         )
         fields.update(mla_fields_from_args(args))  # MLA's head sizes, norms and rotary scaling
@@ -367,6 +368,7 @@ def megatron_args(spec: ModelSpec, *, tp: int, pp: int, dtype: torch.dtype, padd
         transformer_impl=transformer_impl, iteration=iteration,
         ckpt_format="torch",
     )
+    fields["apply_residual_connection_post_layernorm"] = spec.residual_post_layernorm
     if spec.model_kind == "encoder":
         fields["bert_binary_head"] = spec.binary_head
     fields.update(moe_args(spec))

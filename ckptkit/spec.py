@@ -181,6 +181,9 @@ class ModelSpec:
     lm_head_transform: bool = False  # BERT: dense, GeLU (erf), LayerNorm before the vocabulary projection
     binary_head: bool = False  # BERT: pooler (dense + tanh of the first token) and 2-way binary head
     output_layer_bias: bool = False  # a vocabulary-parallel bias on the logits (BERT; T5 when tied)
+    # --apply-residual-connection-post-layernorm: pre-Core layers add the normed input to the
+    # residual (megatron/legacy/model/transformer.py); Megatron-Core's layers ignore the flag
+    residual_post_layernorm: bool = False
 
     def __post_init__(self):
         if self.model_kind not in MODEL_KINDS:

@@ -65,6 +65,8 @@ class Bridge:
         bridge's own :attr:`mismatch`), or None."""
         if spec.model_kind != self.model_kind:
             return f"a Megatron {spec.model_kind} model; {self.architecture} is a {self.model_kind} model"
+        if spec.residual_post_layernorm:
+            return "the residual taken after the layer norm (--apply-residual-connection-post-layernorm)"
         return self.mismatch(spec)
 
     def check(self, spec: ModelSpec) -> None:
