@@ -79,3 +79,13 @@ def test_t5_pipeline_parallelism_is_refused_as_megatron_refuses_it(tmp_path):
 def test_t5_export_to_hugging_face_is_refused_with_the_reason(tmp_path):
     with pytest.raises(Unsupported, match="relative position buckets"):
         megatron_to_hf(make_t5(tmp_path / "t5"), tmp_path / "hf")
+
+
+def test_t5_import_from_hugging_face_is_refused_with_the_reason(tmp_path):
+    from ckptkit.convert import hf_to_megatron
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=101, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                        num_heads=4)).save_pretrained(tmp_path / "hf")
+    with pytest.raises(Unsupported, match="RMS-style T5LayerNorm without bias"):
+        hf_to_megatron(tmp_path / "hf", tmp_path / "megatron", tp=1, pp=1)
