@@ -47,30 +47,18 @@ mkdir -p "$OUT" "$WORK"
 FIRST_GPU=${CUDA_VISIBLE_DEVICES:-0}
 FIRST_GPU=${FIRST_GPU%%,*}
 
-FUSIONS_OFF=(--transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion
-  --no-bias-gelu-fusion --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion)
-VOCAB=(--tokenizer-type NullTokenizer --vocab-size 1000)
-BERT=(--num-layers 4 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128
-  --max-position-embeddings 64 --init-method-std 0.05 "${VOCAB[@]}" "${FUSIONS_OFF[@]}")
-T5=(--encoder-num-layers 2 --decoder-num-layers 2 --hidden-size 64 --num-attention-heads 4
-  --kv-channels 16 --ffn-hidden-size 128 --encoder-seq-length 32 --decoder-seq-length 16
-  --max-position-embeddings 32 --init-method-std 0.05 "${VOCAB[@]}" "${FUSIONS_OFF[@]}"
-  --attention-backend unfused)
-TRAIN=(--micro-batch-size 2 --global-batch-size 8 --train-iters 10 --lr 5e-4 --min-lr 5e-5
-  --lr-decay-style cosine --lr-warmup-iters 2 --weight-decay 0.01 --clip-grad 1.0 --seed 42
-  --log-interval 1 --eval-iters 0 --eval-interval 1000 --save-interval 10 --no-save-optim --no-save-rng)
-LOAD=(--no-load-optim --no-load-rng --exit-on-missing-checkpoint --micro-batch-size 2)
+source "$REPO/tools/megatron_encoder_flags.sh"
 
 # Sets MODEL (bert or t5), TREE (Megatron source), ARGS (model flags), TP, PP, NPROC, FORMATS.
 fixture_args() {
   TREE=$MEGATRON_PATH
   case $1 in
     bert_core) MODEL=bert TP=2 PP=2 NPROC=4 FORMATS=torch_dist
-      ARGS=("${BERT[@]}" --spec local --attention-backend local) ;;
+      ARGS=("${BERT_CORE[@]}") ;;
     t5) MODEL=t5 TP=2 PP=1 NPROC=2 FORMATS=torch_dist
       ARGS=("${T5[@]}") ;;
     bert_legacy) MODEL=bert TP=2 PP=2 NPROC=4 FORMATS=torch TREE=$MEGATRON_2024
-      ARGS=("${BERT[@]}" --use-legacy-models) ;;
+      ARGS=("${BERT_LEGACY[@]}") ;;
     *) echo "unknown fixture $1" >&2; return 1 ;;
   esac
 }
