@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ckptkit import kernels
-from ckptkit.errors import Unsupported
+from ckptkit.errors import BadInput, Unsupported
 from ckptkit.spec import ModelSpec
 from ckptkit.train import TrainConfig
 from ckptkit.train.launch import launch
@@ -63,7 +63,6 @@ def test_reference_gradient_accumulator_adds_each_gradient_to_its_run():
 
 
 def test_unknown_grad_accumulation_is_refused():
-    from ckptkit.errors import BadInput
     with pytest.raises(BadInput, match="grad accumulation 'per-tensor'"):
         config(grad_accumulation="per-tensor").check_layout()
 

@@ -56,7 +56,7 @@ class StepGraph:
         trainer = self.trainer
         trainer.optimizer.advance(lr)
         if not self.inputs:
-            self.inputs = [trainer._to_device(batch) for batch in host_microbatches]
+            self.inputs = [trainer.to_device(batch) for batch in host_microbatches]
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 outputs = self._device_step(lr)

@@ -217,7 +217,7 @@ class Trainer:
         """
         return self._forward_backward(step).item()
 
-    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             # From pageable memory CUDA drains the stream before copying (a host sync per
             # micro-batch); from pinned memory the copy is queued like a kernel.
@@ -230,7 +230,7 @@ class Trainer:
         return self.batches.microbatches(step, self.groups.dp_rank, config.dp, config.micro_batch_size)
 
     def _forward_backward(self, step: int) -> torch.Tensor:
-        return self.forward_backward_on([self._to_device(batch) for batch in self.host_microbatches(step)])
+        return self.forward_backward_on([self.to_device(batch) for batch in self.host_microbatches(step)])
 
     def forward_backward_on(self, microbatches: list[torch.Tensor]) -> torch.Tensor:
         """Forward and backward of these micro-batches (on the device); their mean loss (0-d tensor)."""
