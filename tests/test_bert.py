@@ -126,3 +126,15 @@ def test_a_fresh_optimizer_state_for_bert_is_refused_in_one_line(tmp_path):
     with pytest.raises(Unsupported, match="optimizer state of a Megatron encoder model"):
         hf_to_megatron(make_bert(tmp_path / "hf"), tmp_path / "megatron", tp=1, pp=1, optimizer="fresh",
                        megatron_args="--lr 1e-4 --min-lr 1e-5")
+
+
+def test_bert_written_with_pre_core_names_nests_them_as_megatron_and_comes_back_bit_identical(tmp_path):
+    original = make_bert(tmp_path / "hf")
+    hf_to_megatron(original, tmp_path / "legacy", tp=2, pp=2, naming="legacy", make_vocab_size_divisible_by=8)
+    last_stage = torch.load(tmp_path / "legacy/release/mp_rank_01_001/model_optim_rng.pt", weights_only=False)
+    model = last_stage["model"]
+    assert list(model) == ["language_model", "lm_head", "binary_head", "word_embeddings_for_head"]
+    assert {"dense.weight", "dense.bias"} <= set(model["language_model"]["pooler"])
+    assert {"bias", "dense.weight", "norm.weight"} <= set(model["lm_head"])
+    megatron_to_hf(tmp_path / "legacy", tmp_path / "back")
+    assert_same_state(hf_state(original), hf_state(tmp_path / "back"))

@@ -237,6 +237,24 @@ def _stage_reads(stage_files: list[PlannedRankFile], spec: ModelSpec) -> list[tu
     return [(chunk_index, name, reads[(chunk_index, name)]) for chunk_index, name in order]
 
 
+def _in_pickle_order(reads: list, naming: str) -> list:
+    """``reads`` in the order the rank file's pickle meets their tensors.
+
+    The stream writer puts each tensor's record in the file as it is cut, and torch's meta-device
+    load finds records by that order (:mod:`ckptkit.torch_offsets`). Flat Megatron-Core keys keep
+    the write order; nested pre-Core dicts regroup them: a pre-Core BERT's pooler
+    (``language_model.pooler``) comes before ``lm_head`` and ``binary_head`` in the pickle,
+    though canonical order builds it last."""
+    if naming != "legacy":
+        return reads
+    first_file = reads[0][2][0][0] if reads else None
+    order = {}
+    for chunk_index, chunk in enumerate(first_file.chunks if first_file else []):
+        nested = _flatten(_nest(OrderedDict((planned.file_key, None) for planned in chunk), naming))
+        order.update({(chunk_index, key): position for position, key in enumerate(nested)})
+    return sorted(reads, key=lambda read: (read[0], order.get((read[0], read[2][0][1].file_key), len(order))))
+
+
 def _pieces(spec: ModelSpec, holders: list, padded: int, dtype: torch.dtype, tp: int):
     """The function making a canonical tensor's pieces for the TP ranks of ``holders``, each
     contiguous (on a :mod:`ckptkit.pipeline` thread). A piece that is one block of rows is a
@@ -285,7 +303,7 @@ def write(reader: CheckpointReader, out_dir: Path, target: TargetLayout, *, prog
                 path = folder / entry.relative_path
                 path.parent.mkdir(parents=True, exist_ok=True)
                 writers[entry.relative_path] = StreamingTorchWriter(path)
-            reads = _stage_reads(stage_files, spec)
+            reads = _in_pickle_order(_stage_reads(stage_files, spec), target.naming)
             jobs = [(holders[0][1].copy_of or name, _pieces(spec, holders, padded, kept.get(name, dtype), target.tp))
                     for _, name, holders in reads]
             with contextlib.closing(pipeline.produced(reader, jobs)) as made:
