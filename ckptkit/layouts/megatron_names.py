@@ -427,6 +427,30 @@ NAMINGS = {
 }
 
 
+# Modules a Megatron model registers under two names, whose state dict entries therefore
+# appear twice: T5Model's output layer is also its lm_head's (megatron/core/models/T5/
+# t5_model.py: ``self.output_layer = self.lm_head.output_layer``); torch's state_dict and
+# Megatron's sharded_state_dict both walk every child. model kind -> (name, second name)
+_MODULE_COPIES = {"encoder_decoder": (("output_layer.", "lm_head.output_layer."),)}
+
+
+def copied_key(model_kind: str, key: str) -> str | None:
+    """The key whose copy ``key`` is (its module's first name), or None.
+
+    >>> copied_key("encoder_decoder", "lm_head.output_layer.bias")
+    'output_layer.bias'
+    """
+    for name, second in _MODULE_COPIES.get(model_kind, ()):
+        if key.startswith(second):
+            return name + key[len(second):]
+    return None
+
+
+def key_copies(model_kind: str, key: str) -> list[str]:
+    """The second names under which Megatron saves ``key`` again (see :func:`copied_key`)."""
+    return [second + key[len(name):] for name, second in _MODULE_COPIES.get(model_kind, ()) if key.startswith(name)]
+
+
 # Keys only an encoder (BERT) has: Megatron-Core's encoder stack, and pre-Core BERT's heads (its
 # layers are language_model.encoder.layers, as a pre-Core GPT's are)
 _ENCODER_KEYS = ("encoder.layers.", "encoder.final_layernorm.", "embedding.tokentype_embeddings.",

@@ -26,7 +26,7 @@ from ...torch_offsets import offsets_known
 from .. import copies
 from ..base import CheckpointMeta, CheckpointReader
 from ..megatron_common import parallel_sizes, source_iteration
-from ..megatron_names import Naming, detect_naming, model_kind_of
+from ..megatron_names import Naming, copied_key, detect_naming, model_kind_of
 from .discovery import NAME, RANK_FILE, _extract_zip, check_rank_set, locate_iteration_dir, scan_ranks
 from .files import _model_chunks, _RankFiles
 
@@ -126,6 +126,7 @@ class MegatronLegacyReader(CheckpointReader):
         are compared by :meth:`validate`), each expert in its EP rank's. Each layer stack is
         numbered on its own (a T5 has two, and one stage)."""
         pp, ep = self.files.pp, len(self.ep_files)
+        self.module_copies: list[tuple[_Location, str]] = []  # (where, the key it copies)
         per_rank = self.spec.num_experts // ep if self.spec.num_experts else 0
         per_chunk = {}
         for pp_stage in range(pp):
@@ -139,6 +140,10 @@ class MegatronLegacyReader(CheckpointReader):
                     parsed = per_chunk.setdefault((pp_stage, chunk), {})
                     for key in state:
                         if key.endswith("._extra_state"):
+                            continue
+                        if copied_key(self.spec.model_kind, key) is not None:
+                            self.module_copies.append((_Location(pp_stage, chunk, key, ep_rank),
+                                                       copied_key(self.spec.model_kind, key)))
                             continue
                         found = self.naming.parse(key, self.spec.kind.pipelined_stack)
                         if found is None:
@@ -353,6 +358,27 @@ class MegatronLegacyReader(CheckpointReader):
                                   f"(tied output head) differs from the first stage's word embeddings (max abs "
                                   f"diff {difference:.3g})")
 
+    def _compare_module_copy(self, location: _Location, original: str, report: copies.CopyReport) -> None:
+        """A module's entry saved under its second name (T5's ``lm_head.output_layer``) against
+        the same file's entry under its first name, rank by rank."""
+        files = self.ep_files[location.ep_rank]
+        differences = []
+        for tp_rank in range(self.files.tp):
+            entries = files.chunks(tp_rank, location.pp_stage)[location.chunk]
+            if original not in entries or location.file_key not in entries:
+                raise BadInput(f"{files.path(tp_rank, location.pp_stage)}: {location.file_key} without {original}")
+            first, second = entries[original], entries[location.file_key]
+            if first.shape != second.shape:
+                differences.append(float("inf"))
+                continue
+            differences += copies.largest_differences(
+                self._row_reader(tp_rank, location.pp_stage, first, location.ep_rank),
+                [self._row_reader(tp_rank, location.pp_stage, second, location.ep_rank)], tuple(first.shape),
+                first.element_size())
+        difference, tp_rank = _worst(differences, first_rank=0)
+        report.record(difference, f"{files.path(tp_rank, location.pp_stage)}: {location.file_key} differs from "
+                                  f"{original}, the same module's entry (max abs diff {difference:.3g})")
+
     compares_copies_apart = True
 
     def validate(self, compare_copies: bool = True) -> list[str]:
@@ -390,6 +416,8 @@ class MegatronLegacyReader(CheckpointReader):
             self._compare_copies(canonical, report)
         if self.tied_head_location is not None:
             self._compare_tied_head(report)
+        for location, original in self.module_copies:
+            self._compare_module_copy(location, original, report)
         summary = report.summary(self.files.folder, used="TP rank 0's copies of replicated tensors (EP rank 0's "
                                                          "of tensors that are not experts') and the first stage's "
                                                          "word embeddings are used" if len(self.ep_files) > 1 else

@@ -24,7 +24,7 @@ from ...torch_stream import StreamingTorchWriter
 from ..base import CheckpointReader, compare_with_plan
 from ..megatron_common import (WRITE_CHECKPOINT_VERSION, MegatronWriter, TargetLayout, check_tracker,
                                target_args, write_tracker)
-from ..megatron_names import NAMINGS, attention_linears
+from ..megatron_names import NAMINGS, attention_linears, key_copies
 from ..tracker import TRACKER
 from .discovery import NAME, RANK_FILE, rank_dir_name
 from .files import _flatten
@@ -109,6 +109,8 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
                     if not first_stage_tensor and place != last:
                         continue
                     entries.append(PlannedTensor(naming.file_name(tensor.name, None), tensor.name, tensor.rule))
+                entries += [PlannedTensor(copy, planned.canonical, planned.rule, planned.copy_of)
+                            for planned in list(entries) for copy in key_copies(spec.model_kind, planned.file_key)]
                 if spec.tied_embeddings and place == last and target.pp * target.vpp > 1:
                     # Megatron keeps its own copy of the embeddings for the output head on the last stage.
                     entries.append(PlannedTensor(naming.tied_head[0], "output_layer.weight", embedding.rule,
@@ -124,7 +126,7 @@ def plan_files(spec: ModelSpec, target: TargetLayout) -> list[PlannedRankFile]:
                 head_present = place == last and (not spec.tied_embeddings or target.pp * target.vpp > 1
                                                   or spec.output_layer_bias)
                 if head_present and naming.head_extra_state:
-                    extra.append(naming.head_extra_state)
+                    extra += [naming.head_extra_state, *key_copies(spec.model_kind, naming.head_extra_state)]
                 if place == last:  # Megatron builds the multi-token prediction layers on the last stage
                     extra += naming.mtp_extra_state_names(spec, experts_per_rank)
                 chunks.append(entries)

@@ -16,7 +16,7 @@ from ...megatron_args import spec_from_args
 from ...spec import CanonicalTensor, canonical_tensors
 from ..base import CheckpointMeta, CheckpointReader
 from ..megatron_common import naming_from_args, parallel_sizes, source_iteration
-from ..megatron_names import model_kind_of
+from ..megatron_names import copied_key, model_kind_of
 from ..torch_dist_folders import CONFIG_FILE, DCP_METADATA, NAME, locate_checkpoint_dir
 from .keys import (_EXTRA_STATE, _NON_WEIGHT_PREFIXES, COMMON_STATE_KEY, LEGACY_COMMON_FILE, StoredPlace,
                    is_known_key, is_optimizer_key, stored_places)
@@ -131,10 +131,14 @@ class TorchDistReader(CheckpointReader):
         expected = {}
         for name, place in self._places.items():
             expected[place.key] = place.global_shape(self._canonical[name].shape)
-        skipped: dict[str, list[str]] = {"optimizer": [], "extra_state": [], "other state": [], "tied head": []}
+        skipped: dict[str, list[str]] = {"optimizer": [], "extra_state": [], "other state": [], "tied head": [],
+                                         "module copies": []}
         for key, entry in stored.items():
             if key in expected:
                 self._check_entry(key, entry, expected[key])
+            elif copied_key(self.spec.model_kind, key) in expected:
+                self._check_entry(key, entry, expected[copied_key(self.spec.model_kind, key)])
+                skipped["module copies"].append(key)
             elif is_optimizer_key(key):
                 skipped["optimizer"].append(key)
             elif _EXTRA_STATE.search(key):
@@ -165,7 +169,8 @@ class TorchDistReader(CheckpointReader):
         if not isinstance(entry, TensorStorageMetadata):
             raise BadInput(f"{self.folder}: {key} is stored as bytes, not a tensor")
         found = tuple(entry.size)
-        vocab = key in ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
+        vocab = key in ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias") or \
+            copied_key(self.spec.model_kind, key) in ("output_layer.weight", "output_layer.bias")
         if vocab and found[1:] == shape[1:] and found[0] >= shape[0]:
             return  # padded vocabulary rows
         if found != tuple(shape):

@@ -29,6 +29,7 @@ from ...spec import canonical_tensors, check_parallel_sizes, rule_for, stored_dt
 from ...streaming_io import DirectWriteFile
 from ..base import CheckpointReader
 from ..megatron_common import WRITE_CHECKPOINT_VERSION, TargetLayout, target_args, write_tracker
+from ..megatron_names import key_copies
 from ..torch_dist_folders import CONFIG_FILE
 from .keys import COMMON_STATE_KEY, extra_state_keys, is_optimizer_key, stored_place
 from .regions import _inner_error
@@ -76,11 +77,13 @@ def plan_items(spec, tp: int, padded_vocab: int, dtype, *, etp: int | None = Non
         # One chunk per distinct box of a TP rank (a replicated tensor is one chunk, a SwiGLU
         # linear_fc1 two per rank), in the order of the rows (columns) they hold.
         boxes = sorted({box for rank in range(ranks) for box in rule.boxes(shape, ranks, rank)})
-        for offsets, sizes in boxes:
-            item = _tensor_item(place.key, place.global_shape(shape), *place.box(offsets, sizes),
-                                stored_dtype(canonical, dtype))
-            items.append(item)
-            sources[item.index] = _PlannedChunk(canonical.name, offsets, sizes)
+        # a module saved under two names is saved twice (T5's output layer: see key_copies)
+        for key in (place.key, *key_copies(spec.model_kind, place.key)):
+            for offsets, sizes in boxes:
+                item = _tensor_item(key, place.global_shape(shape), *place.box(offsets, sizes),
+                                    stored_dtype(canonical, dtype))
+                items.append(item)
+                sources[item.index] = _PlannedChunk(canonical.name, offsets, sizes)
     return items, sources
 
 
