@@ -138,3 +138,93 @@ def test_bert_written_with_pre_core_names_nests_them_as_megatron_and_comes_back_
     assert {"bias", "dense.weight", "norm.weight"} <= set(model["lm_head"])
     megatron_to_hf(tmp_path / "legacy", tmp_path / "back")
     assert_same_state(hf_state(original), hf_state(tmp_path / "back"))
+
+
+# -- real Megatron-LM checkpoints (tools/megatron_encoder_fixtures.sh): BertModel at TP2 PP2 saved as
+# torch_dist (dist/) and converted to per-rank files by Megatron (torch/), the pre-Core BERT of a
+# 2024 Megatron-LM at TP2 PP2 (torch/); logits.pt holds the logits Megatron computed.
+
+# float32 models: what separates transformers' forward from Megatron's is summation order
+LOGITS_TOLERANCE = 1e-5
+REAL_BERTS = {
+    "core-torch_dist": ("bert_core_tp2pp2", "dist", "logits.pt"),
+    "core-per-rank": ("bert_core_tp2pp2", "torch", "logits_torch.pt"),
+    "pre-core-per-rank": ("bert_legacy_tp2pp2", "torch", "logits.pt"),
+}
+
+
+def megatron_bert_errors(hf_folder, reference: dict) -> tuple[float, float]:
+    """Largest |MLM logits - Megatron's| over the real vocabulary at the tokens that are not
+    padding (Megatron's mask also hides padded queries from everything; transformers' masks keys
+    only), and largest |binary logits - Megatron's|."""
+    from transformers import MegatronBertForPreTraining
+
+    model = MegatronBertForPreTraining.from_pretrained(hf_folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        output = model(input_ids=reference["tokens"], token_type_ids=reference["types"],
+                       attention_mask=reference["padding_mask"])
+    vocab = model.config.vocab_size
+    real = reference["padding_mask"].bool()
+    mlm = (output.prediction_logits[real] - reference["mlm_logits"][..., :vocab][real].float()).abs().max().item()
+    binary = (output.seq_relationship_logits - reference["binary_logits"].float()).abs().max().item()
+    return mlm, binary
+
+
+@pytest.mark.parametrize("case", sorted(REAL_BERTS))
+def test_real_megatron_bert_converted_to_hf_reproduces_megatron_mlm_and_binary_logits(case, tmp_path):
+    from conftest import fixture_path
+
+    fixture, checkpoint, logits = REAL_BERTS[case]
+    source = fixture_path(fixture, checkpoint)
+    reference = torch.load(fixture_path(fixture, logits), weights_only=True)
+    assert reference["padding_mask"].min() == 0  # the inputs have padding, which the comparison skips
+    megatron_to_hf(source, tmp_path / "hf")
+    mlm, binary = megatron_bert_errors(tmp_path / "hf", reference)
+    assert mlm < LOGITS_TOLERANCE and binary < LOGITS_TOLERANCE, (mlm, binary)
+
+
+def test_real_megatron_bert_is_read_with_its_heads_and_two_token_types():
+    from conftest import fixture_path
+
+    for fixture, checkpoint, _ in REAL_BERTS.values():
+        with open_checkpoint(fixture_path(fixture, checkpoint)) as reader:
+            spec = reader.spec
+            assert (spec.family, spec.model_kind, spec.num_tokentypes, spec.binary_head) == ("bert", "encoder", 2, True)
+            assert reader.validate() == [] or all("differ" not in note for note in reader.validate())
+
+
+def test_real_megatron_bert_per_rank_files_reshard_to_megatron_s_own_keys_and_values(tmp_path):
+    """Megatron's torch_dist checkpoint written by ckptkit as per-rank files at TP2 PP2 equals the
+    files Megatron converted it to, key for key and bit for bit."""
+    from conftest import assert_same_rank_model, fixture_path
+
+    reshard(fixture_path("bert_core_tp2pp2", "dist"), tmp_path / "torch", tp=2, pp=2, format="torch")
+    theirs = sorted(fixture_path("bert_core_tp2pp2", "torch").glob("iter_*/mp_rank_*/model_optim_rng.pt"))
+    assert len(theirs) == 4
+    for real in theirs:
+        ours = tmp_path / "torch" / real.relative_to(fixture_path("bert_core_tp2pp2", "torch"))
+        assert_same_rank_model(ours, real)
+
+
+def test_real_megatron_bert_torch_dist_written_by_ckptkit_has_megatron_s_keys_shapes_and_chunks(tmp_path):
+    from conftest import byte_keys, fixture_path, tensor_layout
+
+    reshard(fixture_path("bert_core_tp2pp2", "torch"), tmp_path / "dist", tp=2, pp=2, format="torch_dist")
+    ours = next((tmp_path / "dist").glob("iter_*"))
+    theirs = next(fixture_path("bert_core_tp2pp2", "dist").glob("iter_*"))
+    assert tensor_layout(ours) == tensor_layout(theirs)
+    extra_states = {key for key in byte_keys(theirs) if "_extra_state" in key}
+    assert {key for key in byte_keys(ours) if "_extra_state" in key} == extra_states
+
+
+def test_real_megatron_bert_through_hf_and_back_reshards_to_every_layout_bit_for_bit(tmp_path):
+    """Megatron's BERT -> HF -> Megatron TP1 PP4 -> TP4 PP1 torch_dist -> HF: the same tensors."""
+    from conftest import fixture_path
+
+    megatron_to_hf(fixture_path("bert_core_tp2pp2", "torch"), tmp_path / "hf")
+    hf_to_megatron(tmp_path / "hf", tmp_path / "tp1pp4", tp=1, pp=4)
+    reshard(tmp_path / "tp1pp4", tmp_path / "tp4", tp=4, pp=1, format="torch_dist")
+    megatron_to_hf(tmp_path / "tp4", tmp_path / "back")
+    assert_same_state(hf_state(tmp_path / "hf"), hf_state(tmp_path / "back"))
+    assert json.loads((tmp_path / "back/config.json").read_text()) == \
+        json.loads((tmp_path / "hf/config.json").read_text())

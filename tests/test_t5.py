@@ -89,3 +89,47 @@ def test_t5_import_from_hugging_face_is_refused_with_the_reason(tmp_path):
                                         num_heads=4)).save_pretrained(tmp_path / "hf")
     with pytest.raises(Unsupported, match="RMS-style T5LayerNorm without bias"):
         hf_to_megatron(tmp_path / "hf", tmp_path / "megatron", tp=1, pp=1)
+
+
+# -- the real Megatron-LM T5 (tools/megatron_encoder_fixtures.sh): T5Model at TP2, saved as torch_dist
+# (dist/) and converted to per-rank files by Megatron (torch/)
+
+def test_real_megatron_t5_is_read_as_two_stacks_with_cross_attention():
+    from conftest import fixture_path
+
+    for checkpoint in ("dist", "torch"):
+        with open_checkpoint(fixture_path("t5_tp2", checkpoint)) as reader:
+            spec = reader.spec
+            assert (spec.family, spec.model_kind, spec.encoder_num_layers, spec.num_layers) == \
+                ("t5", "encoder_decoder", 2, 2)
+            reader.tensor("decoder.layers.1.cross_attention.linear_kv.weight")
+
+
+def test_real_megatron_t5_per_rank_files_written_by_ckptkit_are_megatron_s_own(tmp_path):
+    """Megatron's T5 torch_dist -> per-rank TP1 -> per-rank TP2: key for key and bit for bit the
+    files Megatron converted it to."""
+    from conftest import assert_same_rank_model, fixture_path
+
+    reshard(fixture_path("t5_tp2", "dist"), tmp_path / "tp1", tp=1, pp=1, format="torch")
+    reshard(tmp_path / "tp1", tmp_path / "tp2", tp=2, pp=1, format="torch")
+    theirs = sorted(fixture_path("t5_tp2", "torch").glob("iter_*/mp_rank_*/model_optim_rng.pt"))
+    assert len(theirs) == 2
+    for real in theirs:
+        assert_same_rank_model(tmp_path / "tp2" / real.relative_to(fixture_path("t5_tp2", "torch")), real)
+
+
+def test_real_megatron_t5_torch_dist_written_by_ckptkit_has_megatron_s_keys_shapes_and_chunks(tmp_path):
+    from conftest import byte_keys, fixture_path, tensor_layout
+
+    reshard(fixture_path("t5_tp2", "torch"), tmp_path / "tp4", tp=4, pp=1, format="torch")
+    reshard(tmp_path / "tp4", tmp_path / "dist", tp=2, pp=1, format="torch_dist")
+    ours = next((tmp_path / "dist").glob("iter_*"))
+    theirs = next(fixture_path("t5_tp2", "dist").glob("iter_*"))
+    assert tensor_layout(ours) == tensor_layout(theirs)
+    extra_states = {key for key in byte_keys(theirs) if "_extra_state" in key}
+    assert {key for key in byte_keys(ours) if "_extra_state" in key} == extra_states
+    reshard(tmp_path / "dist", tmp_path / "back", tp=2, pp=1, format="torch")
+    for real in sorted(fixture_path("t5_tp2", "torch").glob("iter_*/mp_rank_*/model_optim_rng.pt")):
+        from conftest import assert_same_rank_model
+
+        assert_same_rank_model(tmp_path / "back" / real.relative_to(fixture_path("t5_tp2", "torch")), real)
