@@ -372,15 +372,42 @@ def cross_entropy(logits, target, vocab_start: int = 0, group=None):
 
 
 @triton.jit
-def _cross_entropy_loss_and_grad_kernel(logits_ptr, target_ptr, loss_ptr, rows, width, BLOCK: tl.constexpr,
-                                        FIRST_READ: tl.constexpr, SECOND_READ: tl.constexpr):
-    """Rows ``program_id, program_id + programs, ...``: each row's loss, then ``softmax - onehot(target)``
-    written over the row's logits.
+def _cross_entropy_loss_and_grad_kernel(logits_ptr, target_ptr, loss_ptr, width, BLOCK: tl.constexpr):
+    """One row: its loss, then ``softmax - onehot(target)`` written over the row's logits.
 
-    The row is read twice (statistics, then the gradient); HBM sees one read and one write
-    only when the second read comes from L2. ``FIRST_READ`` / ``SECOND_READ``: the loads'
-    eviction policies ("" for the default).
+    The row is read twice (statistics, then the gradient); the second read mostly comes
+    from L2 (one 100 KB row per program in flight), so HBM sees about one read and one write.
     """
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * width
+    target = tl.load(target_ptr + row)
+    running_max = -float("inf")
+    running_sum = 0.0
+    target_logit = 0.0
+    for start in range(0, width, BLOCK):
+        columns = start + tl.arange(0, BLOCK)
+        mask = columns < width
+        values = tl.load(base + columns, mask=mask, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(values, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(values - new_max), axis=0)
+        running_max = new_max
+        target_logit += tl.sum(tl.where(columns == target, values, 0.0), axis=0)
+    tl.store(loss_ptr + row, tl.log(running_sum) + running_max - target_logit)
+    inverse_sum = 1.0 / running_sum
+    for start in range(0, width, BLOCK):
+        columns = start + tl.arange(0, BLOCK)
+        mask = columns < width
+        values = tl.load(base + columns, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.exp(values - running_max) * inverse_sum - tl.where(columns == target, 1.0, 0.0)
+        tl.store(base + columns, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_entropy_loss_and_grad_rows_kernel(logits_ptr, target_ptr, loss_ptr, rows, width, BLOCK: tl.constexpr,
+                                        FIRST_READ: tl.constexpr, SECOND_READ: tl.constexpr):
+    """The kernel above for rows ``program_id, program_id + programs, ...`` (a fixed number of
+    programs, so that a bounded number of rows is in flight); ``FIRST_READ`` / ``SECOND_READ``:
+    the two reads' eviction policies."""
     row = tl.program_id(0)
     while row < rows:
         base = logits_ptr + row.to(tl.int64) * width
@@ -420,11 +447,13 @@ def cross_entropy_loss_and_grad(logits2d: torch.Tensor, target: torch.Tensor, lo
     """``loss[r]`` for each row of ``logits2d [rows, vocab]``, whose row becomes its gradient."""
     rows, width = logits2d.shape
     per_sm = CROSS_ENTROPY_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
-    programs = min(rows, per_sm * _multiprocessors(logits2d.device)) if per_sm else rows
-    first, second = ("evict_last", "evict_first") if per_sm else ("", "")
-    _cross_entropy_loss_and_grad_kernel[(programs,)](logits2d, target, loss, rows, width,
-                                                     BLOCK=min(_CROSS_ENTROPY_BLOCK, triton.next_power_of_2(width)),
-                                                     FIRST_READ=first, SECOND_READ=second)
+    block = min(_CROSS_ENTROPY_BLOCK, triton.next_power_of_2(width))
+    if not per_sm:
+        _cross_entropy_loss_and_grad_kernel[(rows,)](logits2d, target, loss, width, BLOCK=block)
+        return
+    programs = min(rows, per_sm * _multiprocessors(logits2d.device))
+    _cross_entropy_loss_and_grad_rows_kernel[(programs,)](logits2d, target, loss, rows, width, BLOCK=block,
+                                                          FIRST_READ="evict_last", SECOND_READ="evict_first")
 
 
 @triton.jit
