@@ -123,3 +123,13 @@ def test_step_graph_on_a_gpu_trains_as_the_steps_launched_one_by_one(changes):
     replayed = trajectory(dataclasses.replace(run, step_graph=True))
     assert replayed[0] == pytest.approx(launched[0], abs=1e-6)
     assert replayed[1] == pytest.approx(launched[1], rel=1e-5)
+
+
+@needs_gpu
+def test_compiled_model_with_the_triton_gelu_operator_on_a_gpu_trains_as_the_eager_model():
+    run = config(device="cuda", global_batch_size=4, steps=3)
+    eager = trajectory(dataclasses.replace(run, fused_kernels=False))
+    compiled = trajectory(dataclasses.replace(run, fused_kernels=True, compile=True, compile_scope="model",
+                                              gelu_operator=True, grad_accumulation="batched"))
+    assert compiled[0] == pytest.approx(eager[0], abs=1e-5)
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-4)
