@@ -16,18 +16,15 @@ import sys
 from megatron_encoder_common import (MODELS, MockEncoderDataset, has_argument_parsing_of_its_own,
                                      import_training_script)
 
-MODEL = sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in MODELS else None
-if MODEL is None:
-    raise SystemExit(f"usage: {sys.argv[0]} {{{','.join(MODELS)}}} MEGATRON_ARGS...")
-
-example = import_training_script(MODEL)
-
-from megatron.core.enums import ModelType  # noqa: E402
-from megatron.training import get_args, pretrain, print_rank_0  # noqa: E402
+# Set by main(). Nothing else runs at import: torch_dist saves start a "spawn" Manager process
+# (megatron/core/dist_checkpointing/strategies/filesystem_async.py), which re-imports this
+# module as __mp_main__ with the already-shortened sys.argv.
+MODEL = None
 
 
 def mock_datasets_provider(train_valid_test_num_samples, vp_stage=None):
     """Train, valid and test datasets of the sizes Megatron asks for (valid and test may be 0)."""
+    from megatron.training import get_args, print_rank_0
     args = get_args()
     vocab = args.vocab_size
     decoder_seq_length = getattr(args, "decoder_seq_length", None)
@@ -43,6 +40,13 @@ mock_datasets_provider.is_distributed = True
 
 
 def main():
+    global MODEL
+    MODEL = sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in MODELS else None
+    if MODEL is None:
+        raise SystemExit(f"usage: {sys.argv[0]} {{{','.join(MODELS)}}} MEGATRON_ARGS...")
+    example = import_training_script(MODEL)
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
     extra = {}
     if MODEL == "t5":
         # T5 keeps its word embeddings on the first and last pipeline stages and its position
