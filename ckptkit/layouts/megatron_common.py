@@ -100,8 +100,9 @@ def target_args(spec: ModelSpec, target: TargetLayout, dtype: torch.dtype, *,
                          make_vocab_size_divisible_by=target.make_vocab_size_divisible_by,
                          iteration=target.saved_iteration or 0, transformer_impl=target.transformer_impl,
                          extra_fields=extra_fields, base=target.args_base)
-    if target.naming == "legacy":
-        args.use_legacy_models = True  # pre-Core names: Megatron must build its legacy model
+    # pre-Core names: Megatron must build its legacy model; Core names (a pre-Core source
+    # rewritten with --naming mcore-local) its Core model
+    args.use_legacy_models = target.naming == "legacy"
     return without_stand_ins(args)
 
 
