@@ -28,6 +28,8 @@
 # Logits: bert_core and t5 at TP1 PP1 from dist/ (logits.pt) and at the training layout from
 # conv/torch/ (logits_torch.pt); bert_legacy at TP2 PP2 from torch/ (logits.pt) and at TP1 PP1
 # after that version's own tools/checkpoint/convert.py resharded a copy (tp1/, logits_tp1.pt).
+# logits_tp1.pt is no reference: that converter leaves BERT's tokentype_embeddings freshly
+# initialised and lm_head.bias at zero (seen on the committed fixture: its logits differ by 2.1).
 #
 # Needs MEGATRON_PATH (Megatron-LM d98e8a6 with examples/bert and examples/t5) and, for
 # bert_legacy, MEGATRON_2024 (a copy of fd5cfec0ba's megatron/ and pretrain_bert.py; the fixes are
@@ -126,7 +128,7 @@ run_fixture() {  # NAME PORT
       env MEGATRON_PATH="$TREE" torchrun --nproc-per-node "$NPROC" --master-port $((port + 3)) \
       "$REPO/tools/megatron_encoder_logits.py" "$MODEL" "${ARGS[@]}" "${seq[@]}" "${LOAD[@]}" \
       --load "$w/torch" "${layout[@]}" --logits-out "$w/logits.pt" &
-    # A second reference: Megatron's own converter of that version reshards a copy to TP1 PP1.
+    # Megatron's own converter of that version reshards a copy to TP1 PP1 (see the header).
     if step "$log.2" 100 "convert $name to TP1 PP1 with Megatron's tools/checkpoint/convert.py" \
       env CUDA_VISIBLE_DEVICES="$FIRST_GPU" python3 "$TREE/tools/checkpoint/convert.py" --model-type BERT \
       --loader megatron --saver megatron --load-dir "$w/torch" --save-dir "$w/tp1" \
