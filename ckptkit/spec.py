@@ -95,6 +95,9 @@ class ModelKind:
     stacks: tuple[str, ...]
     cross_attention_stack: str | None = None  # the stack whose layers attend to the encoder
     no_pipeline: str | None = None  # why Megatron cannot pipeline it, or None
+    # whether torch_dist keeps the output layer's (empty) _extra_state: GPTModel pops it
+    # (megatron/core/models/gpt/gpt_model.py, sharded_state_dict); BertModel and T5Model keep it
+    output_extra_state_in_dist: bool = True
 
     @property
     def pipelined_stack(self) -> str:
@@ -103,7 +106,7 @@ class ModelKind:
 
 
 MODEL_KINDS = {kind.name: kind for kind in (
-    ModelKind("decoder", ("decoder",)),  # GPTModel
+    ModelKind("decoder", ("decoder",), output_extra_state_in_dist=False),  # GPTModel
     ModelKind("encoder", ("encoder",)),  # BertModel
     # examples/t5/pretrain_t5.py (d98e8a6), model_provider: "Pipeline parallelism is not
     # supported for T5." (the --pipeline-model-parallel-split-rank machinery it describes is gone)

@@ -428,10 +428,13 @@ NAMINGS = {
 
 
 # Modules a Megatron model registers under two names, whose state dict entries therefore
-# appear twice: T5Model's output layer is also its lm_head's (megatron/core/models/T5/
-# t5_model.py: ``self.output_layer = self.lm_head.output_layer``); torch's state_dict and
-# Megatron's sharded_state_dict both walk every child. model kind -> (name, second name)
-_MODULE_COPIES = {"encoder_decoder": (("output_layer.", "lm_head.output_layer."),)}
+# appear twice (torch's state_dict and Megatron's sharded_state_dict both walk every child):
+# T5Model's output layer is also its lm_head's, and its position embeddings a member of their
+# own (megatron/core/models/T5/t5_model.py: ``self.output_layer = self.lm_head.output_layer``,
+# ``self.position_embeddings = self.embedding.position_embeddings``). Seen in Megatron-LM's T5
+# per-rank files and torch_dist alike. model kind -> (name, second name)
+_MODULE_COPIES = {"encoder_decoder": (("output_layer.", "lm_head.output_layer."),
+                                      ("embedding.position_embeddings.", "position_embeddings."))}
 
 
 def copied_key(model_kind: str, key: str) -> str | None:

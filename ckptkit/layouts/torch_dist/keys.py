@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ...spec import MTP, MTP_LAYER, CanonicalTensor, ModelSpec, mtp_part
-from ..megatron_names import CROSS_ATTENTION_LINEARS, EXPERT, NAMINGS, attention_linears, expert_of
+from ..megatron_names import CROSS_ATTENTION_LINEARS, EXPERT, NAMINGS, attention_linears, expert_of, key_copies
 
 LEGACY_COMMON_FILE = "common.pt"
 COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", shape (1,), offset (0,))
@@ -251,6 +251,9 @@ def extra_state_keys(spec: ModelSpec) -> list[str]:
             stored = f"{prefix}{_STORED_EXPERTS}{linear[len(EXPERT):]}._extra_state"
             keys += [_object_key(stored, (*index, expert), (*axes, spec.num_experts))
                      for expert in range(spec.num_experts)]
+    if spec.kind.output_extra_state_in_dist:
+        keys += [_object_key(key, (0,), (1,)) for key in ("output_layer._extra_state",
+                                                          *key_copies(spec.model_kind, "output_layer._extra_state"))]
     return keys + _mtp_extra_state_keys(spec, attention)
 
 
