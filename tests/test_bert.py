@@ -64,12 +64,14 @@ def architecture_fields(folder) -> dict:
 
 @pytest.mark.parametrize("case", sorted(BERT_CASES))
 def test_bert_round_trip_through_megatron_keeps_class_config_tensors_and_logits(case, tmp_path):
+    """HF -> torch_dist TP2 PP2 -> per-rank TP1 PP4 -> PP2 VPP2 -> TP4 -> HF."""
     _, fields = BERT_CASES[case]
     original = make_bert(tmp_path / "hf", **fields)
     hf_to_megatron(original, tmp_path / "dist_tp2pp2", tp=2, pp=2, format="torch_dist",
                    make_vocab_size_divisible_by=8)
     reshard(tmp_path / "dist_tp2pp2", tmp_path / "torch_tp1pp4", tp=1, pp=4, format="torch")
-    reshard(tmp_path / "torch_tp1pp4", tmp_path / "torch_tp4pp1", tp=4, pp=1, format="torch")
+    reshard(tmp_path / "torch_tp1pp4", tmp_path / "torch_pp2vpp2", tp=1, pp=2, vpp=2, format="torch")
+    reshard(tmp_path / "torch_pp2vpp2", tmp_path / "torch_tp4pp1", tp=4, pp=1, format="torch")
     megatron_to_hf(tmp_path / "torch_tp4pp1", tmp_path / "back")
     back = tmp_path / "back"
     assert architecture_fields(back) == architecture_fields(original)
