@@ -93,11 +93,16 @@ class ModelKind:
 
     name: str
     stacks: tuple[str, ...]
+    layer_count_fields: tuple[str, ...]  # the ModelSpec field counting each stack's layers
     cross_attention_stack: str | None = None  # the stack whose layers attend to the encoder
     no_pipeline: str | None = None  # why Megatron cannot pipeline it, or None
     # whether torch_dist keeps the output layer's (empty) _extra_state: GPTModel pops it
     # (megatron/core/models/gpt/gpt_model.py, sharded_state_dict); BertModel and T5Model keep it
     output_extra_state_in_dist: bool = True
+
+    def count_field(self, stack: str) -> str:
+        """The ModelSpec field (and Megatron arg) that counts ``stack``'s layers."""
+        return self.layer_count_fields[self.stacks.index(stack)]
 
     @property
     def pipelined_stack(self) -> str:
@@ -106,11 +111,12 @@ class ModelKind:
 
 
 MODEL_KINDS = {kind.name: kind for kind in (
-    ModelKind("decoder", ("decoder",), output_extra_state_in_dist=False),  # GPTModel
-    ModelKind("encoder", ("encoder",)),  # BertModel
+    ModelKind("decoder", ("decoder",), ("num_layers",), output_extra_state_in_dist=False),  # GPTModel
+    ModelKind("encoder", ("encoder",), ("num_layers",)),  # BertModel
     # examples/t5/pretrain_t5.py (d98e8a6), model_provider: "Pipeline parallelism is not
     # supported for T5." (the --pipeline-model-parallel-split-rank machinery it describes is gone)
-    ModelKind("encoder_decoder", ("encoder", "decoder"), cross_attention_stack="decoder",
+    ModelKind("encoder_decoder", ("encoder", "decoder"), ("encoder_num_layers", "num_layers"),
+              cross_attention_stack="decoder",
               no_pipeline="Megatron-LM's T5 (examples/t5/pretrain_t5.py) refuses pipeline parallelism"),
 )}
 
@@ -119,7 +125,7 @@ MODEL_KINDS = {kind.name: kind for kind in (
 class ModelSpec:
     """Architecture hyper-parameters shared by every layout of one model."""
 
-    family: str  # a key of ckptkit.bridges.BRIDGES: "gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3"
+    family: str  # a key of ckptkit.bridges.BRIDGES: "gpt2", "llama", ..., "bert", "t5"; "" when none claims it
     num_layers: int
     hidden_size: int
     num_attention_heads: int
@@ -231,9 +237,7 @@ class ModelSpec:
 
     def stack_layers(self, stack: str) -> int:
         """How many layers ``stack`` has: a T5 encoder's are encoder_num_layers."""
-        if stack == "encoder" and self.kind.cross_attention_stack is not None:
-            return self.encoder_num_layers
-        return self.num_layers
+        return getattr(self, self.kind.count_field(stack))
 
     def is_moe_layer(self, layer: int) -> bool:
         if not self.num_experts:

@@ -109,11 +109,9 @@ class MegatronLegacyReader(CheckpointReader):
         for stack in self.spec.kind.stacks:
             total_layers = sum(count for (_, _, counted), count in layer_counts.items() if counted == stack)
             if total_layers != self.spec.stack_layers(stack):
-                two_stacks = len(self.spec.kind.stacks) > 1
-                layers = f"{stack} layers" if two_stacks else "layers"
-                count = "encoder_num_layers" if two_stacks and stack == "encoder" else "num_layers"
+                layers = f"{stack} layers" if len(self.spec.kind.stacks) > 1 else "layers"
                 raise BadInput(f"{folder}: files hold {total_layers} {layers}; args say "
-                               f"{count}={self.spec.stack_layers(stack)}")
+                               f"{self.spec.kind.count_field(stack)}={self.spec.stack_layers(stack)}")
         for canonical in self.canonical():
             if canonical.name not in self.index:
                 raise BadInput(f"{folder}: tensor {canonical.name} is missing from every rank file")
