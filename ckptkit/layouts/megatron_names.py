@@ -104,6 +104,13 @@ MLA_LINEARS_WITHOUT_Q_LORA = ("self_attention.linear_proj", "self_attention.line
                               "self_attention.linear_kv_down_proj", "self_attention.linear_kv_up_proj")
 
 
+def with_cross_attention(linears: list[str]) -> list[str]:
+    """A layer's linears with a T5 decoder layer's cross-attention after its self-attention,
+    where Megatron's TransformerLayer builds it."""
+    after = sum(linear.startswith("self_attention.") for linear in linears)
+    return [*linears[:after], *CROSS_ATTENTION_LINEARS, *linears[after:]]
+
+
 def attention_linears(spec) -> tuple[str, ...] | None:
     """The attention linears with an ``_extra_state`` in a layer of ``spec``'s model when they
     are not the naming's own (MLA's), else None."""
@@ -329,7 +336,7 @@ class Naming:
         if attention is not None:
             linears = list(attention) + [linear for linear in linears if not linear.startswith("self_attention.")]
         if cross_attention:
-            linears[2:2] = CROSS_ATTENTION_LINEARS
+            linears = with_cross_attention(linears)
         return [f"{self.stack_prefix(stack)}{local_layer}.{linear}._extra_state" for linear in linears]
 
     def parse(self, file_key: str, main_stack: str = "decoder"):

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ...spec import MTP, MTP_LAYER, CanonicalTensor, ModelSpec, mtp_part
-from ..megatron_names import CROSS_ATTENTION_LINEARS, EXPERT, NAMINGS, attention_linears, expert_of, key_copies
+from ..megatron_names import EXPERT, NAMINGS, attention_linears, expert_of, key_copies, with_cross_attention
 
 LEGACY_COMMON_FILE = "common.pt"
 COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", shape (1,), offset (0,))
@@ -240,7 +240,7 @@ def extra_state_keys(spec: ModelSpec) -> list[str]:
         if attention is not None:
             linears = list(attention) + [linear for linear in linears if not linear.startswith("self_attention.")]
         if stack == spec.kind.cross_attention_stack:
-            linears[2:2] = CROSS_ATTENTION_LINEARS
+            linears = with_cross_attention(linears)
         stack_prefix = _stack_prefix(stack)
         prefix = f"{stack_prefix}{layer}." if per_layer else stack_prefix
         index, axes = ((), ()) if per_layer else ((layer,), (spec.stack_layers(stack),))
