@@ -130,5 +130,7 @@ def mappings(spec: ModelSpec) -> list[HfMapping]:
 
 
 BERT = Bridge("bert", ARCHITECTURE, "megatron-bert", config_to_spec, spec_to_config, mappings, mismatch,
-              lambda spec: True, ignorable=("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
+              lambda spec: True,
+              # the tied head's names, and the position-id buffer transformers 4 saved
+              ignorable=("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "embeddings.position_ids"),
               model_kind="encoder")
