@@ -230,3 +230,34 @@ def test_real_megatron_bert_through_hf_and_back_reshards_to_every_layout_bit_for
     assert_same_state(hf_state(tmp_path / "hf"), hf_state(tmp_path / "back"))
     assert json.loads((tmp_path / "back/config.json").read_text()) == \
         json.loads((tmp_path / "hf/config.json").read_text())
+
+
+def older_pre_core_spellings(model: dict) -> dict:
+    """A pre-Core BERT's ``model`` as Megatron-LM before 2024 named it (NGC's megatron-bert
+    checkpoints): ``transformer`` for the encoder, ``attention`` for ``self_attention``,
+    ``*_layernorm`` for ``*_norm``, ``lm_head.layernorm`` for ``lm_head.norm``."""
+    renames = ((".self_attention.", ".attention."), (".input_norm.", ".input_layernorm."),
+               (".post_attention_norm.", ".post_attention_layernorm."))
+    encoder = {}
+    for key, value in model["language_model"].pop("encoder").items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        encoder["final_layernorm." + key[len("final_norm."):] if key.startswith("final_norm.") else key] = value
+    model["language_model"]["transformer"] = encoder
+    if "lm_head" in model:
+        model["lm_head"] = {key.replace("norm.", "layernorm.") if key.startswith("norm.") else key: value
+                            for key, value in model["lm_head"].items()}
+    return model
+
+
+def test_pre_core_bert_with_older_spellings_reads_as_the_same_model(tmp_path):
+    original = make_bert(tmp_path / "hf")
+    hf_to_megatron(original, tmp_path / "legacy", tp=2, pp=2, naming="legacy", make_vocab_size_divisible_by=8)
+    for path in (tmp_path / "legacy").glob("release/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        state["model"] = older_pre_core_spellings(state["model"])
+        torch.save(state, path)
+    last = torch.load(tmp_path / "legacy/release/mp_rank_00_001/model_optim_rng.pt", weights_only=False)["model"]
+    assert "final_layernorm.weight" in last["language_model"]["transformer"] and "layernorm.weight" in last["lm_head"]
+    megatron_to_hf(tmp_path / "legacy", tmp_path / "back")
+    assert_same_state(hf_state(original), hf_state(tmp_path / "back"))
