@@ -63,7 +63,7 @@ def build_model_card(info: dict, existing_readme: str | None = None):
     if not info.get("architecture"):
         raise BadInput("model card: info has no 'architecture' (e.g. 'GPT2LMHeadModel')")
     section = f"{SECTION_BEGIN}\n{_conversion_section(info)}{SECTION_END}\n"
-    pipeline_tag = "text-generation" if _is_causal_lm(info["architecture"]) else None
+    pipeline_tag = "text-generation" if _auto_class(info["architecture"]) == "AutoModelForCausalLM" else None
 
     if existing_readme is None:
         data = ModelCardData(library_name="transformers", tags=list(TAGS), pipeline_tag=pipeline_tag)
@@ -118,15 +118,22 @@ def _summary(info: dict) -> str:
     source = f" ({info['source_format']})" if info.get("source_format") else ""
     version = f" {info['ckptkit_version']}" if info.get("ckptkit_version") else ""
     text = f"The weights of a {what} converted from a Megatron-LM checkpoint{source} with ckptkit{version}.\n"
-    if _is_causal_lm(info["architecture"]):
-        text += ("\n```python\nfrom transformers import AutoModelForCausalLM\n\n"
-                 'model = AutoModelForCausalLM.from_pretrained("OWNER/NAME")  # this repository, or its local folder\n'
+    auto_class = _auto_class(info["architecture"])
+    if auto_class:
+        text += (f"\n```python\nfrom transformers import {auto_class}\n\n"
+                 f'model = {auto_class}.from_pretrained("OWNER/NAME")  # this repository, or its local folder\n'
                  "```\n")
     return text
 
 
-def _is_causal_lm(architecture: str) -> bool:
-    return architecture.endswith(("ForCausalLM", "LMHeadModel"))
+# transformers' Auto class of an architecture, by the end of its name
+_AUTO_CLASSES = (("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
+                 ("ForPreTraining", "AutoModelForPreTraining"))
+
+
+def _auto_class(architecture: str) -> str | None:
+    """``"MegatronBertForPreTraining"`` -> ``"AutoModelForPreTraining"``; None when unknown."""
+    return next((auto for ending, auto in _AUTO_CLASSES if architecture.endswith(ending)), None)
 
 
 def _source_table(info: dict) -> str:

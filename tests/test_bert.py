@@ -261,3 +261,11 @@ def test_pre_core_bert_with_older_spellings_reads_as_the_same_model(tmp_path):
     assert "final_layernorm.weight" in last["language_model"]["transformer"] and "layernorm.weight" in last["lm_head"]
     megatron_to_hf(tmp_path / "legacy", tmp_path / "back")
     assert_same_state(hf_state(original), hf_state(tmp_path / "back"))
+
+
+def test_a_bert_model_card_loads_it_with_auto_model_for_pretraining_and_claims_no_text_generation():
+    from ckptkit.model_card import build_model_card
+
+    card = build_model_card({"architecture": "MegatronBertForPreTraining", "family": "bert"})
+    assert 'AutoModelForPreTraining.from_pretrained("OWNER/NAME")' in card.text
+    assert card.data.pipeline_tag is None
