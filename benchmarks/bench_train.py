@@ -299,6 +299,12 @@ def main(argv=None):
     parser.add_argument("--loss-programs-per-sm", type=int, default=0,
                         help="the loss kernel's programs per SM, each looping over rows (0: one program per row); "
                              "kernels.fused.CROSS_ENTROPY_PROGRAMS_PER_SM")
+    parser.add_argument("--gelu-rows-per-program", type=int, default=0,
+                        help="the bias + GeLU backward looping over this many rows per program (0: one tile each); "
+                             "kernels.fused.GELU_BACKWARD_ROWS_PER_PROGRAM")
+    parser.add_argument("--gelu-backward-from", choices=["x", "derivative"], default="x",
+                        help="what the GeLU operator's backward reads: the pre-activation, or the derivative its "
+                             "forward wrote; kernels.GELU_OPERATOR_BACKWARD_FROM")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if its name is not known")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -306,9 +312,11 @@ def main(argv=None):
         return 0
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or peak_tflops(name)
-    if args.loss_programs_per_sm and kernels.fused_available():
+    kernels.GELU_OPERATOR_BACKWARD_FROM = args.gelu_backward_from
+    if kernels.fused_available():
         from ckptkit.kernels import fused
         fused.CROSS_ENTROPY_PROGRAMS_PER_SM = args.loss_programs_per_sm
+        fused.GELU_BACKWARD_ROWS_PER_PROGRAM = args.gelu_rows_per_program
     spec = MODEL_PRESETS["gpt2-124m"]
     config = TrainConfig(model=spec, steps=args.warmup + args.steps, micro_batch_size=args.micro_batch_size,
                          global_batch_size=args.global_batch_size, seq_length=args.seq_length, dtype="bfloat16",
@@ -331,7 +339,9 @@ def main(argv=None):
             print(f"{label:<20}skipped: needs Triton", flush=True)
             continue
         try:
-            shown = label + (f"-loss{args.loss_programs_per_sm}" if args.loss_programs_per_sm else "")
+            shown = label + (f"-loss{args.loss_programs_per_sm}" if args.loss_programs_per_sm else "") + \
+                (f"-gelurows{args.gelu_rows_per_program}" if args.gelu_rows_per_program else "") + \
+                ("-geluderivative" if args.gelu_backward_from == "derivative" else "")
             result = measure(dataclasses.replace(config, **changes), args.warmup, args.profile, args.check_syncs,
                              explore, args.profile_dir, shown)
         except Exception as error:  # one variant failing (a compiler error, say) does not hide the others
@@ -348,6 +358,8 @@ def main(argv=None):
             with open(args.json, "a") as stream:
                 stream.write(json.dumps({"gpu": name, "variant": label, "micro_batch_size": args.micro_batch_size,
                                          "loss_programs_per_sm": args.loss_programs_per_sm,
+                                         "gelu_rows_per_program": args.gelu_rows_per_program,
+                                         "gelu_backward_from": args.gelu_backward_from, "label": shown,
                                          "microbatches": config.num_microbatches(), "mfu": mfu, **result}) + "\n")
     if args.optimizer:
         bandwidth = copy_bandwidth()

@@ -300,6 +300,33 @@ def test_fused_row_scaling_of_the_loss_backward_is_the_float32_product_rounded_o
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("from_derivative", [False, True])
+@pytest.mark.parametrize("rows_per_program", [32, 256])
+def test_fused_bias_gelu_backward_looping_over_rows_matches_float64(dtype, from_derivative, rows_per_program):
+    from ckptkit.kernels import fused
+    x, bias = random(300, 1000, dtype=dtype, device="cuda"), random(1000, dtype=dtype, device="cuda", seed=1)
+    grad = random(300, 1000, dtype=dtype, device="cuda", seed=2)
+    out, derivative = fused.bias_gelu_and_derivative(x, bias, "none")
+    grad_x, grad_bias = fused.bias_gelu_backward_rows(grad, derivative if from_derivative else x, bias, "none",
+                                                      from_derivative, rows_per_program)
+    wide_x, wide_bias = x.double().cpu().requires_grad_(), bias.double().cpu().requires_grad_()
+    expected = float64_gelu(wide_x, wide_bias, "none")
+    expected.backward(grad.double().cpu())
+    for ours, theirs in ((out, expected.detach()), (grad_x, wide_x.grad), (grad_bias, wide_bias.grad)):
+        assert (ours.double().cpu() - theirs).abs().max().item() < TOLERANCE[dtype] * max(1.0, theirs.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_operator_backward_from_the_saved_derivative_matches_float64(dtype, monkeypatch):
+    monkeypatch.setattr(kernels, "GELU_OPERATOR_BACKWARD_FROM", "derivative")
+    inputs = [random(5, 7, 3072, dtype=dtype, device="cuda"), random(3072, dtype=dtype, device="cuda", seed=1)]
+    assert_close_to_float64(lambda x, b: kernels.bias_gelu_operator(x, b, "none"),
+                            lambda x, b: float64_gelu(x, b, "none"), inputs, dtype)
+
+
+@needs_triton
 def test_fused_cross_entropy_statistics_combine_over_vocabulary_slices_like_megatron():
     from ckptkit.kernels.fused import cross_entropy_partial_stats
 

@@ -49,9 +49,17 @@ def bias_gelu(x, bias, approximate: str = "none", *, fused: bool = False):
     return ops.bias_gelu(x, bias, approximate)
 
 
+# What the GeLU operator's backward reads: "x" (the pre-activation; erf and exp recomputed) or
+# "derivative" (gelu'(x + bias), written by the forward: one more write there, no recomputation).
+GELU_OPERATOR_BACKWARD_FROM = "x"
+
+
 def bias_gelu_operator(x, bias, approximate: str = "none"):
-    """``bias_gelu`` as the operator ``torch.ops.ckptkit.bias_gelu``, which ``torch.compile`` keeps
-    whole: the Triton kernels on a GPU (its backward one pass), the same math elsewhere."""
+    """``bias_gelu`` as an operator ``torch.compile`` keeps whole (``torch.ops.ckptkit.bias_gelu``, or
+    ``bias_gelu_and_derivative`` when :data:`GELU_OPERATOR_BACKWARD_FROM` is ``"derivative"``): the
+    Triton kernels on a GPU (the backward one pass), the same math elsewhere."""
+    if GELU_OPERATOR_BACKWARD_FROM == "derivative":
+        return ops.bias_gelu_and_derivative(x, bias, approximate)[0]
     return ops.bias_gelu(x, bias, approximate)
 
 

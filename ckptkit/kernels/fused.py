@@ -99,6 +99,8 @@ def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: s
 def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str):
     """``(grad_x, grad_bias)`` in one pass over ``grad`` and ``x``; the bias gradient sums the float32
     input gradients of each tile, then the tiles' sums (``[tiles, width]``, small)."""
+    if GELU_BACKWARD_ROWS_PER_PROGRAM:
+        return bias_gelu_backward_rows(grad, x, bias, approximate, False, GELU_BACKWARD_ROWS_PER_PROGRAM)
     x, grad = x.contiguous(), grad.contiguous()
     width = x.shape[-1]
     rows = x.numel() // width
@@ -109,6 +111,90 @@ def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor |
     _bias_gelu_backward_kernel[(row_blocks, triton.cdiv(width, block_cols))](
         grad, x, bias if bias is not None else x, grad_x, partial, rows, width, HAS_BIAS=bias is not None,
         TANH=approximate == "tanh", BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=8)
+    grad_bias = partial.sum(0).to(bias.dtype) if bias is not None else None
+    return grad_x, grad_bias
+
+
+@triton.jit
+def _bias_gelu_and_derivative_kernel(x_ptr, bias_ptr, out_ptr, derivative_ptr, numel, width, HAS_BIAS: tl.constexpr,
+                                     TANH: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offsets % width, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, _gelu_forward(z, TANH).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(derivative_ptr + offsets, _gelu_derivative(z, TANH).to(derivative_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_backward_rows_kernel(grad_ptr, source_ptr, bias_ptr, out_ptr, partial_ptr, rows, width,
+                                    rows_per_program, FROM_DERIVATIVE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                    TANH: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    # Program (g, c): rows [g x rows_per_program, (g + 1) x rows_per_program) of feature block c, BLOCK_ROWS
+    # at a time, the bias gradient's float32 sums kept in registers and reduced once at the end (one row of
+    # ``partial`` per program group). ``source`` is the pre-activation x, or with FROM_DERIVATIVE the
+    # derivative gelu'(x + bias) the forward wrote.
+    group, col_block = tl.program_id(0), tl.program_id(1)
+    col_index = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_mask = col_index < width
+    if not FROM_DERIVATIVE:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + col_index, mask=col_mask, other=0.0).to(tl.float32)
+    sums = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    first = group * rows_per_program
+    for start in range(0, rows_per_program, BLOCK_ROWS):
+        row_index = first + start + tl.arange(0, BLOCK_ROWS)
+        mask = (row_index[:, None] < rows) & col_mask[None, :]
+        offsets = row_index[:, None].to(tl.int64) * width + col_index[None, :]
+        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if FROM_DERIVATIVE:
+            grad_z = grad * tl.load(source_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = tl.load(source_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += bias[None, :]
+            grad_z = grad * _gelu_derivative(z, TANH)
+        tl.store(out_ptr + offsets, grad_z.to(out_ptr.dtype.element_ty), mask=mask)
+        sums += grad_z
+    if HAS_BIAS:
+        tl.store(partial_ptr + group * width + col_index, tl.sum(sums, axis=0), mask=col_mask)
+
+
+# Rows per program of the bias + GeLU backward. 0: one 64 x 128 tile per program (the kernel above);
+# N (a multiple of 32): each program loops over N rows of 128 features, its bias-gradient sums kept in
+# registers (fewer cross-warp reductions and partial rows).
+GELU_BACKWARD_ROWS_PER_PROGRAM = 0
+_GELU_ROWS_TILE = (32, 128)
+
+
+def bias_gelu_and_derivative(x: torch.Tensor, bias: torch.Tensor | None, approximate: str):
+    """``(gelu(x + bias), gelu'(x + bias))``, both in ``x``'s dtype, in one pass."""
+    x = x.contiguous()
+    out, derivative = torch.empty_like(x), torch.empty_like(x)
+    grid = (triton.cdiv(x.numel(), _ELEMENTWISE_BLOCK),)
+    _bias_gelu_and_derivative_kernel[grid](x, bias if bias is not None else x, out, derivative, x.numel(),
+                                           x.shape[-1], HAS_BIAS=bias is not None, TANH=approximate == "tanh",
+                                           BLOCK=_ELEMENTWISE_BLOCK)
+    return out, derivative
+
+
+def bias_gelu_backward_rows(grad: torch.Tensor, source: torch.Tensor, bias: torch.Tensor | None, approximate: str,
+                            from_derivative: bool, rows_per_program: int):
+    """:func:`bias_gelu_backward` with programs looping over ``rows_per_program`` rows; ``source`` is
+    ``x``, or gelu'(x + bias) with ``from_derivative`` (then ``bias`` only says whether there is one)."""
+    source, grad = source.contiguous(), grad.contiguous()
+    width = source.shape[-1]
+    rows = source.numel() // width
+    block_rows, block_cols = _GELU_ROWS_TILE
+    rows_per_program = triton.cdiv(max(rows_per_program, block_rows), block_rows) * block_rows
+    grad_x = torch.empty_like(source)
+    groups = triton.cdiv(rows, rows_per_program)
+    partial = torch.empty((groups, width), dtype=torch.float32, device=source.device) if bias is not None else source
+    _bias_gelu_backward_rows_kernel[(groups, triton.cdiv(width, block_cols))](
+        grad, source, bias if bias is not None else source, grad_x, partial, rows, width, rows_per_program,
+        FROM_DERIVATIVE=from_derivative, HAS_BIAS=bias is not None, TANH=approximate == "tanh",
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=8)
     grad_bias = partial.sum(0).to(bias.dtype) if bias is not None else None
     return grad_x, grad_bias
 
