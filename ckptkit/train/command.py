@@ -68,10 +68,10 @@ Examples:
               help="With --compile: each transformer layer, or the whole model in one graph.")
 @click.option("--compile-mode", help="With --compile: torch.compile's mode (reduce-overhead: CUDA graphs; "
                                      "max-autotune-no-cudagraphs; ...).")
-@click.option("--gelu-operator", is_flag=True,
+@click.option("--gelu-operator/--no-gelu-operator", default=True, show_default=True,
               help="With --compile: bias + GeLU stays the Triton operator (one-pass backward) inside the compiled "
-                   "graph.")
-@click.option("--grad-accumulation", type=click.Choice(GRAD_ACCUMULATION), default="hooks", show_default=True,
+                   "graph, or the compiler writes its own kernels for it.")
+@click.option("--grad-accumulation", type=click.Choice(GRAD_ACCUMULATION), default="batched", show_default=True,
               help="How gradients reach the float32 main_grad: a hook per parameter, or all at once after each "
                    "micro-batch's backward.")
 @click.option("--step-graph", is_flag=True,

@@ -81,8 +81,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (TP1 and EP1 only)
     compile_scope: str = "layers"  # "layers": each transformer layer; "model": the rank's whole model
     compile_mode: str | None = None  # torch.compile's mode: None (default), "reduce-overhead", "max-autotune", ...
-    gelu_operator: bool = False  # compiled: bias + GeLU stays the Triton operator (torch.ops.ckptkit.bias_gelu)
-    grad_accumulation: str = "hooks"  # into float32 main_grad: "hooks" (one per parameter) or "batched"
+    gelu_operator: bool = True  # compiled: bias + GeLU stays the Triton operator (torch.ops.ckptkit.bias_gelu)
+    grad_accumulation: str = "batched"  # into float32 main_grad: "batched" (after each backward) or "hooks"
     step_graph: bool = False  # the whole step (every micro-batch, clipping, AdamW) replayed as one CUDA graph
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16"
     device: str = "auto"  # "cpu" (gloo), "cuda" (NCCL, a GPU per rank), "auto": cuda when every rank has a GPU
