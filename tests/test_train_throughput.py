@@ -49,7 +49,7 @@ def trajectory(run_config: TrainConfig) -> tuple[list[float], list[float]]:
 @pytest.mark.parametrize("layout", [dict(), dict(pp=2), dict(tp=2, dp=2, distributed_optimizer=True)],
                          ids=["TP1", "PP2", "TP2xDP2-distributed-optimizer"])
 def test_batched_gradient_accumulation_gives_the_hooks_numbers(layout):
-    hooks = trajectory(config(**layout))
+    hooks = trajectory(config(**layout, grad_accumulation="hooks"))
     batched = trajectory(config(**layout, grad_accumulation="batched"))
     assert batched == hooks  # the same float32 adds, in the same order per parameter
 
@@ -113,7 +113,8 @@ def test_step_graph_is_refused_off_a_single_gpu_rank(sizes):
 
 
 @needs_gpu
-@pytest.mark.parametrize("changes", [dict(), dict(grad_accumulation="batched")], ids=["hooks", "batched"])
+@pytest.mark.parametrize("changes", [dict(grad_accumulation="hooks"), dict(grad_accumulation="batched")],
+                         ids=["hooks", "batched"])
 def test_step_graph_on_a_gpu_trains_as_the_steps_launched_one_by_one(changes):
     # Five steps of four micro-batches: the first step eager, the second captured, three replays
     # (each with its own tokens and learning rate, read from device memory).
