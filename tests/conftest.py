@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ckptkit.layouts.base import CheckpointMeta, CheckpointReader
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -70,6 +72,23 @@ def make_hf_model(folder: Path, family: str = "gpt2", seed: int = 0, dtype=torch
             buffer.data = buffer.data.float()
     model.save_pretrained(folder)
     return folder
+
+
+class RandomReader(CheckpointReader):
+    """Random canonical tensors of a spec (seeded by name): a source for ckptkit's writers
+    where no Hugging Face class exists (T5) or none holds the model (BERT without its binary
+    head). What it makes checks that ckptkit keeps every tensor, not that it is right."""
+
+    def __init__(self, spec):
+        from ckptkit.spec import canonical_tensors
+
+        self.spec = spec
+        self.meta = CheckpointMeta(layout="random", path=Path("random"), dtype=torch.float32)
+        self.shapes = {tensor.name: tensor.shape for tensor in canonical_tensors(spec)}
+
+    def tensor(self, name):
+        generator = torch.Generator().manual_seed(sum(map(ord, name)))
+        return torch.randn(self.shapes[name], generator=generator)
 
 
 def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:

@@ -269,3 +269,25 @@ def test_a_bert_model_card_loads_it_with_auto_model_for_pretraining_and_claims_n
     card = build_model_card({"architecture": "MegatronBertForPreTraining", "family": "bert"})
     assert 'AutoModelForPreTraining.from_pretrained("OWNER/NAME")' in card.text
     assert card.data.pipeline_tag is None
+
+
+def test_bert_without_binary_head_reshards_but_is_refused_for_hugging_face(tmp_path):
+    """--bert-no-binary-head: no token types, pooler or binary head, which MegatronBertForPreTraining
+    always has."""
+    from dataclasses import replace
+
+    from ckptkit.layouts.megatron_common import TargetLayout
+    from ckptkit.layouts.megatron_legacy.write import write as write_rank_files
+
+    from conftest import RandomReader
+
+    hf_to_megatron(make_bert(tmp_path / "hf"), tmp_path / "with_head", tp=1, pp=1)
+    with open_checkpoint(tmp_path / "with_head") as reader:
+        spec = replace(reader.spec, binary_head=False, num_tokentypes=0)
+    write_rank_files(RandomReader(spec), tmp_path / "bert", TargetLayout(tp=2, pp=2, make_vocab_size_divisible_by=8))
+    reshard(tmp_path / "bert", tmp_path / "tp1", tp=1, pp=4, make_vocab_size_divisible_by=8)
+    with open_checkpoint(tmp_path / "tp1") as reader:
+        assert (reader.spec.model_kind, reader.spec.binary_head, reader.spec.num_tokentypes) == ("encoder", False, 0)
+        assert not any(tensor.name.startswith(("pooler.", "binary_head.")) for tensor in reader.canonical())
+    with pytest.raises(Unsupported, match="no binary head"):
+        megatron_to_hf(tmp_path / "tp1", tmp_path / "hf_out")

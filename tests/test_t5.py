@@ -12,27 +12,15 @@ import torch
 from ckptkit.convert import megatron_to_hf, reshard
 from ckptkit.errors import Unsupported
 from ckptkit.layouts import open_checkpoint
-from ckptkit.layouts.base import CheckpointMeta, CheckpointReader
 from ckptkit.layouts.megatron_common import TargetLayout
 from ckptkit.layouts.megatron_legacy.write import write as write_rank_files
 from ckptkit.spec import ModelSpec, canonical_tensors
 
+from conftest import RandomReader
+
 T5_SPEC = ModelSpec(family="t5", model_kind="encoder_decoder", num_layers=2, encoder_num_layers=3, hidden_size=32,
                     num_attention_heads=4, num_query_groups=4, ffn_hidden_size=64, vocab_size=101,
                     max_position_embeddings=32, head_dim=8, output_layer_bias=True)
-
-
-class RandomReader(CheckpointReader):
-    """Random canonical tensors of a spec (seeded by name), as a source for ckptkit's writers."""
-
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
-        self.meta = CheckpointMeta(layout="random", path=Path("random"), dtype=torch.float32)
-
-    def tensor(self, name):
-        shape = next(tensor.shape for tensor in canonical_tensors(self.spec) if tensor.name == name)
-        generator = torch.Generator().manual_seed(sum(map(ord, name)))
-        return torch.randn(shape, generator=generator)
 
 
 def make_t5(folder: Path, tp: int = 2) -> Path:
@@ -133,3 +121,19 @@ def test_real_megatron_t5_torch_dist_written_by_ckptkit_has_megatron_s_keys_shap
         from conftest import assert_same_rank_model
 
         assert_same_rank_model(tmp_path / "back" / real.relative_to(fixture_path("t5_tp2", "torch")), real)
+
+
+def test_untied_t5_keeps_both_names_of_its_output_layer_weight_through_reshards(tmp_path):
+    from dataclasses import replace
+
+    from conftest import tensor_layout
+
+    untied = replace(T5_SPEC, tied_embeddings=False, output_layer_bias=False)
+    write_rank_files(RandomReader(untied), tmp_path / "t5", TargetLayout(tp=2, make_vocab_size_divisible_by=8))
+    reshard(tmp_path / "t5", tmp_path / "dist", tp=1, pp=1, format="torch_dist", make_vocab_size_divisible_by=8)
+    keys = tensor_layout(next(p for p in (tmp_path / "dist").iterdir() if p.is_dir()))
+    assert {"output_layer.weight", "lm_head.output_layer.weight"} <= set(keys)
+    assert "output_layer.bias" not in keys
+    reshard(tmp_path / "dist", tmp_path / "back", tp=2, pp=1, format="torch", make_vocab_size_divisible_by=8)
+    original, back = all_tensors(tmp_path / "t5"), all_tensors(tmp_path / "back")
+    assert all(torch.equal(original[name], back[name]) for name in original)
