@@ -137,3 +137,21 @@ def test_untied_t5_keeps_both_names_of_its_output_layer_weight_through_reshards(
     reshard(tmp_path / "dist", tmp_path / "back", tp=2, pp=1, format="torch", make_vocab_size_divisible_by=8)
     original, back = all_tensors(tmp_path / "t5"), all_tensors(tmp_path / "back")
     assert all(torch.equal(original[name], back[name]) for name in original)
+
+
+def test_real_t5_output_bias_that_differs_under_its_second_name_is_reported(copy_fixture):
+    """T5Model saves its output layer twice; the second copy is compared with the first, and a
+    difference is a note (an error with strict)."""
+    from ckptkit.errors import BadInput
+    from ckptkit.safe_load import safe_torch_load
+
+    source = copy_fixture("t5_tp2", "torch")
+    path = source / "iter_0000010/mp_rank_01/model_optim_rng.pt"
+    state = safe_torch_load(path, mmap=False)
+    state["model"]["lm_head.output_layer.bias"] = state["model"]["lm_head.output_layer.bias"] + 0.5
+    torch.save(state, path)
+    with open_checkpoint(source) as reader:
+        notes = reader.validate()
+    assert any("lm_head.output_layer.bias differs from output_layer.bias" in note for note in notes), notes
+    with open_checkpoint(source, strict=True) as reader, pytest.raises(BadInput, match="lm_head.output_layer.bias"):
+        reader.validate()
