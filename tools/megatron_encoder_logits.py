@@ -26,14 +26,10 @@ import sys
 
 import torch
 
-from megatron_encoder_common import MODELS, fixed_inputs, has_argument_parsing_of_its_own, import_training_script
+from megatron_encoder_common import (MEGATRON_PATH, MODELS, fixed_inputs, has_argument_parsing_of_its_own,
+                                     import_training_script)
 
-MODEL = sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in MODELS else None
-if MODEL is None:
-    raise SystemExit(f"usage: {sys.argv[0]} {{{','.join(MODELS)}}} --load CKPT --logits-out FILE MEGATRON_ARGS...")
-
-example = import_training_script(MODEL)
-
+sys.path.insert(0, str(MEGATRON_PATH))
 from megatron.core import mpu  # noqa: E402
 from megatron.core.enums import ModelType  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
@@ -41,6 +37,17 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from megatron.training import get_args, get_model  # noqa: E402
 from megatron.training.checkpointing import load_checkpoint  # noqa: E402
 from megatron.training.initialize import initialize_megatron  # noqa: E402
+
+# Set by main() (or use_model()); nothing model-specific runs at import, so that a process
+# Megatron spawns can re-import this module (as tools/megatron_encoder_pretrain.py must).
+MODEL = None
+example = None
+
+
+def use_model(model: str) -> None:
+    """Pick bert or t5 and import Megatron's training script for it."""
+    global MODEL, example
+    MODEL, example = model, import_training_script(model)
 
 
 def add_arguments(parser):
@@ -120,6 +127,9 @@ def megatron_logits(model: list, inputs: dict, args) -> dict | None:
 
 
 def main():
+    if len(sys.argv) < 2 or sys.argv[1] not in MODELS:
+        raise SystemExit(f"usage: {sys.argv[0]} {{{','.join(MODELS)}}} --load CKPT --logits-out FILE MEGATRON_ARGS...")
+    use_model(sys.argv.pop(1))
     initialize()
     args = get_args()
     model = get_model(example.model_provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
