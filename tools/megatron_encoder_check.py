@@ -64,6 +64,11 @@ CASES = {
         "bert_core_tp2pp2", "bert",
         (("megatron-to-hf", "{src}/dist", "{hf}"), ("hf-to-megatron", "{hf}", "{out}", "--tp", "2", "--pp", "2")),
         "torch", 2, 2, hf=True),
+    "bert_hf_to_tp2pp1_dist": Case(
+        "bert_core_tp2pp2", "bert",
+        (("megatron-to-hf", "{src}/torch", "{hf}"),
+         ("hf-to-megatron", "{hf}", "{out}", "--tp", "2", "--pp", "1", "--format", "torch_dist")),
+        "torch_dist", 2, 1, hf=True),
     "t5_dist_to_tp1_torch": Case(
         "t5_tp2", "t5", (("reshard", "{src}/dist", "{out}", "--format", "torch", "--tp", "1", "--pp", "1"),),
         "torch", 1, 1),
@@ -74,6 +79,9 @@ CASES = {
         "t5_tp2", "t5",
         (("reshard", "{src}/torch", "{out}", "--format", "torch_dist", "--tp", "1", "--pp", "1", "--no-optimizer"),),
         "torch_dist", 1, 1),
+    "t5_dist_to_tp2_torch": Case(
+        "t5_tp2", "t5", (("reshard", "{src}/dist", "{out}", "--format", "torch", "--tp", "2", "--pp", "1"),),
+        "torch", 2, 1),
     "legacy_to_tp1pp1_legacy": Case(
         "bert_legacy_tp2pp2", "bert", (("reshard", "{src}/torch", "{out}", "--tp", "1", "--pp", "1", "--no-optimizer"),),
         "torch", 1, 1, tree="2024", naming="legacy"),
@@ -81,6 +89,11 @@ CASES = {
         "bert_legacy_tp2pp2", "bert",
         (("reshard", "{src}/torch", "{out}", "--tp", "1", "--pp", "1", "--naming", "mcore-local", "--no-optimizer"),),
         "torch", 1, 1),
+    "legacy_to_tp2pp1_core_dist": Case(
+        "bert_legacy_tp2pp2", "bert",
+        (("reshard", "{src}/torch", "{out}", "--tp", "2", "--pp", "1", "--naming", "mcore-local",
+          "--format", "torch_dist", "--no-optimizer"),),
+        "torch_dist", 2, 1),
     "legacy_hf_to_tp2pp2_core": Case(
         "bert_legacy_tp2pp2", "bert",
         (("megatron-to-hf", "{src}/torch", "{hf}"), ("hf-to-megatron", "{hf}", "{out}", "--tp", "2", "--pp", "2")),
