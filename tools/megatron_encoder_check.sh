@@ -65,6 +65,7 @@ wait
 
 for log in "$OUT"/*.log; do
   echo "##### $(basename "$log")"
-  grep -E "^== |^rc=|saved logits|loaded checkpoint|load_return|[Mm]issing key|[Uu]nexpected key|Error|error:|Traceback" "$log" | head -20
+  grep -E "^== |^rc=|saved logits|loaded checkpoint|load_return|[Mm]issing key|[Uu]nexpected key|Error|error:|Traceback" "$log" \
+    | grep -v Warning | head -20
 done
 python3 "$REPO/tools/megatron_encoder_check.py" compare "$CHECK" "$OUT" --json "$OUT/rows.json" | tee "$OUT/table.txt"

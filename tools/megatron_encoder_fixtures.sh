@@ -176,6 +176,6 @@ wait
 for name in $MODELS; do
   echo "##### $name"
   [ -f "$OUT/$name.log" ] && grep -E "^== |^rc=| iteration +[0-9]+/|saved logits|loaded checkpoint|load_return|max abs|Error|error:|Traceback|^/tmp" \
-    "$OUT/$name.log" | head -80
+    "$OUT/$name.log" | grep -v Warning | head -80
 done
 ls -la "$OUT"
