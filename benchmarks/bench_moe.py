@@ -98,11 +98,13 @@ def main(argv=None) -> None:
         torch_dist.write(source, folder / "dist", TargetLayout(ep=8, iteration=1))
         stacked = options.layers * experts * 2 * options.ffn * options.hidden * 2
         expert = 3 * options.ffn * options.hidden * 2
-        for name, call in (("megatron-to-hf", f"megatron_to_hf({str(folder / 'dist')!r}, {str(folder / 'hf')!r})"),
-                           ("reshard --ep 4 --format torch",
-                            f"reshard({str(folder / 'dist')!r}, {str(folder / 'torch')!r}, tp=1, pp=1, ep=4, "
-                            "format='torch')")):
+        for name, output, call in (
+                ("megatron-to-hf", "hf", f"megatron_to_hf({str(folder / 'dist')!r}, {str(folder / 'hf')!r})"),
+                ("reshard --ep 4 --format torch", "torch",
+                 f"reshard({str(folder / 'dist')!r}, {str(folder / 'torch')!r}, tp=1, pp=1, ep=4, format='torch')")):
             seconds, peak, _ = run(call)
+            # only the source and one output on disk at a time: 256 DeepSeek-V3-width experts are 23 GB each
+            shutil.rmtree(folder / output, ignore_errors=True)
             rows.append({"experts": experts, "conversion": name, "seconds": round(seconds, 2),
                          "peak_rss_mb": round(peak / MIB, 1), "stacked_expert_key_mb": round(stacked / MIB, 1),
                          "one_expert_mb": round(expert / MIB, 2),
