@@ -22,7 +22,7 @@ set -u
 : "${MEGATRON_PATH:?set MEGATRON_PATH to a Megatron-LM source tree with examples/bert and examples/t5}"
 : "${OUT:=/tmp/encoder-optimizer}"
 : "${WORK:=/tmp/encoder-optimizer-work}"
-: "${SOURCES:=bert_torch:bert:torch:2:1:2:1 bert_dist:bert:torch_dist:2:1:2:1 bert_full:bert:torch_dist:2:1:2:1:fully_reshardable bert_plain:bert:torch:2:1:2:0 bert_pp:bert:torch:1:2:2:1 bert_vpp:bert:torch:1:2:2:1:-:1 t5_torch:t5:torch:2:1:2:1 t5_dist:t5:torch_dist:2:1:2:1 t5_plain:t5:torch:2:1:2:0}"
+: "${SOURCES:=bert_torch:bert:torch:2:1:2:1 bert_dist:bert:torch_dist:2:1:2:1 bert_full:bert:torch_dist:2:1:2:1:fully_reshardable bert_plain:bert:torch:2:1:2:0 bert_pp:bert:torch:1:2:2:1 bert_vpp:bert:torch:1:2:2:1:-:1 t5_torch:t5:torch:2:1:2:1 t5_dist:t5:torch_dist:2:1:2:1 t5_full:t5:torch_dist:2:1:2:1:fully_reshardable t5_plain:t5:torch:2:1:2:0}"
 : "${RUN_TIMEOUT:=170}"
 : "${PORT:=29700}"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
