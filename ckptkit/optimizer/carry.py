@@ -34,10 +34,6 @@ def optimizer_state_absence(reader: CheckpointReader) -> str | None:
     one ckptkit reads (a conversion then carries it by default)."""
     from . import read_optimizer_state
 
-    if reader.spec.model_kind != "decoder":
-        if not _holds_optimizer_state(reader):
-            return f"{reader.meta.path} holds none"
-        refuse_encoder_models(reader.spec, f"{reader.meta.path}: its optimizer state", "--no-optimizer")
     try:
         with read_optimizer_state(reader):
             return None
@@ -113,21 +109,13 @@ def _optimizer_files(target: OptimizerTarget) -> list[str]:
     return [path for path in output_files(target) if path.endswith(FILE_NAME)]
 
 
-def _holds_optimizer_state(reader: CheckpointReader) -> bool:
-    """Whether a Megatron checkpoint stores optimizer state (per-rank files: an ``optimizer``
-    entry; torch_dist: optimizer keys), without reading it."""
-    skipped = getattr(reader, "skipped", None)
-    if isinstance(skipped, dict):
-        return bool(skipped.get("optimizer"))
-    return hasattr(reader, "rank_state") and "optimizer" in reader.rank_state(0, 0)
-
-
 def refuse_encoder_models(spec, what: str, instead: str) -> None:
-    """Optimizer state follows Megatron's parameter order, which ckptkit knows for GPTModel only
-    (:mod:`ckptkit.optimizer.parameters`): refuse it for BERT and T5 in one line."""
+    """A fresh optimizer state (:mod:`.fresh`) of BERT or T5 is refused in one line: Megatron has
+    resumed carried BERT and T5 state (tools/megatron_encoder_optimizer.sh), not yet a fresh one."""
     if spec.model_kind != "decoder":
-        raise Unsupported(f"{what}: optimizer state of a Megatron {spec.model_kind} model ({spec.family or 'unknown'}) "
-                          f"is not supported (its parameter order is mapped for GPT models only): use {instead}")
+        raise Unsupported(f"{what}: a fresh optimizer state of a Megatron {spec.model_kind} model "
+                          f"({spec.family or 'unknown'}) is not supported (Megatron has not been seen to start "
+                          f"from one): use {instead}")
 
 
 def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointReader, *, dp: int | None = None,

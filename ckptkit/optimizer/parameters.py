@@ -2,30 +2,50 @@
 
 Megatron builds its gradient buffers, the distributed optimizer's flat buffers and the
 optimizer's parameter groups from ``model_chunk.named_parameters()``: the order in which
-the modules registered their parameters. For Megatron-Core's GPT model with the local
-layer spec that order is::
+the modules registered their parameters. For Megatron-Core's GPTModel, BertModel and
+T5Model with the local layer spec that order is (``STACK`` is ``decoder`` for GPT,
+``encoder`` for BERT, ``encoder`` then ``decoder`` for T5)::
 
     embedding.word_embeddings.weight                       first stage, chunk 0
     embedding.position_embeddings.weight                   (learned absolute positions)
-    decoder.layers.N.input_layernorm.{weight,bias}
-    decoder.layers.N.self_attention.linear_proj.{weight,bias}
-    decoder.layers.N.self_attention.linear_qkv.{weight,bias}
-    decoder.layers.N.self_attention.{q,k}_layernorm.{weight,bias}
-    decoder.layers.N.pre_mlp_layernorm.{weight,bias}
-    decoder.layers.N.mlp.linear_fc1.{weight,bias}          a dense layer; a MoE layer instead:
-    decoder.layers.N.mlp.linear_fc2.{weight,bias}
-    decoder.layers.N.mlp.router.weight
-    decoder.layers.N.mlp.experts.local_experts.E.linear_fc{1,2}.{weight,bias}   each local expert
-    decoder.layers.N.mlp.shared_experts.gate_weight        (a module's own parameters come first)
-    decoder.layers.N.mlp.shared_experts.linear_fc{1,2}.weight
-    decoder.final_layernorm.{weight,bias}                  last stage, last chunk
-    output_layer.weight                                    untied head, or the tied copy
+    embedding.tokentype_embeddings.weight                  (BERT)
+    STACK.layers.N.input_layernorm.{weight,bias}           each stack's layers of the chunk
+    STACK.layers.N.self_attention.linear_proj.{weight,bias}
+    STACK.layers.N.self_attention.linear_qkv.{weight,bias}
+    STACK.layers.N.self_attention.{q,k}_layernorm.{weight,bias}
+    STACK.layers.N.pre_cross_attn_layernorm.{weight,bias}  a T5 decoder layer:
+    STACK.layers.N.cross_attention.linear_proj.{weight,bias}
+    STACK.layers.N.cross_attention.linear_q.{weight,bias}
+    STACK.layers.N.cross_attention.linear_kv.{weight,bias}
+    STACK.layers.N.pre_mlp_layernorm.{weight,bias}
+    STACK.layers.N.mlp.linear_fc1.{weight,bias}            a dense layer; a MoE layer instead:
+    STACK.layers.N.mlp.linear_fc2.{weight,bias}
+    STACK.layers.N.mlp.router.weight
+    STACK.layers.N.mlp.experts.local_experts.E.linear_fc{1,2}.{weight,bias}   each local expert
+    STACK.layers.N.mlp.shared_experts.gate_weight          (a module's own parameters come first)
+    STACK.layers.N.mlp.shared_experts.linear_fc{1,2}.weight
+    STACK.final_layernorm.{weight,bias}                    after the stack's last layer
+    lm_head.dense.{weight,bias}                            last stage, last chunk: BERT's transform
+    lm_head.layer_norm.{weight,bias}
+    output_layer.weight                                    untied head, or the tied copy (PP > 1)
+    output_layer.bias                                      BERT; T5 (lm_head.output_layer.bias)
+    binary_head.{weight,bias}                              BERT's binary head
+    pooler.dense.{weight,bias}
 
-``linear_proj`` comes before ``linear_qkv`` because ``Attention.__init__`` registers it
-before ``SelfAttention.__init__`` adds ``linear_qkv`` and the q/k norms
-(megatron/core/transformer/attention.py); the state dicts of every real fixture list
-them so. The canonical order of :func:`ckptkit.spec.canonical_tensors` differs (QKV
-first): it is the order ckptkit writes weights in, not the order Megatron optimizes in.
+``linear_proj`` comes before ``linear_qkv`` (and before a cross-attention's ``linear_q``)
+because ``Attention.__init__`` registers it before ``SelfAttention.__init__`` and
+``CrossAttention.__init__`` add theirs (megatron/core/transformer/attention.py); the state
+dicts of every real fixture list them so. The canonical order of
+:func:`ckptkit.spec.canonical_tensors` differs (QKV first): it is the order ckptkit writes
+weights in, not the order Megatron optimizes in. BertModel registers ``lm_head``,
+``output_layer``, ``binary_head``, ``pooler`` in that order, and its tied ``output_layer``
+holds no weight on a stage that also holds the embeddings (``skip_weight_param_allocation``,
+megatron/core/models/bert/bert_model.py). T5Model registers its output layer and its position
+embeddings twice (``self.output_layer = self.lm_head.output_layer``, ``self.position_embeddings
+= self.embedding.position_embeddings``); ``named_parameters()`` yields each parameter once,
+under its first name: ``lm_head.output_layer.bias``, ``embedding.position_embeddings.weight``.
+All of this was read off ``named_parameters()`` of the models Megatron-LM d98e8a6 builds
+(first, middle and last stages) and is checked on real checkpoints of each model.
 
 Each parameter is one tensor-parallel piece of a canonical tensor: its rule (and the
 padded vocabulary, for vocabulary tensors) says which region of the full tensor it
@@ -54,13 +74,18 @@ WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 TIED_HEAD = "output_layer.weight"
 
 _EXPERTS = "mlp.experts.local_experts"  # where the layer's local experts come, each in _EXPERT_ORDER
-# Order of a transformer layer's parameters inside named_parameters() (local layer spec).
+# Order of a transformer layer's parameters inside named_parameters() (local layer spec); a
+# layer lacking one (no q/k norms, no cross-attention, dense or MoE) skips it.
 _LAYER_ORDER = (
     "input_layernorm.weight", "input_layernorm.bias",
     "self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
     "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
     "self_attention.q_layernorm.weight", "self_attention.q_layernorm.bias",
     "self_attention.k_layernorm.weight", "self_attention.k_layernorm.bias",
+    "pre_cross_attn_layernorm.weight", "pre_cross_attn_layernorm.bias",
+    "cross_attention.linear_proj.weight", "cross_attention.linear_proj.bias",
+    "cross_attention.linear_q.weight", "cross_attention.linear_q.bias",
+    "cross_attention.linear_kv.weight", "cross_attention.linear_kv.bias",
     "pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias",
     "mlp.linear_fc1.weight", "mlp.linear_fc1.bias",
     "mlp.linear_fc2.weight", "mlp.linear_fc2.bias",
@@ -71,8 +96,18 @@ _LAYER_ORDER = (
 )
 # One local expert's parameters, in order (SequentialMLP's MLP per expert)
 _EXPERT_ORDER = ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")
-_FIRST_STAGE_ORDER = (WORD_EMBEDDINGS, "embedding.position_embeddings.weight")
-_LAST_STAGE_ORDER = ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias", TIED_HEAD)
+_FIRST_STAGE_ORDER = (WORD_EMBEDDINGS, "embedding.position_embeddings.weight",
+                      "embedding.tokentype_embeddings.weight")
+_FINAL_NORM_ORDER = ("final_layernorm.weight", "final_layernorm.bias")  # after each stack's last layer
+_LAST_STAGE_ORDER = (
+    "lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight", "lm_head.layer_norm.bias",
+    TIED_HEAD, "output_layer.bias",
+    "binary_head.weight", "binary_head.bias", "pooler.dense.weight", "pooler.dense.bias",
+)
+# Modules named_parameters() meets first under another name than the canonical one: model kind
+# -> (canonical prefix, Megatron's name). T5Model's lm_head registers the output layer before
+# T5Model's own alias of it.
+_FIRST_NAMES = {"encoder_decoder": (("output_layer.", "lm_head.output_layer."),)}
 
 SUPPORTED_NAMINGS = ("mcore-local",)
 
@@ -146,7 +181,8 @@ def chunk_parameters(spec: ModelSpec, place: ChunkPlace, padded_vocab_size: int,
             and 0 <= place.ep_rank < place.ep):
         raise BadInput(f"no model chunk {place} in TP={place.tp} PP={place.pp} VPP={place.vpp} EP={place.ep}")
     file_names = NAMINGS[naming]
-    layers = stage_layers(spec, place.pp, place.vpp)[(place.pp_stage, place.chunk)]
+    layers_of = {stack: stage_layers(spec, place.pp, place.vpp, stack)[(place.pp_stage, place.chunk)]
+                 for stack in spec.kind.stacks}
     tensors = {tensor.name: tensor for tensor in canonical_tensors(spec)}
     tied_split = spec.tied_embeddings and place.pp * place.vpp > 1
 
@@ -163,30 +199,24 @@ def chunk_parameters(spec: ModelSpec, place: ChunkPlace, padded_vocab_size: int,
                 parameters.append(piece(canonical, file_names.file_name(canonical, None), shared_embedding=shared))
     local_experts = spec.num_experts // place.ep if spec.num_experts else 0
     first_expert = place.ep_rank * local_experts
-    for layer in layers:
-        prefix = f"decoder.layers.{layer}."
-        moe_layer = bool(spec.num_experts) and spec.is_moe_layer(layer)
-        for suffix in _LAYER_ORDER:
-            if suffix == _EXPERTS:
-                for expert in range(first_expert, first_expert + local_experts):
-                    for part in _EXPERT_ORDER:
-                        expert_suffix = f"{_EXPERTS}.{expert}.{part}"
-                        if prefix + expert_suffix in tensors:
-                            parameters.append(piece(prefix + expert_suffix, file_names.file_name(
-                                expert_suffix, layer - layers.start, moe_layer=True, expert_offset=first_expert),
-                                expert=place.ep > 1))
-            elif prefix + suffix in tensors:
-                parameters.append(piece(prefix + suffix, file_names.file_name(suffix, layer - layers.start,
-                                                                              moe_layer=moe_layer)))
+    for stack, layers in layers_of.items():
+        for layer in layers:
+            parameters += _layer_parameters(spec, stack, layer, layers, tensors, piece, file_names, place,
+                                            first_expert, local_experts)
+        if spec.stack_layers(stack) - 1 in layers:
+            for suffix in _FINAL_NORM_ORDER:
+                canonical = f"{stack}.{suffix}"
+                if canonical in tensors:
+                    parameters.append(piece(canonical, file_names.file_name(canonical, None)))
     if place.is_last:
         for canonical in _LAST_STAGE_ORDER:
             if canonical == TIED_HEAD and tied_split:
                 parameters.append(piece(WORD_EMBEDDINGS, file_names.tied_head[0], shared_embedding=True,
                                         tied_copy=True))
             elif canonical in tensors:
-                parameters.append(piece(canonical, file_names.file_name(canonical, None)))
+                parameters.append(piece(canonical, _first_name(spec, file_names.file_name(canonical, None))))
     listed = {parameter.canonical for parameter in parameters}
-    expected = [name for name, tensor in tensors.items() if _holds(place, tensor, layers, first_expert,
+    expected = [name for name, tensor in tensors.items() if _holds(place, tensor, layers_of, first_expert,
                                                                     local_experts)]
     missing = [name for name in expected if name not in listed]
     if missing:  # a canonical tensor this table does not place: refuse rather than misplace its state
@@ -194,9 +224,39 @@ def chunk_parameters(spec: ModelSpec, place: ChunkPlace, padded_vocab_size: int,
     return parameters
 
 
-def _holds(place: ChunkPlace, tensor, layers: range, first_expert: int, local_experts: int) -> bool:
+def _layer_parameters(spec: ModelSpec, stack: str, layer: int, layers: range, tensors: dict, piece, file_names,
+                      place: ChunkPlace, first_expert: int, local_experts: int) -> list[ModelParameter]:
+    """One layer's parameters in _LAYER_ORDER (its experts those of the chunk's EP rank)."""
+    prefix = f"{stack}.layers.{layer}."
+    moe_layer = bool(spec.num_experts) and spec.is_moe_layer(layer)
+    parameters = []
+    for suffix in _LAYER_ORDER:
+        if suffix == _EXPERTS:
+            for expert in range(first_expert, first_expert + local_experts):
+                for part in _EXPERT_ORDER:
+                    expert_suffix = f"{_EXPERTS}.{expert}.{part}"
+                    if prefix + expert_suffix in tensors:
+                        parameters.append(piece(prefix + expert_suffix, file_names.file_name(
+                            expert_suffix, layer - layers.start, moe_layer=True, expert_offset=first_expert,
+                            stack=stack), expert=place.ep > 1))
+        elif prefix + suffix in tensors:
+            parameters.append(piece(prefix + suffix, file_names.file_name(suffix, layer - layers.start,
+                                                                          moe_layer=moe_layer, stack=stack)))
+    return parameters
+
+
+def _first_name(spec: ModelSpec, name: str) -> str:
+    """``name`` as named_parameters() spells it (see _FIRST_NAMES): a T5Model's
+    ``output_layer.bias`` is ``lm_head.output_layer.bias``."""
+    for canonical_prefix, first in _FIRST_NAMES.get(spec.model_kind, ()):
+        if name.startswith(canonical_prefix):
+            return first + name[len(canonical_prefix):]
+    return name
+
+
+def _holds(place: ChunkPlace, tensor, layers_of: dict[str, range], first_expert: int, local_experts: int) -> bool:
     if tensor.expert is not None:
-        return tensor.layer in layers and first_expert <= tensor.expert < first_expert + local_experts
+        return tensor.layer in layers_of[tensor.stack] and first_expert <= tensor.expert < first_expert + local_experts
     if tensor.layer is not None:
-        return tensor.layer in layers
+        return tensor.layer in layers_of[tensor.stack]
     return place.is_first if tensor.name.startswith("embedding.") else place.is_last
