@@ -35,44 +35,22 @@ python3 "$REPO/tools/megatron_local_fixes.py" "$WORK/megatron" --step-fix || exi
 MEGATRON=$WORK/megatron
 make -C "$MEGATRON/megatron/core/datasets" >/dev/null 2>&1 || echo "dataset helpers did not build (not needed by the mock data)"
 
-# Tiny models, so that each checkpoint with its optimizer state stays well under 1 MB: padded
-# vocabulary 256 (NullTokenizer 200 ids), hidden 32.
-FUSIONS_OFF=(--transformer-impl local --no-gradient-accumulation-fusion --no-masked-softmax-fusion
-  --no-bias-gelu-fusion --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion)
-COMMON=(--tokenizer-type NullTokenizer --vocab-size 200 --hidden-size 32 --num-attention-heads 4
-  --ffn-hidden-size 64 --init-method-std 0.05 --hidden-dropout 0 --attention-dropout 0 --bf16
-  "${FUSIONS_OFF[@]}")
-BERT=(--num-layers 4 --seq-length 32 --max-position-embeddings 32 --spec local --attention-backend local
-  "${COMMON[@]}")
-T5=(--encoder-num-layers 2 --decoder-num-layers 2 --kv-channels 8 --encoder-seq-length 32
-  --decoder-seq-length 16 --max-position-embeddings 32 --attention-backend unfused "${COMMON[@]}")
-TRAIN=(--micro-batch-size 2 --global-batch-size 8 --lr 5e-4 --min-lr 5e-5 --lr-decay-style cosine
-  --lr-warmup-iters 2 --lr-decay-iters 20 --weight-decay 0.01 --clip-grad 1.0 --seed 42
-  --log-interval 1 --eval-iters 0 --eval-interval 1000 --train-iters 15 --no-save-rng)
+source "$REPO/tools/megatron_encoder_optimizer_flags.sh"
 
 megatron() {  # LOG MODEL GPUS PORT ARGS...
   local log=$1 model=$2 gpus=$3 port=$4 args; shift 4
-  if [ "$model" = bert ]; then args=("${BERT[@]}"); else args=("${T5[@]}"); fi
-  echo "\$ torchrun --nproc-per-node $gpus megatron_encoder_pretrain.py $model ${args[*]} ${TRAIN[*]} $*" >"$log"
+  if [ "$model" = bert ]; then args=("${OPT_BERT[@]}"); else args=("${OPT_T5[@]}"); fi
+  echo "\$ torchrun --nproc-per-node $gpus megatron_encoder_pretrain.py $model ${args[*]} ${OPT_TRAIN[*]} $*" >"$log"
   timeout -k 5 "$RUN_TIMEOUT" env MEGATRON_PATH="$MEGATRON" torchrun --nproc-per-node "$gpus" \
     --master-port "$port" "$REPO/tools/megatron_encoder_pretrain.py" "$model" "${args[@]}" \
-    "${TRAIN[@]}" "$@" >>"$log" 2>&1
+    "${OPT_TRAIN[@]}" "$@" >>"$log" 2>&1
   echo "rc=$?" >>"$log"
   echo "$(basename "$log" .log): $(tail -n 1 "$log")"
 }
 
-# Megatron flags of one SOURCES entry's layout and optimizer (into LAYOUT).
-layout_flags() {  # FORMAT TP PP DP DISTRIBUTED SHARDING VPP
-  LAYOUT=(--ckpt-format "$1" --tensor-model-parallel-size "$2" --pipeline-model-parallel-size "$3")
-  [ "$5" = 1 ] && LAYOUT+=(--use-distributed-optimizer)
-  [ "$6" = fully_reshardable ] && LAYOUT+=(--dist-ckpt-optim-fully-reshardable)
-  [ -n "$7" ] && LAYOUT+=(--num-layers-per-virtual-pipeline-stage "$7")
-  return 0
-}
-
 train() {  # NAME MODEL FORMAT TP PP DP DISTRIBUTED [SHARDING [VPP]]
   local name=$1 model=$2 port=$3; shift 3
-  local LAYOUT; layout_flags "$1" "$2" "$3" "$4" "$5" "${6:--}" "${7:-}"
+  local LAYOUT; opt_layout_flags "$1" "$2" "$3" "$4" "$5" "${6:--}" "${7:-}"
   megatron "$OUT/logs/${name}_train.log" "$model" $(($2 * $3 * $4)) "$port" "${LAYOUT[@]}" \
     --save "$WORK/$name" --save-interval 10
   if [ -d "$WORK/$name/iter_0000010" ]; then
@@ -84,7 +62,7 @@ train() {  # NAME MODEL FORMAT TP PP DP DISTRIBUTED [SHARDING [VPP]]
 
 resume() {  # NAME MODEL FORMAT TP PP DP DISTRIBUTED [SHARDING [VPP]]
   local name=$1 model=$2 port=$3; shift 3
-  local LAYOUT; layout_flags "$1" "$2" "$3" "$4" "$5" "${6:--}" "${7:-}"
+  local LAYOUT; opt_layout_flags "$1" "$2" "$3" "$4" "$5" "${6:--}" "${7:-}"
   [ -d "$WORK/$name/iter_0000010" ] || return 0
   megatron "$OUT/logs/${name}_baseline.log" "$model" $(($2 * $3 * $4)) "$port" "${LAYOUT[@]}" \
     --load "$WORK/$name" --no-load-rng --exit-on-missing-checkpoint
