@@ -7,7 +7,8 @@
 # with a save at iteration 10 (the "train" run: its losses 11-15 are the uninterrupted ones;
 # its save at 15 is removed and the tracker set back to 10). Then Megatron resumes each
 # checkpoint at its own layout to iteration 15 (the baseline; --no-load-rng, nothing draws
-# random numbers with dropout 0).
+# random numbers with dropout 0); a torch_dist checkpoint is also resumed with
+# --dist-ckpt-strictness raise_all (NAME_strict.log).
 #
 # SOURCES holds NAME:MODEL:FORMAT:TP:PP:DP:DISTRIBUTED[:SHARDING[:VPP]] entries (MODEL bert or
 # t5; DISTRIBUTED 1 for --use-distributed-optimizer, 0 for the plain optimizer; SHARDING "-"
@@ -65,7 +66,14 @@ resume() {  # NAME MODEL FORMAT TP PP DP DISTRIBUTED [SHARDING [VPP]]
   local LAYOUT; opt_layout_flags "$1" "$2" "$3" "$4" "$5" "${6:--}" "${7:-}"
   [ -d "$WORK/$name/iter_0000010" ] || return 0
   megatron "$OUT/logs/${name}_baseline.log" "$model" $(($2 * $3 * $4)) "$port" "${LAYOUT[@]}" \
-    --load "$WORK/$name" --no-load-rng --exit-on-missing-checkpoint
+    --load "$WORK/$name" --no-load-rng --exit-on-missing-checkpoint &
+  # torch_dist: the same resume once more with a strict load (every key of the checkpoint and of
+  # the run must match), to see whether Megatron's own checkpoint passes it
+  if [ "$1" = torch_dist ]; then
+    megatron "$OUT/logs/${name}_strict.log" "$model" $(($2 * $3 * $4)) $((port + 5)) "${LAYOUT[@]}" \
+      --load "$WORK/$name" --no-load-rng --exit-on-missing-checkpoint --dist-ckpt-strictness raise_all
+  fi
+  wait
 }
 
 each() {  # train|resume
@@ -94,7 +102,8 @@ import os, sys
 sys.path.insert(0, os.path.join(os.environ["REPO"], "tools"))
 from megatron_losses import read_runs
 logs, names = sys.argv[1], sys.argv[2:]
-runs = [f"{name}_{kind}" for name in names for kind in ("train", "baseline")]
+runs = [f"{name}_{kind}" for name in names for kind in ("train", "baseline", "strict")
+        if kind != "strict" or os.path.exists(f"{logs}/{name}_strict.log")]
 losses = read_runs(logs, runs)
 for name in names:
     train, baseline = losses[f"{name}_train"], losses[f"{name}_baseline"]
@@ -103,5 +112,10 @@ for name in names:
     diffs = [abs(train[i] - baseline[i]) for i in range(11, 16) if i in train and i in baseline]
     print(f"{name}: {len(diffs)} resumed iterations, max |baseline - uninterrupted| = "
           f"{max(diffs) if diffs else float('nan'):.3g}")
+    if f"{name}_strict" in losses:
+        strict = losses[f"{name}_strict"]
+        diffs = [abs(strict[i] - baseline[i]) for i in range(11, 16) if i in strict and i in baseline]
+        print(f"{name}: strict load (--dist-ckpt-strictness raise_all): {len(diffs)} resumed iterations, "
+              f"max |strict - baseline| = {max(diffs) if diffs else float('nan'):.3g}")
 EOF
 du -sh "$OUT"/*
