@@ -310,9 +310,10 @@ def main(argv=None):
                         help="the loss kernel's programs per SM, each looping over rows (0: one program per row); "
                              "kernels.fused.CROSS_ENTROPY_PROGRAMS_PER_SM")
     parser.add_argument("--gelu-rows-per-program", type=int, default=0,
-                        help="the bias + GeLU backward looping over this many rows per program (0: one tile each); "
-                             "kernels.fused.GELU_BACKWARD_ROWS_PER_PROGRAM")
-    parser.add_argument("--gelu-backward-from", choices=["x", "derivative"], default="x",
+                        help="the bias + GeLU backward looping over this many rows per program (0: the kernels' "
+                             "default); kernels.fused.GELU_BACKWARD_ROWS_PER_PROGRAM")
+    parser.add_argument("--gelu-backward-from", choices=["x", "derivative"],
+                        default=kernels.GELU_OPERATOR_BACKWARD_FROM,
                         help="what the GeLU operator's backward reads: the pre-activation, or the derivative its "
                              "forward wrote; kernels.GELU_OPERATOR_BACKWARD_FROM")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if its name is not known")
@@ -351,7 +352,7 @@ def main(argv=None):
         try:
             shown = label + (f"-loss{args.loss_programs_per_sm}" if args.loss_programs_per_sm else "") + \
                 (f"-gelurows{args.gelu_rows_per_program}" if args.gelu_rows_per_program else "") + \
-                ("-geluderivative" if args.gelu_backward_from == "derivative" else "")
+                ("-gelu-from-x" if args.gelu_backward_from == "x" else "")
             result = measure(dataclasses.replace(config, **changes), args.warmup, args.profile, args.check_syncs,
                              explore, args.profile_dir, shown)
         except Exception as error:  # one variant failing (a compiler error, say) does not hide the others

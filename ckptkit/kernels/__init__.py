@@ -49,9 +49,10 @@ def bias_gelu(x, bias, approximate: str = "none", *, fused: bool = False):
     return ops.bias_gelu(x, bias, approximate)
 
 
-# What the GeLU operator's backward reads: "x" (the pre-activation; erf and exp recomputed) or
-# "derivative" (gelu'(x + bias), written by the forward: one more write there, no recomputation).
-GELU_OPERATOR_BACKWARD_FROM = "x"
+# What the GeLU operator's backward reads: "derivative" (gelu'(x + bias), written by the forward: one
+# more write there, no erf or exp in the backward; faster on an H100, docs/trainer.md) or "x" (the
+# pre-activation, from which the backward recomputes both).
+GELU_OPERATOR_BACKWARD_FROM = "derivative"
 
 
 def bias_gelu_operator(x, bias, approximate: str = "none"):
