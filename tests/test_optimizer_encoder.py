@@ -27,15 +27,11 @@ KEYS = ("param", "exp_avg", "exp_avg_sq")
 # name: (fixture parts, format, TP, PP, VPP, DP, optimizer kind)
 REAL = {
     "bert-torch": (("bert_optim_tp2dp2", "torch"), "torch", 2, 1, 1, 2, "distributed"),
-    "bert-dist": (("bert_optim_tp2dp2", "dist"), "torch_dist", 2, 1, 1, 2, "distributed"),
-    "bert-full": (("bert_optim_full_tp2dp2",), "torch_dist", 2, 1, 1, 2, "distributed"),
-    "bert-plain": (("bert_optim_plain_tp2dp2",), "torch", 2, 1, 1, 2, "non-distributed"),
+    "bert-dist": (("bert_optim_dist_tp2dp2", "dist"), "torch_dist", 2, 1, 1, 2, "distributed"),
+    "bert-plain": (("bert_optim_plain_tp2dp2", "torch"), "torch", 2, 1, 1, 2, "non-distributed"),
     "bert-pp2": (("bert_optim_tp1pp2dp2", "torch"), "torch", 1, 2, 1, 2, "distributed"),
-    "bert-vpp": (("bert_optim_tp1pp2dp2", "vpp"), "torch", 1, 2, 2, 2, "distributed"),
     "t5-torch": (("t5_optim_tp2dp2", "torch"), "torch", 2, 1, 1, 2, "distributed"),
-    "t5-dist": (("t5_optim_tp2dp2", "dist"), "torch_dist", 2, 1, 1, 2, "distributed"),
-    "t5-full": (("t5_optim_full_tp2dp2",), "torch_dist", 2, 1, 1, 2, "distributed"),
-    "t5-plain": (("t5_optim_plain_tp2dp2",), "torch", 2, 1, 1, 2, "non-distributed"),
+    "t5-dist": (("t5_optim_dist_tp2dp2", "dist"), "torch_dist", 2, 1, 1, 2, "distributed"),
 }
 PER_RANK = [name for name, real in REAL.items() if real[1] == "torch"]
 TORCH_DIST = [name for name, real in REAL.items() if real[1] == "torch_dist"]
@@ -177,7 +173,7 @@ T5_TRIPS = {name: trip for name, trip in TRIPS.items() if trip[1] == trip[2] == 
     "tp1-fully-reshardable": (1, 1, 1, 3, True, "torch_dist", "fully_reshardable"),
 }
 CASES = [("bert-torch", trip) for trip in TRIPS] + [("t5-torch", trip) for trip in T5_TRIPS] + \
-    [("bert-plain", "tp1-pp2-dp4"), ("t5-plain", "tp1-dp4")]
+    [("bert-plain", "tp1-pp2-dp4"), ("bert-pp2", "tp1-pp2-vpp2-dp1"), ("bert-pp2", "tp4-dp1-plain")]
 
 
 @pytest.mark.parametrize("name,trip", CASES, ids=[f"{name}-{trip}" for name, trip in CASES])
