@@ -1,7 +1,7 @@
 """Optimizer state of Megatron-LM's BertModel and T5Model, on real checkpoints: tiny bf16 models
-trained 10 iterations by Megatron-LM d98e8a6 with its distributed optimizer at TP2 DP2 (per-rank
-``distrib_optim.pt``, torch_dist ``dp_reshardable`` and ``fully_reshardable``), at TP1 PP2 DP2
-(BERT, with and without virtual pipeline chunks), and with the plain optimizer
+trained 10 iterations by Megatron-LM d98e8a6 at TP2 DP2 with its distributed optimizer (per-rank
+``distrib_optim.pt`` and torch_dist ``dp_reshardable``, BERT and T5) and with the plain optimizer
+(BERT), and at TP1 PP2 DP2 (BERT, distributed)
 (tools/megatron_encoder_optimizer.sh; tests/fixtures/{bert,t5}_optim_*/README.md).
 
 ckptkit reads each state (every fp32 master rounds to its stored bf16 weight: state put in the
