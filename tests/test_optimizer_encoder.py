@@ -187,3 +187,20 @@ def test_state_goes_to_another_layout_and_back_as_megatron_wrote_it(name, trip, 
     reshard(tmp_path / "there", tmp_path / "back", tp=tp, pp=pp, vpp=vpp, dp=dp, format="torch",
             distributed_optimizer=kind == "distributed")
     assert_same_rank_state(source(name), tmp_path / "back", kind)
+
+
+@pytest.mark.parametrize("distributed", [True, False], ids=["fully-reshardable", "plain"])
+def test_t5_model_space_state_is_kept_under_the_names_megatron_s_optimizer_loads(distributed, tmp_path):
+    # T5Model saves its position embeddings and output bias under two names each; Megatron-LM,
+    # loading a fully_reshardable T5 that had both, asked for position_embeddings.* and
+    # output_layer.* and reported embedding.position_embeddings.* and lm_head.output_layer.* unused
+    reshard(source("t5-torch"), tmp_path / "out", tp=2, pp=1, dp=2, format="torch_dist",
+            distributed_optimizer=distributed, optimizer_sharding="fully_reshardable" if distributed else None)
+    keys = optimizer_entries(tmp_path / "out")[0]
+    copies = {"position_embeddings.weight", "embedding.position_embeddings.weight", "output_layer.bias",
+              "lm_head.output_layer.bias"}
+    assert {key.split(".", 3)[3] for key in keys if key.split(".", 3)[3] in copies} == \
+        {"position_embeddings.weight", "output_layer.bias"}
+    _, original = every_tensor(source("t5-torch"))
+    _, written = every_tensor(tmp_path / "out")
+    assert_same_values(original, written)

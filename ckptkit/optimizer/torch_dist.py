@@ -41,6 +41,27 @@ MODEL_SPACE_KEYS = {"fully_reshardable": STATE_KEYS, PLAIN: ("exp_avg", "exp_avg
 # How each state key is spelled in model space: masters are "fp32_param" in the plain
 # optimizer of a bf16 model (its fp32 model's weights are the masters)
 MIXED_PLAIN_KEYS = {"param": "fp32_param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+# A parameter whose module the model saves under two names has its model-space state under one:
+# the name Megatron's model sharded state dict meets last (get_param_id_to_sharded_param_map,
+# megatron/core/dist_checkpointing/optimizer.py, keeps the last key per parameter). T5Model's
+# children come as embedding, position_embeddings, ..., lm_head, output_layer, so its position
+# embeddings' state is under position_embeddings., its output bias's under output_layer.: Megatron-LM
+# loading a T5 fully_reshardable checkpoint with both asked for these and reported the others
+# as keys it does not load. model kind -> {a model key's prefix: the prefix of its state's key}
+MODEL_SPACE_NAMES = {"encoder_decoder": {"embedding.position_embeddings.": "position_embeddings.",
+                                         "lm_head.output_layer.": "output_layer."}}
+
+
+def model_space_key(model_kind: str, model_key: str) -> str:
+    """The model key under which Megatron keeps ``model_key``'s model-space optimizer state.
+
+    >>> model_space_key("encoder_decoder", "lm_head.output_layer.bias")
+    'output_layer.bias'
+    """
+    for prefix, used in MODEL_SPACE_NAMES.get(model_kind, {}).items():
+        if model_key.startswith(prefix):
+            return used + model_key[len(prefix):]
+    return model_key
 
 
 def sharding_type(common_state: dict) -> str | None:
@@ -232,7 +253,7 @@ class TorchDistOptimizerState(OptimizerState):
         if self.sharding == PLAIN and not self.mixed_plain and "param" in keys:  # fp32: the weights are masters
             out["param"] = self.weights.tensor(name).to(torch.float32)
         for key in (key for key in keys if key in stored_keys):
-            stored_key = f"optimizer.state.{stored_keys[key]}.{place.key}"
+            stored_key = f"optimizer.state.{stored_keys[key]}.{model_space_key(self.spec.model_kind, place.key)}"
             entry = self.stored.get(stored_key)
             if entry is None:
                 raise BadInput(f"{self.folder}: {stored_key} missing (needed for {name})")

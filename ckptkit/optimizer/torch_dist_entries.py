@@ -16,7 +16,7 @@ from ..spec import rule_for
 from .buffers import BufferSettings
 from .dp_reshardable import bucket_chunks, domains
 from .state import STATE_KEYS, OptimizerState, chained_param_groups
-from .torch_dist import MIXED_PLAIN_KEYS, MODEL_SPACE_KEYS, PLAIN
+from .torch_dist import MIXED_PLAIN_KEYS, MODEL_SPACE_KEYS, PLAIN, model_space_key
 
 
 class _CanonicalCache:
@@ -144,6 +144,8 @@ class ModelSpaceEntries:
         self.items, self._sources = [], {}
         for model_item in model_items:
             data = model_item.tensor_data
+            if model_space_key(spec.model_kind, model_item.index.fqn) != model_item.index.fqn:
+                continue  # a second name of a parameter: its state goes under the other (MODEL_SPACE_NAMES)
             for key in self.keys:
                 item = _tensor_item(f"optimizer.state.{stored[key]}.{model_item.index.fqn}", tuple(data.size),
                                     tuple(data.chunk.offsets), tuple(data.chunk.sizes), torch.float32)
