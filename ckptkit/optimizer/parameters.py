@@ -45,7 +45,7 @@ embeddings twice (``self.output_layer = self.lm_head.output_layer``, ``self.posi
 = self.embedding.position_embeddings``); ``named_parameters()`` yields each parameter once,
 under its first name: ``lm_head.output_layer.bias``, ``embedding.position_embeddings.weight``.
 All of this was read off ``named_parameters()`` of the models Megatron-LM d98e8a6 builds
-(first, middle and last stages) and is checked on real checkpoints of each model.
+(one stage, the first and the last of a pipeline) and is checked on real checkpoints of each model.
 
 Each parameter is one tensor-parallel piece of a canonical tensor: its rule (and the
 padded vocabulary, for vocabulary tensors) says which region of the full tensor it
