@@ -49,10 +49,11 @@ def bias_gelu(x, bias, approximate: str = "none", *, fused: bool = False):
     return ops.bias_gelu(x, bias, approximate)
 
 
-# What the GeLU operator's backward reads: "derivative" (gelu'(x + bias), written by the forward: one
-# more write there, no erf or exp in the backward; faster on an H100, docs/trainer.md) or "x" (the
-# pre-activation, from which the backward recomputes both).
-GELU_OPERATOR_BACKWARD_FROM = "derivative"
+# What the GeLU operator's backward reads: "x" (the pre-activation, from which it recomputes erf and
+# exp) or "derivative" (gelu'(x + bias), written by the forward: one more write there, no erf or exp in
+# the backward; its kernels run nearer their memory floors on an H100, but with the step graph its
+# training runs drifted from every other path after a dozen steps, not understood: docs/trainer.md).
+GELU_OPERATOR_BACKWARD_FROM = "x"
 
 
 def bias_gelu_operator(x, bias, approximate: str = "none"):
