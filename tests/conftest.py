@@ -226,3 +226,19 @@ def assert_same_rank_model(ours: Path, theirs: Path) -> None:
         else:
             assert (mine[key].dtype, mine[key].shape) == (value.dtype, value.shape), key
             assert torch.equal(mine[key], value), key
+
+
+def run_ckptkit(*args):
+    """``ckptkit ARGS...`` in process; fails the test with the command's output unless it exits 0."""
+    from click.testing import CliRunner
+    from ckptkit.cli import main
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def optimizer_values(path):
+    """A checkpoint's optimizer info and, per canonical tensor, its full state (param, exp_avg, ...)."""
+    from ckptkit.optimizer import read_optimizer_state
+    with read_optimizer_state(path) as state:
+        return state.info, {tensor.name: state.tensor(tensor.name) for tensor in state.canonical()}

@@ -9,9 +9,7 @@ wrong place fails this), writes it back at its own layout as Megatron wrote it, 
 to other TP/PP/DP sizes and formats and back without changing a value."""
 import pytest
 import torch
-from click.testing import CliRunner
 
-from ckptkit.cli import main
 from ckptkit.convert import reshard
 from ckptkit.inspection import inspect_checkpoint
 from ckptkit.layouts import open_checkpoint
@@ -20,7 +18,7 @@ from ckptkit.optimizer.parameters import ChunkPlace, chunk_parameters
 from ckptkit.optimizer.verify import masters_match_weights
 from ckptkit.safe_load import safe_torch_load
 
-from conftest import fixture_path
+from conftest import run_ckptkit, optimizer_values, fixture_path
 from test_optimizer_torch_dist import optimizer_entries
 
 KEYS = ("param", "exp_avg", "exp_avg_sq")
@@ -43,17 +41,6 @@ ORDER = {"bert-core-tp2pp2": ("bert_core_tp2pp2", "torch"), "t5-tp2": ("t5_tp2",
 
 def source(name):
     return fixture_path(*REAL[name][0])
-
-
-def ckptkit(*args):
-    result = CliRunner().invoke(main, [str(arg) for arg in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def every_tensor(path):
-    with read_optimizer_state(path) as state:
-        return state.info, {tensor.name: state.tensor(tensor.name) for tensor in state.canonical()}
 
 
 def assert_same_values(expected: dict, found: dict) -> None:
@@ -151,10 +138,10 @@ def assert_equal_nested(ours, theirs, where) -> None:
 @pytest.mark.parametrize("name", TORCH_DIST)
 def test_rewritten_at_its_own_layout_the_torch_dist_state_has_megatron_s_entries(name, tmp_path):
     _, fmt, tp, pp, vpp, dp, kind = REAL[name]
-    ckptkit("reshard", source(name), tmp_path / "again", "--tp", tp, "--pp", pp, "--dp", dp)
+    run_ckptkit("reshard", source(name), tmp_path / "again", "--tp", tp, "--pp", pp, "--dp", dp)
     assert optimizer_entries(tmp_path / "again") == optimizer_entries(source(name))
-    info, original = every_tensor(source(name))
-    written_info, written = every_tensor(tmp_path / "again")
+    info, original = optimizer_values(source(name))
+    written_info, written = optimizer_values(tmp_path / "again")
     assert written_info.param_groups == info.param_groups and written_info.step == info.step
     assert_same_values(original, written)
 
@@ -201,6 +188,6 @@ def test_t5_model_space_state_is_kept_under_the_names_megatron_s_optimizer_loads
               "lm_head.output_layer.bias"}
     assert {key.split(".", 3)[3] for key in keys if key.split(".", 3)[3] in copies} == \
         {"position_embeddings.weight", "output_layer.bias"}
-    _, original = every_tensor(source("t5-torch"))
-    _, written = every_tensor(tmp_path / "out")
+    _, original = optimizer_values(source("t5-torch"))
+    _, written = optimizer_values(tmp_path / "out")
     assert_same_values(original, written)

@@ -5,29 +5,16 @@ TP2 PP2 (gpt2do_dist_tp2pp2, dp_reshardable; vocabulary 250 padded to 256), made
 tools/make_megatron_optimizer_fixtures.sh."""
 import pytest
 import torch
-from click.testing import CliRunner
 
-from ckptkit.cli import main
 from ckptkit.layouts import open_checkpoint
 from ckptkit.optimizer import read_optimizer_state
 from ckptkit.optimizer.torch_dist import TorchDistOptimizerState
 from ckptkit.optimizer.verify import masters_match_weights
 
-from conftest import fixture_path
+from conftest import run_ckptkit, optimizer_values, fixture_path
 
 SHARDINGS = ("dp_reshardable", "fully_reshardable")
 KEYS = ("param", "exp_avg", "exp_avg_sq")
-
-
-def ckptkit(*args):
-    result = CliRunner().invoke(main, [str(arg) for arg in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def every_tensor(path):
-    with read_optimizer_state(path) as state:
-        return state.info, {tensor.name: state.tensor(tensor.name) for tensor in state.canonical()}
 
 
 def assert_same_values(expected: dict, found: dict, *, real_rows: bool = False) -> None:
@@ -60,8 +47,8 @@ def test_every_fp32_master_equals_the_stored_weight(sharding):
 
 
 def test_both_sharding_types_of_the_same_run_hold_the_same_state():
-    info_a, dp = every_tensor(fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable"))
-    info_b, fully = every_tensor(fixture_path("gpt2do_dist_tp1dp2", "fully_reshardable"))
+    info_a, dp = optimizer_values(fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable"))
+    info_b, fully = optimizer_values(fixture_path("gpt2do_dist_tp1dp2", "fully_reshardable"))
     assert info_a.param_groups == info_b.param_groups and info_a.opt_param_scheduler == info_b.opt_param_scheduler
     for name, values in dp.items():
         for key in KEYS:
@@ -83,13 +70,13 @@ def test_one_tensor_reads_only_its_own_regions(monkeypatch):
 @pytest.mark.parametrize("sharding", SHARDINGS)
 def test_reshard_from_torch_dist_carries_the_state_to_per_rank_files_and_back_keeps_every_value(tmp_path, sharding):
     source = fixture_path("gpt2do_dist_tp1dp2", sharding)
-    info, original = every_tensor(source)
-    ckptkit("reshard", source, tmp_path / "tp2dp2", "--tp", 2, "--pp", 1, "--format", "torch")
+    info, original = optimizer_values(source)
+    run_ckptkit("reshard", source, tmp_path / "tp2dp2", "--tp", 2, "--pp", 1, "--format", "torch")
     assert (tmp_path / "tp2dp2" / "iter_0000010" / "mp_rank_01" / "distrib_optim.pt").is_file()
-    ckptkit("reshard", tmp_path / "tp2dp2", tmp_path / "pp2dp4", "--tp", 1, "--pp", 2, "--dp", 4, "--format", "torch")
-    ckptkit("reshard", tmp_path / "pp2dp4", tmp_path / "back", "--tp", 1, "--pp", 1, "--dp", 2, "--format", "torch")
+    run_ckptkit("reshard", tmp_path / "tp2dp2", tmp_path / "pp2dp4", "--tp", 1, "--pp", 2, "--dp", 4, "--format", "torch")
+    run_ckptkit("reshard", tmp_path / "pp2dp4", tmp_path / "back", "--tp", 1, "--pp", 1, "--dp", 2, "--format", "torch")
     for folder in ("tp2dp2", "pp2dp4", "back"):
-        carried_info, carried = every_tensor(tmp_path / folder)
+        carried_info, carried = optimizer_values(tmp_path / folder)
         assert carried_info.step == info.step and carried_info.param_groups == info.param_groups, folder
         assert carried_info.opt_param_scheduler == info.opt_param_scheduler, folder
         for name, values in original.items():
@@ -132,11 +119,11 @@ def optimizer_entries(path):
 
 def test_reshard_to_torch_dist_writes_dp_reshardable_state_as_megatron_does(tmp_path):
     source = fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable")
-    ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1)
+    run_ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1)
     # the same keys, global shapes, chunks (per parameter piece of each DP shard) and bytes entries
     assert optimizer_entries(tmp_path / "again") == optimizer_entries(source)
-    info, original = every_tensor(source)
-    written_info, written = every_tensor(tmp_path / "again")
+    info, original = optimizer_values(source)
+    written_info, written = optimizer_values(tmp_path / "again")
     assert written_info.param_groups == info.param_groups and written_info.step == info.step
     assert_same_values(original, written)
 
@@ -144,13 +131,13 @@ def test_reshard_to_torch_dist_writes_dp_reshardable_state_as_megatron_does(tmp_
 @pytest.mark.parametrize("sharding", SHARDINGS)
 def test_torch_dist_to_per_rank_files_and_back_to_torch_dist_is_bit_identical(tmp_path, sharding):
     source = fixture_path("gpt2do_dist_tp1dp2", sharding)
-    ckptkit("reshard", source, tmp_path / "tp2pp2", "--tp", 2, "--pp", 2, "--dp", 1, "--format", "torch")
-    ckptkit("reshard", tmp_path / "tp2pp2", tmp_path / "back", "--tp", 1, "--pp", 1, "--dp", 2,
+    run_ckptkit("reshard", source, tmp_path / "tp2pp2", "--tp", 2, "--pp", 2, "--dp", 1, "--format", "torch")
+    run_ckptkit("reshard", tmp_path / "tp2pp2", tmp_path / "back", "--tp", 1, "--pp", 1, "--dp", 2,
             "--format", "torch_dist")
     assert optimizer_entries(tmp_path / "back") == optimizer_entries(fixture_path("gpt2do_dist_tp1dp2",
                                                                                   "dp_reshardable"))
-    info, original = every_tensor(source)
-    back_info, back = every_tensor(tmp_path / "back")
+    info, original = optimizer_values(source)
+    back_info, back = optimizer_values(tmp_path / "back")
     assert back_info.param_groups == info.param_groups and back_info.opt_param_scheduler == info.opt_param_scheduler
     assert_same_values(original, back)
     with open_checkpoint(tmp_path / "back") as weights, open_checkpoint(source) as weights_source:
@@ -162,7 +149,7 @@ def test_torch_dist_to_per_rank_files_and_back_to_torch_dist_is_bit_identical(tm
                                     ("--tp", 1, "--pp", 2, "--dp", 3)])
 def test_torch_dist_state_written_at_any_tp_pp_vpp_reads_back_every_value(tmp_path, layout):
     source = fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable")
-    ckptkit("reshard", source, tmp_path / "out", *layout)
+    run_ckptkit("reshard", source, tmp_path / "out", *layout)
     keys, _, sharding = optimizer_entries(tmp_path / "out")
     assert sharding == "dp_reshardable"
     tp, pp, vpp = layout[1], layout[3], layout[5] if "--vpp" in layout else 1
@@ -170,8 +157,8 @@ def test_torch_dist_state_written_at_any_tp_pp_vpp_reads_back_every_value(tmp_pa
     domains = {key.split(".")[2] for key in keys}
     assert domains == {f"dp_group_idx_{group}" for group in range(tp * pp)}
     assert {key.split(".")[3] for key in keys if ".gbuf_idx_" in key} == {f"gbuf_idx_{chunk}" for chunk in range(vpp)}
-    info, original = every_tensor(source)
-    written_info, written = every_tensor(tmp_path / "out")
+    info, original = optimizer_values(source)
+    written_info, written = optimizer_values(tmp_path / "out")
     assert written_info.param_groups == info.param_groups and written_info.step == info.step
     assert_same_values(original, written)
 
@@ -180,9 +167,9 @@ def test_per_rank_files_to_torch_dist_and_back_return_every_distrib_optim_buffer
     from ckptkit.safe_load import safe_torch_load
 
     source = fixture_path("gpt2do_tp2dp2", "legacy")  # Megatron's own TP2 DP2 distrib_optim.pt
-    ckptkit("reshard", source, tmp_path / "dist", "--tp", 1, "--pp", 1, "--format", "torch_dist")
+    run_ckptkit("reshard", source, tmp_path / "dist", "--tp", 1, "--pp", 1, "--format", "torch_dist")
     assert optimizer_entries(tmp_path / "dist")[2] == "dp_reshardable"
-    ckptkit("reshard", tmp_path / "dist", tmp_path / "back", "--tp", 2, "--pp", 1, "--dp", 2, "--format", "torch")
+    run_ckptkit("reshard", tmp_path / "dist", tmp_path / "back", "--tp", 2, "--pp", 1, "--dp", 2, "--format", "torch")
     for tp_rank in range(2):
         original, returned = (safe_torch_load(root / "iter_0000010" / f"mp_rank_{tp_rank:02d}" / "distrib_optim.pt")
                               for root in (source, tmp_path / "back"))
@@ -207,27 +194,27 @@ def test_real_tp2_pp2_state_is_found_in_the_domain_of_each_tp_rank_and_stage():
 
 def test_real_tp2_pp2_state_through_per_rank_files_comes_back_as_megatron_wrote_it(tmp_path):
     source = fixture_path("gpt2do_dist_tp2pp2")
-    ckptkit("reshard", source, tmp_path / "tp1", "--tp", 1, "--pp", 1, "--dp", 2, "--format", "torch")
-    ckptkit("reshard", tmp_path / "tp1", tmp_path / "back", "--tp", 2, "--pp", 2, "--dp", 1,
+    run_ckptkit("reshard", source, tmp_path / "tp1", "--tp", 1, "--pp", 1, "--dp", 2, "--format", "torch")
+    run_ckptkit("reshard", tmp_path / "tp1", tmp_path / "back", "--tp", 2, "--pp", 2, "--dp", 1,
             "--format", "torch_dist")
     assert optimizer_entries(tmp_path / "back") == optimizer_entries(source)
-    info, original = every_tensor(source)
-    back_info, back = every_tensor(tmp_path / "back")
+    info, original = optimizer_values(source)
+    back_info, back = optimizer_values(tmp_path / "back")
     assert back_info.param_groups == info.param_groups and back_info.step == info.step
     assert_same_values(original, back)
 
 
 def test_fully_reshardable_state_is_written_with_megatrons_entries_and_every_value(tmp_path):
     source = fixture_path("gpt2do_dist_tp1dp2", "fully_reshardable")
-    ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1)  # the source's sharding type
+    run_ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1)  # the source's sharding type
     assert optimizer_entries(tmp_path / "again") == optimizer_entries(source)
     # the dp_reshardable twin of the same run, asked for fully_reshardable, gives the same
-    ckptkit("reshard", fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable"), tmp_path / "twin", "--tp", 1,
+    run_ckptkit("reshard", fixture_path("gpt2do_dist_tp1dp2", "dp_reshardable"), tmp_path / "twin", "--tp", 1,
             "--pp", 1, "--optimizer-sharding", "fully_reshardable")
     assert optimizer_entries(tmp_path / "twin") == optimizer_entries(source)
-    info, original = every_tensor(source)
+    info, original = optimizer_values(source)
     for written_path in (tmp_path / "again", tmp_path / "twin"):
-        written_info, written = every_tensor(written_path)
+        written_info, written = optimizer_values(written_path)
         assert written_info.param_groups == info.param_groups and written_info.step == info.step
         for name, values in original.items():
             for key in KEYS:
@@ -236,10 +223,10 @@ def test_fully_reshardable_state_is_written_with_megatrons_entries_and_every_val
 
 def test_fully_reshardable_at_tp2_pp2_reads_back_every_value(tmp_path):
     source = fixture_path("gpt2do_dist_tp2pp2")
-    ckptkit("reshard", source, tmp_path / "fully", "--tp", 2, "--pp", 2, "--optimizer-sharding", "fully_reshardable")
+    run_ckptkit("reshard", source, tmp_path / "fully", "--tp", 2, "--pp", 2, "--optimizer-sharding", "fully_reshardable")
     assert optimizer_entries(tmp_path / "fully")[2] == "fully_reshardable"
-    _, original = every_tensor(source)
-    _, written = every_tensor(tmp_path / "fully")
+    _, original = optimizer_values(source)
+    _, written = optimizer_values(tmp_path / "fully")
     assert_same_values(original, written)
 
 
@@ -263,22 +250,22 @@ def test_plain_optimizer_state_is_read_with_masters_that_are_the_weights(dtype):
 def test_plain_optimizer_state_through_per_rank_files_comes_back_as_megatron_wrote_it(dtype, tmp_path):
     source = fixture_path(*PLAIN[dtype])
     # per-rank at PP2 (TP2: the bf16 fixture's vocabulary of 120 is padded to 256 only at TP2)
-    ckptkit("reshard", source, tmp_path / "pp2", "--tp", 2, "--pp", 2, "--format", "torch")
-    ckptkit("reshard", tmp_path / "pp2", tmp_path / "back", "--tp", 2, "--pp", 1, "--format", "torch_dist")
+    run_ckptkit("reshard", source, tmp_path / "pp2", "--tp", 2, "--pp", 2, "--format", "torch")
+    run_ckptkit("reshard", tmp_path / "pp2", tmp_path / "back", "--tp", 2, "--pp", 1, "--format", "torch_dist")
     assert optimizer_entries(tmp_path / "back") == optimizer_entries(source)
-    info, original = every_tensor(source)
-    back_info, back = every_tensor(tmp_path / "back")
+    info, original = optimizer_values(source)
+    back_info, back = optimizer_values(tmp_path / "back")
     assert back_info.param_groups == info.param_groups and back_info.step == info.step
     assert_same_values(original, back)
 
 
 def test_distributed_state_becomes_plain_in_torch_dist_and_back(tmp_path):
     source = fixture_path("gpt2do_dist_tp2pp2")
-    ckptkit("reshard", source, tmp_path / "plain", "--tp", 1, "--pp", 1, "--no-distributed-optimizer")
+    run_ckptkit("reshard", source, tmp_path / "plain", "--tp", 1, "--pp", 1, "--no-distributed-optimizer")
     assert optimizer_entries(tmp_path / "plain")[1]["optimizer"]["state"]["common_step"] == 10.0
-    ckptkit("reshard", tmp_path / "plain", tmp_path / "back", "--tp", 2, "--pp", 2, "--dp", 1,
+    run_ckptkit("reshard", tmp_path / "plain", tmp_path / "back", "--tp", 2, "--pp", 2, "--dp", 1,
             "--distributed-optimizer")
     assert optimizer_entries(tmp_path / "back") == optimizer_entries(source)
-    _, original = every_tensor(source)
-    _, back = every_tensor(tmp_path / "back")
+    _, original = optimizer_values(source)
+    _, back = optimizer_values(tmp_path / "back")
     assert_same_values(original, back)

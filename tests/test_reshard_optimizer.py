@@ -8,16 +8,10 @@ from click.testing import CliRunner
 from ckptkit.cli import main
 from ckptkit.safe_load import safe_torch_load
 
-from conftest import fixture_path
+from conftest import run_ckptkit, fixture_path
 
 DISTRIBUTED = ("gpt2do_tp2dp2", "legacy")
 BUFFERS = ("param", "exp_avg", "exp_avg_sq")
-
-
-def ckptkit(*args):
-    result = CliRunner().invoke(main, [str(arg) for arg in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def rank_file(root, tp_rank, name):
@@ -26,9 +20,9 @@ def rank_file(root, tp_rank, name):
 
 def test_reshard_to_another_tp_pp_dp_and_back_returns_every_optimizer_buffer_bit_for_bit(tmp_path):
     source = fixture_path(*DISTRIBUTED)
-    ckptkit("reshard", source, tmp_path / "tp1pp2dp4", "--tp", 1, "--pp", 2, "--dp", 4)
+    run_ckptkit("reshard", source, tmp_path / "tp1pp2dp4", "--tp", 1, "--pp", 2, "--dp", 4)
     assert (tmp_path / "tp1pp2dp4" / "iter_0000010" / "mp_rank_00_001" / "distrib_optim.pt").is_file()
-    ckptkit("reshard", tmp_path / "tp1pp2dp4", tmp_path / "back", "--tp", 2, "--pp", 1, "--dp", 2)
+    run_ckptkit("reshard", tmp_path / "tp1pp2dp4", tmp_path / "back", "--tp", 2, "--pp", 1, "--dp", 2)
     for tp_rank in range(2):
         original, returned = rank_file(source, tp_rank, "distrib_optim.pt"), rank_file(tmp_path / "back", tp_rank,
                                                                                         "distrib_optim.pt")
@@ -42,7 +36,7 @@ def test_reshard_to_another_tp_pp_dp_and_back_returns_every_optimizer_buffer_bit
 
 
 def test_distributed_state_becomes_plain_adam_state_on_request(tmp_path):
-    ckptkit("reshard", fixture_path(*DISTRIBUTED), tmp_path / "plain", "--tp", 1, "--pp", 1,
+    run_ckptkit("reshard", fixture_path(*DISTRIBUTED), tmp_path / "plain", "--tp", 1, "--pp", 1,
             "--no-distributed-optimizer")
     state = rank_file(tmp_path / "plain", 0, "model_optim_rng.pt")
     assert not (tmp_path / "plain" / "iter_0000010" / "mp_rank_00" / "distrib_optim.pt").exists()
@@ -50,7 +44,7 @@ def test_distributed_state_becomes_plain_adam_state_on_request(tmp_path):
 
 
 def test_no_optimizer_drops_the_state_and_says_so(tmp_path):
-    result = ckptkit("reshard", fixture_path(*DISTRIBUTED), tmp_path / "weights", "--tp", 1, "--pp", 1,
+    result = run_ckptkit("reshard", fixture_path(*DISTRIBUTED), tmp_path / "weights", "--tp", 1, "--pp", 1,
                      "--no-optimizer", "--json")
     assert any("dropped optimizer" in note for note in json.loads(result.stdout)["notes"])
     assert "optimizer" not in rank_file(tmp_path / "weights", 0, "model_optim_rng.pt")
@@ -58,7 +52,7 @@ def test_no_optimizer_drops_the_state_and_says_so(tmp_path):
 
 
 def test_dry_run_plans_the_optimizer_files(tmp_path):
-    result = ckptkit("reshard", fixture_path(*DISTRIBUTED), tmp_path / "out", "--tp", 1, "--pp", 2, "--dp", 4,
+    result = run_ckptkit("reshard", fixture_path(*DISTRIBUTED), tmp_path / "out", "--tp", 1, "--pp", 2, "--dp", 4,
                      "--dry-run", "--json")
     plan = json.loads(result.stdout)["plan"]
     assert plan["target"]["optimizer"] == {"distributed": True, "dp": 4}
@@ -74,5 +68,5 @@ def test_a_target_naming_without_a_known_parameter_order_is_refused_before_anyth
     planned = CliRunner().invoke(main, ["reshard", str(fixture_path(*DISTRIBUTED)), str(tmp_path / "te"), "--tp", "1",
                                         "--pp", "1", "--naming", "mcore-te", "--dry-run"])
     assert planned.exit_code == 2  # the plan, made before any file is written, refuses it
-    ckptkit("reshard", fixture_path(*DISTRIBUTED), tmp_path / "te", "--tp", 1, "--pp", 1, "--naming", "mcore-te",
+    run_ckptkit("reshard", fixture_path(*DISTRIBUTED), tmp_path / "te", "--tp", 1, "--pp", 1, "--naming", "mcore-te",
             "--no-optimizer")
