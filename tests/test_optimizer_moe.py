@@ -14,8 +14,8 @@ from ckptkit.optimizer import read_optimizer_state
 from ckptkit.optimizer.verify import masters_match_weights
 from ckptkit.safe_load import safe_torch_load
 
-from conftest import fixture_path, make_hf_model
-from test_optimizer_torch_dist import assert_same_values, ckptkit, every_tensor, optimizer_entries
+from conftest import fixture_path, make_hf_model, optimizer_values, run_ckptkit
+from test_optimizer_torch_dist import assert_same_values, optimizer_entries
 
 KEYS = ("param", "exp_avg", "exp_avg_sq")
 SAVED = ("torch_distributed", "dist", "torch_plain")
@@ -60,8 +60,8 @@ def test_every_master_is_its_weight_the_experts_read_from_their_own_ep_rank(save
 
 def test_the_distributed_state_saved_per_rank_and_as_torch_dist_is_the_same_run():
     # two runs of one seed: the same state but for the last bits of the GPUs' reductions
-    info, per_rank = every_tensor(fixture_path("moe_optim_ep2", "torch_distributed"))
-    dist_info, dist = every_tensor(fixture_path("moe_optim_ep2", "dist"))
+    info, per_rank = optimizer_values(fixture_path("moe_optim_ep2", "torch_distributed"))
+    dist_info, dist = optimizer_values(fixture_path("moe_optim_ep2", "dist"))
     assert info.param_groups == dist_info.param_groups and info.opt_param_scheduler == dist_info.opt_param_scheduler
     for name, values in per_rank.items():
         for key in KEYS:
@@ -73,7 +73,7 @@ def test_the_distributed_state_saved_per_rank_and_as_torch_dist_is_the_same_run(
 def test_rewritten_at_their_own_layout_per_rank_files_are_megatrons(saved, names, tmp_path):
     # distrib_optim.pt: a list of two states, EP rank 1's non-expert one None (EP rank 0 holds it)
     source = fixture_path("moe_optim_ep2", saved)
-    ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1, "--ep", 2)
+    run_ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1, "--ep", 2)
     written, original = rank_files(tmp_path / "again", names), rank_files(source, names)
     assert written.keys() == original.keys()
     for key, value in original.items():
@@ -82,16 +82,16 @@ def test_rewritten_at_their_own_layout_per_rank_files_are_megatrons(saved, names
 
 def test_rewritten_at_its_own_layout_torch_dist_state_is_megatrons(tmp_path):
     source = fixture_path("moe_optim_ep2", "dist")
-    ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1, "--ep", 2)
+    run_ckptkit("reshard", source, tmp_path / "again", "--tp", 1, "--pp", 1, "--ep", 2)
     assert optimizer_entries(tmp_path / "again") == optimizer_entries(source)
 
 
 def test_per_rank_state_written_as_torch_dist_is_megatrons_torch_dist_of_the_same_run(tmp_path):
     source = fixture_path("moe_optim_ep2", "torch_distributed")
-    ckptkit("reshard", source, tmp_path / "dist", "--tp", 1, "--pp", 1, "--ep", 2, "--format", "torch_dist")
+    run_ckptkit("reshard", source, tmp_path / "dist", "--tp", 1, "--pp", 1, "--ep", 2, "--format", "torch_dist")
     assert optimizer_entries(tmp_path / "dist") == optimizer_entries(fixture_path("moe_optim_ep2", "dist"))
-    _, written = every_tensor(tmp_path / "dist")
-    _, original = every_tensor(source)
+    _, written = optimizer_values(tmp_path / "dist")
+    _, original = optimizer_values(source)
     assert_same_values(original, written)
 
 
@@ -99,10 +99,10 @@ def test_per_rank_state_written_as_torch_dist_is_megatrons_torch_dist_of_the_sam
                                           ("torch_plain", ("model_optim_rng.pt",))])
 def test_other_tp_pp_ep_dp_and_back_gives_megatrons_files_bit_for_bit(saved, names, tmp_path):
     source = fixture_path("moe_optim_ep2", saved)
-    ckptkit("reshard", source, tmp_path / "wide", "--tp", 2, "--pp", 2, "--ep", 4, "--dp", 4)
+    run_ckptkit("reshard", source, tmp_path / "wide", "--tp", 2, "--pp", 2, "--ep", 4, "--dp", 4)
     with open_checkpoint(tmp_path / "wide") as weights, read_optimizer_state(weights) as state:
         assert state.info.source["ep"] == 4 and masters_match_weights(state, weights) == []
-    ckptkit("reshard", tmp_path / "wide", tmp_path / "back", "--tp", 1, "--pp", 1, "--ep", 2, "--dp", 2)
+    run_ckptkit("reshard", tmp_path / "wide", tmp_path / "back", "--tp", 1, "--pp", 1, "--ep", 2, "--dp", 2)
     written, original = rank_files(tmp_path / "back", names), rank_files(source, names)
     for key, value in original.items():
         assert same(written[key], value), key
@@ -110,19 +110,19 @@ def test_other_tp_pp_ep_dp_and_back_gives_megatrons_files_bit_for_bit(saved, nam
 
 def test_torch_dist_state_at_other_tp_pp_ep_reads_back_every_value(tmp_path):
     source = fixture_path("moe_optim_ep2", "dist")
-    ckptkit("reshard", source, tmp_path / "wide", "--tp", 2, "--pp", 2, "--ep", 4, "--dp", 4)
+    run_ckptkit("reshard", source, tmp_path / "wide", "--tp", 2, "--pp", 2, "--ep", 4, "--dp", 4)
     keys = optimizer_entries(tmp_path / "wide")[0]
     # the non-expert optimizer: one domain per TP x PP rank; the experts': per TP x EP x PP rank
     assert {key.split(".")[3] for key in keys if key.startswith("chained_0.")} == {f"dp_group_idx_{g}" for g in range(4)}
     assert {key.split(".")[3] for key in keys if key.startswith("chained_1.")} == {f"dp_group_idx_{g}" for g in range(16)}
-    _, original = every_tensor(source)
-    _, written = every_tensor(tmp_path / "wide")
+    _, original = optimizer_values(source)
+    _, written = optimizer_values(tmp_path / "wide")
     assert_same_values(original, written, real_rows=True)  # TP2 pads the vocabulary to 256, not 128
 
 
 def test_a_fresh_optimizer_for_a_hugging_face_mixtral_has_the_experts_group(tmp_path):
     hf = make_hf_model(tmp_path / "hf", "mixtral")
-    ckptkit("hf-to-megatron", hf, tmp_path / "out", "--tp", 1, "--pp", 1, "--ep", 2, "--optimizer", "fresh",
+    run_ckptkit("hf-to-megatron", hf, tmp_path / "out", "--tp", 1, "--pp", 1, "--ep", 2, "--optimizer", "fresh",
             "--dp", 2, "--distributed-optimizer", "--megatron-args", "--lr 1e-4 --train-iters 10 --global-batch-size 8")
     with open_checkpoint(tmp_path / "out") as weights, read_optimizer_state(weights) as state:
         assert [(group["is_expert_parallel"], group["wd_mult"]) for group in state.info.param_groups] == \
@@ -146,16 +146,16 @@ def test_at_ep1_the_experts_join_the_one_optimizer_and_come_back_apart_at_ep2(sa
     # Megatron chains an experts' optimizer only with expert parallelism: at EP 1 the experts'
     # weights reduce over the whole DP group like the rest (allreduce stays True)
     source = fixture_path("moe_optim_ep2", saved)
-    ckptkit("reshard", source, tmp_path / "ep1", "--tp", 1, "--pp", 1, "--ep", 1)
+    run_ckptkit("reshard", source, tmp_path / "ep1", "--tp", 1, "--pp", 1, "--ep", 1)
     entry = safe_torch_load(tmp_path / "ep1" / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt")["optimizer"]
     inner = entry["optimizer"] if "optimizer" in entry else entry
     assert isinstance(entry, dict) and [group["is_expert_parallel"] for group in inner["param_groups"]] == [False] * 2
     with open_checkpoint(tmp_path / "ep1") as weights, read_optimizer_state(weights) as state:
         assert masters_match_weights(state, weights) == []
-    _, original = every_tensor(source)
-    _, ep1 = every_tensor(tmp_path / "ep1")
+    _, original = optimizer_values(source)
+    _, ep1 = optimizer_values(tmp_path / "ep1")
     assert_same_values(original, ep1)
-    ckptkit("reshard", tmp_path / "ep1", tmp_path / "back", "--tp", 1, "--pp", 1, "--ep", 2)
+    run_ckptkit("reshard", tmp_path / "ep1", tmp_path / "back", "--tp", 1, "--pp", 1, "--ep", 2)
     written, megatrons = rank_files(tmp_path / "back", names), rank_files(source, names)
     for key, value in megatrons.items():
         assert same(written[key], value), key

@@ -18,7 +18,7 @@ KEYS = ("param", "exp_avg", "exp_avg_sq")
 
 
 def assert_same_values(expected: dict, found: dict, *, real_rows: bool = False) -> None:
-    """Every canonical tensor's master and moments (``every_tensor``) in ``found`` are
+    """Every canonical tensor's master and moments (``optimizer_values``) in ``found`` are
     ``expected``'s bit for bit; ``real_rows``: on the rows both have (vocabularies padded
     for other TP sizes)."""
     for name, values in expected.items():
