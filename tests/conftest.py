@@ -242,3 +242,16 @@ def optimizer_values(path):
     from ckptkit.optimizer import read_optimizer_state
     with read_optimizer_state(path) as state:
         return state.info, {tensor.name: state.tensor(tensor.name) for tensor in state.canonical()}
+
+
+def megatron_chunks(reader):
+    """Every model chunk of a per-rank checkpoint: ``(ChunkPlace, the chunk's saved state dict)``,
+    TP ranks within pipeline stages, virtual chunks (``model0``, ``model1``, ...) in order."""
+    from ckptkit.optimizer.parameters import ChunkPlace
+    meta = reader.meta
+    for pp_stage in range(meta.pp):
+        for tp_rank in range(meta.tp):
+            state = reader.rank_state(tp_rank, pp_stage)
+            chunks = [state["model"]] if "model" in state else [state[f"model{c}"] for c in range(meta.vpp)]
+            for chunk, model in enumerate(chunks):
+                yield ChunkPlace(meta.tp, tp_rank, meta.pp, pp_stage, meta.vpp, chunk), model

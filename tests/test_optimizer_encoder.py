@@ -14,11 +14,11 @@ from ckptkit.convert import reshard
 from ckptkit.inspection import inspect_checkpoint
 from ckptkit.layouts import open_checkpoint
 from ckptkit.optimizer import read_optimizer_state
-from ckptkit.optimizer.parameters import ChunkPlace, chunk_parameters
+from ckptkit.optimizer.parameters import chunk_parameters
 from ckptkit.optimizer.verify import masters_match_weights
 from ckptkit.safe_load import safe_torch_load
 
-from conftest import run_ckptkit, optimizer_values, fixture_path
+from conftest import fixture_path, megatron_chunks, optimizer_values, run_ckptkit
 from test_optimizer_torch_dist import optimizer_entries
 
 KEYS = ("param", "exp_avg", "exp_avg_sq")
@@ -71,15 +71,9 @@ def first_names(model: dict) -> list[tuple[str, tuple]]:
 @pytest.mark.parametrize("name", ORDER)
 def test_parameter_order_is_that_of_every_rank_file_megatron_wrote(name):
     with open_checkpoint(fixture_path(*ORDER[name])) as reader:
-        meta = reader.meta
-        for pp_stage in range(meta.pp):
-            for tp_rank in range(meta.tp):
-                state = reader.rank_state(tp_rank, pp_stage)
-                chunks = [state["model"]] if "model" in state else [state[f"model{c}"] for c in range(meta.vpp)]
-                for chunk, model in enumerate(chunks):
-                    place = ChunkPlace(meta.tp, tp_rank, meta.pp, pp_stage, meta.vpp, chunk)
-                    ours = [(p.name, p.shape) for p in chunk_parameters(reader.spec, place, meta.padded_vocab_size)]
-                    assert ours == first_names(model), (pp_stage, tp_rank, chunk)
+        for place, model in megatron_chunks(reader):
+            ours = [(p.name, p.shape) for p in chunk_parameters(reader.spec, place, reader.meta.padded_vocab_size)]
+            assert ours == first_names(model), place
 
 
 @pytest.mark.parametrize("name", REAL)

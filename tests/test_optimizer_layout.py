@@ -11,9 +11,9 @@ from ckptkit.errors import BadInput
 from ckptkit.layouts import open_checkpoint
 from ckptkit.optimizer.buffers import BufferSettings, buffer_layout
 from ckptkit.optimizer.distrib_optim import DistribOptimFile, rank_layout
-from ckptkit.optimizer.parameters import ChunkPlace, ModelParameter, chunk_parameters
+from ckptkit.optimizer.parameters import ModelParameter, chunk_parameters
 
-from conftest import fixture_path
+from conftest import fixture_path, megatron_chunks
 
 DISTRIBUTED = ("gpt2do_tp2dp2", "legacy")
 MEGATRON_WRITTEN = [("gpt2do_tp2dp2", "legacy"), ("gpt2_tp2pp2", "conv", "torch"),
@@ -80,17 +80,10 @@ def test_dp_shards_split_every_bucket_equally_and_cover_each_parameter_once():
 @pytest.mark.parametrize("parts", MEGATRON_WRITTEN, ids=[parts[0] for parts in MEGATRON_WRITTEN])
 def test_parameter_order_and_shapes_are_those_of_every_real_megatron_rank_file(parts):
     with open_checkpoint(fixture_path(*parts)) as reader:
-        meta = reader.meta
-        for pp_stage in range(meta.pp):
-            for tp_rank in range(meta.tp):
-                state = reader.rank_state(tp_rank, pp_stage)
-                chunks = [state["model"]] if "model" in state else [state[f"model{c}"] for c in range(meta.vpp)]
-                for chunk, model in enumerate(chunks):
-                    stored = [(key, tuple(value.shape)) for key, value in model.items()
-                              if isinstance(value, torch.Tensor)]
-                    place = ChunkPlace(meta.tp, tp_rank, meta.pp, pp_stage, meta.vpp, chunk)
-                    ours = [(p.name, p.shape) for p in chunk_parameters(reader.spec, place, meta.padded_vocab_size)]
-                    assert ours == stored, (pp_stage, tp_rank, chunk)
+        for place, model in megatron_chunks(reader):
+            stored = [(key, tuple(value.shape)) for key, value in model.items() if isinstance(value, torch.Tensor)]
+            ours = [(p.name, p.shape) for p in chunk_parameters(reader.spec, place, reader.meta.padded_vocab_size)]
+            assert ours == stored, place
 
 
 def _open_distributed(reader, tp_rank, pp_stage=0):
