@@ -392,10 +392,9 @@ def _to_megatron(source, destination, *, tp, pp, vpp, dtype, make_vocab_size_div
             target = replace(target, iteration=0, release=False)
         weights = MEGATRON_WRITERS[target_format](target, keep_source_args=keep_training_state)
         if fresh_optimizer is not None:
-            from .optimizer.carry import refuse_encoder_models
-            from .optimizer.fresh import with_fresh_optimizer_state
+            from .optimizer.fresh import refuse_fresh_state_of_encoder_models, with_fresh_optimizer_state
 
-            refuse_encoder_models(reader.spec, "--optimizer fresh", "--optimizer none")
+            refuse_fresh_state_of_encoder_models(reader.spec, "--optimizer fresh", "--optimizer none")
 
             writer, fresh_notes = with_fresh_optimizer_state(weights, target, fresh_optimizer, dp=dp,
                                                              distributed=distributed_optimizer)

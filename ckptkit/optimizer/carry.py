@@ -109,15 +109,6 @@ def _optimizer_files(target: OptimizerTarget) -> list[str]:
     return [path for path in output_files(target) if path.endswith(FILE_NAME)]
 
 
-def refuse_encoder_models(spec, what: str, instead: str) -> None:
-    """A fresh optimizer state (:mod:`.fresh`) of BERT or T5 is refused in one line: Megatron has
-    resumed carried BERT and T5 state (tools/megatron_encoder_optimizer.sh), not yet a fresh one."""
-    if spec.model_kind != "decoder":
-        raise Unsupported(f"{what}: a fresh optimizer state of a Megatron {spec.model_kind} model "
-                          f"({spec.family or 'unknown'}) is not supported (Megatron has not been seen to start "
-                          f"from one): use {instead}")
-
-
 def with_optimizer_state(weights: CheckpointWriter, layout, reader: CheckpointReader, *, dp: int | None = None,
                          distributed: bool | None = None,
                          sharding: str | None = None) -> tuple[CheckpointWriter, list[str]]:

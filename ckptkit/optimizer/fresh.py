@@ -226,6 +226,15 @@ class FreshStateOf:
         return FreshOptimizerState(reader, self.run, distributed=self.distributed, dp=self.dp)
 
 
+def refuse_fresh_state_of_encoder_models(spec, what: str, instead: str) -> None:
+    """A fresh optimizer state of BERT or T5 is refused in one line: Megatron has
+    resumed carried BERT and T5 state (tools/megatron_encoder_optimizer.sh), not yet a fresh one."""
+    if spec.model_kind != "decoder":
+        raise Unsupported(f"{what}: a fresh optimizer state of a Megatron {spec.model_kind} model "
+                          f"({spec.family or 'unknown'}) is not supported (Megatron has not been seen to start "
+                          f"from one): use {instead}")
+
+
 def with_fresh_optimizer_state(weights: CheckpointWriter, layout, run: TrainingRun, *, dp: int | None = None,
                                distributed: bool | None = None) -> tuple[CheckpointWriter, list[str]]:
     """``weights`` (the weight writer of a conversion to ``layout``, a ``TargetLayout`` at an
