@@ -114,35 +114,69 @@ def cases(tokens: int, dtype: torch.dtype):
     ]
 
 
-def time_loss_and_grad_kernel(tokens: int, bandwidth: float) -> None:
+def time_loss_and_grad_kernel(tokens: int, bandwidth: float, launches: list) -> None:
     """The cross-entropy of the output layer as the trainer runs it on one tensor-parallel rank
     (``kernels.linear_cross_entropy``): one kernel reads each row of logits, writes the loss and
-    overwrites the row with its gradient. Floor: one read and one write of the logits. Against
-    the separate cross-entropy's forward and backward kernels (two reads, one write)."""
+    overwrites the row with its gradient. Floor: one read and one write of the logits. Each of
+    ``launches`` (:class:`fused.LossKernelLaunch`), then the separate cross-entropy's forward
+    and backward kernels (two reads, one write); the fastest launch is printed last."""
     from ckptkit.kernels import fused
     vocab = 50304
     logits = torch.randn(tokens, vocab, device="cuda", dtype=torch.bfloat16)
     target = torch.randint(0, vocab, (tokens,), device="cuda")
     loss = torch.empty(tokens, device="cuda")
     grad_loss = torch.full((tokens,), 1.0 / tokens, device="cuda")
-    block = fused._CROSS_ENTROPY_BLOCK
-    one = lambda: fused.cross_entropy_loss_and_grad(logits, target, loss, programs_per_sm=0)
+    default = fused.LossKernelLaunch()
 
     def two():
         row_max, sum_exp, target_logit = fused.cross_entropy_partial_stats(logits, target)
         fused._cross_entropy_backward_kernel[(tokens,)](logits, target, row_max, sum_exp, grad_loss, logits, vocab,
-                                                        BLOCK=block)
+                                                        BLOCK=default.block)
     size = 2 * tokens * vocab
-    # The one kernel with k programs per SM looping over rows (fused.CROSS_ENTROPY_PROGRAMS_PER_SM).
-    looping = [(f"loss+grad, {k} per SM", lambda k=k: fused.cross_entropy_loss_and_grad(logits, target, loss,
-                                                                                        programs_per_sm=k), 2 * size)
-               for k in (1, 2, 4, 8)]
-    for label, run, floor_bytes in [("loss+grad, one kernel", one, 2 * size), *looping,
-                                    ("stats, then grad", two, 3 * size)]:
+    timed = []
+    for label, launch, run, floor_bytes in [
+            *[(f"loss+grad {launch}", launch,
+               lambda launch=launch: fused.cross_entropy_loss_and_grad(logits, target, loss, launch), 2 * size)
+              for launch in launches],
+            ("stats, then grad", None, two, 3 * size)]:
         milliseconds = gpu_time_ms(run)
         floor_ms = floor_bytes / bandwidth * 1e3
-        print(f"cross-entropy {label:<24}{milliseconds:>8.3f} ms  floor {floor_ms:.3f} ms  "
-              f"{milliseconds / floor_ms:.2f}x floor")
+        print(f"cross-entropy {label:<32}{milliseconds:>8.3f} ms  floor {floor_ms:.3f} ms  "
+              f"{milliseconds / floor_ms:.2f}x floor", flush=True)
+        if launch is not None:
+            timed.append((milliseconds, launch))
+    print(f"fastest loss kernel launch: {min(timed, key=lambda pair: pair[0])[1]}")
+
+
+def time_gelu_backward(tokens: int, bandwidth: float) -> None:
+    """The bias + GeLU backward of GPT-2's fc1 output (``tokens x 3072``, bf16, erf form), programs
+    looping over N rows: from the pre-activation and from the saved derivative. Floor: two reads
+    and one write of ``tokens x 3072`` (the bias sums are small)."""
+    from ckptkit.kernels import fused
+    x = torch.randn(tokens, 3072, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    bias = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
+    _, derivative = fused.bias_gelu_and_derivative(x, bias, "none")
+    floor_ms = 3 * x.numel() * x.element_size() / bandwidth * 1e3
+    variants = [(f"from x, {rows} rows per program",
+                  lambda rows=rows: fused.bias_gelu_backward_rows(grad, x, bias, "none", False, rows))
+                 for rows in (64, 128, 256, 512)]
+    variants += [(f"from derivative, {rows} rows per program",
+                  lambda rows=rows: fused.bias_gelu_backward_rows(grad, derivative, bias, "none", True, rows))
+                 for rows in (128, 256)]
+    print(f"bias + GeLU backward, [{tokens}, 3072] bf16; floor {floor_ms:.3f} ms")
+    for label, run in variants:
+        milliseconds = gpu_time_ms(run)
+        print(f"  {label:<36}{milliseconds:>8.3f} ms  {milliseconds / floor_ms:.2f}x floor", flush=True)
+
+
+def loss_launches(text: str) -> list:
+    """``--loss-launches``: ``sweep`` (blocks x warps x both orders) or ``;``-separated launches."""
+    from ckptkit.kernels import fused
+    if text != "sweep":
+        return [fused.LossKernelLaunch.parse(item) for item in text.split(";")]
+    return [fused.LossKernelLaunch(block, warps, backwards) for block in (2048, 4096, 8192, 16384)
+            for warps in (4, 8, 16, 32) for backwards in (False, True)]
 
 
 def gemm_shapes(tokens: int):
@@ -229,15 +263,24 @@ def main(argv=None):
     parser.add_argument("--matmuls", action="store_true",
                         help="instead: time the step's matrix products and causal attention (per SDPA backend)")
     parser.add_argument("--loss", action="store_true",
-                        help="instead: only the output layer's loss+grad kernel (one program per row, or k per SM)")
+                        help="instead: only the output layer's loss+grad kernel, for each of --loss-launches")
+    parser.add_argument("--gelu", action="store_true",
+                        help="instead: only the bias + GeLU backward, from x or from the saved derivative, "
+                             "looping over 64-512 rows per program")
+    parser.add_argument("--loss-launches", default="4096,4,forwards",
+                        help="'sweep' (blocks 2048-16384 x 4-32 warps x both orders) or ';'-separated "
+                             "BLOCK,WARPS,forwards|backwards")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (none found)")
         return 0
+    if args.gelu:
+        time_gelu_backward(args.tokens, copy_bandwidth())
+        return 0
     if args.loss:
         bandwidth = copy_bandwidth()
         print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:,.0f} GB/s  tokens {args.tokens}")
-        time_loss_and_grad_kernel(args.tokens, bandwidth)
+        time_loss_and_grad_kernel(args.tokens, bandwidth, loss_launches(args.loss_launches))
         return 0
     if args.matmuls:
         time_matmuls(args.tokens)
@@ -264,7 +307,7 @@ def main(argv=None):
             print(f"{name:<14}{label:<9}{eager_ms:>10.3f}{fused_ms:>10.3f}{eager_ms / fused_ms:>8.2f}x"
                   f"{floor_ms:>10.3f}{fused_ms / floor_ms:>11.2f}x{eager_wall:>12.3f}{fused_wall:>12.3f}")
     if kernels.fused_available():
-        time_loss_and_grad_kernel(args.tokens, bandwidth)
+        time_loss_and_grad_kernel(args.tokens, bandwidth, loss_launches(args.loss_launches))
     return 0
 
 

@@ -202,7 +202,8 @@ def write_profile(trainer: Trainer, step: int, path: Path, steps: int = 2) -> No
 
     Written: the steps' wall time, the device's busy time (the union of its kernels'
     intervals) and idle share, the time per kind of kernel, the 60 kernels taking the most
-    time, and torch's operator table (host and device times).
+    time, where the device waits (the gaps between kernels, summed by the kernel that ends
+    each gap, and the largest ones), and torch's operator table (host and device times).
     """
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -241,11 +242,39 @@ def write_profile(trainer: Trainer, step: int, path: Path, steps: int = 2) -> No
     lines += ["", "kernels by summed time (per step):"]
     for name, (count, micros, kind) in sorted(by_name.items(), key=lambda item: -item[1][1])[:60]:
         lines.append(f"  {micros / steps / 1e3:>8.3f} ms {count / steps:>6.1f}x  {kind:<20} {name[:150]}")
+    lines += ["", "device idle, by the kernel that ends the gap (per step; gaps over 1 us):"]
+    lines += idle_gaps(kernels_seen, steps)
     lines += ["", profiler.key_averages().table(sort_by="cuda_time_total", row_limit=50, max_name_column_width=90)]
     path.write_text("\n".join(lines) + "\n")
     print(f"  profile: {lines[0]} -> {path}", flush=True)
     for line in lines[2:2 + len(by_kind) + 1]:
         print(line, flush=True)
+
+
+def idle_gaps(kernels_seen, steps: int) -> list[str]:
+    """Lines saying where the device waits: each gap between the end of everything before a kernel
+    and its start is charged to that kernel's name; then the ten largest gaps with their neighbours."""
+    ordered = sorted(kernels_seen, key=lambda event: event.time_range.start)
+    by_next: dict[str, list] = {}
+    largest = []
+    reach, previous = None, None
+    for event in ordered:
+        if reach is not None and event.time_range.start - reach > 1.0:
+            gap = event.time_range.start - reach
+            entry = by_next.setdefault(event.name[:110], [0, 0.0])
+            entry[0] += 1
+            entry[1] += gap
+            largest.append((gap, previous.name[:70], event.name[:70]))
+        if reach is None or event.time_range.end > reach:
+            reach, previous = event.time_range.end, event
+    total = sum(micros for _, micros in by_next.values())
+    lines = [f"  {total / steps / 1e3:.3f} ms in {sum(count for count, _ in by_next.values()) / steps:.0f} gaps"]
+    for name, (count, micros) in sorted(by_next.items(), key=lambda item: -item[1][1])[:25]:
+        lines.append(f"  {micros / steps / 1e3:>8.3f} ms {count / steps:>6.1f}x  {micros / count:>6.1f} us  {name}")
+    lines.append("  largest gaps (us): the kernel before -> the kernel after")
+    for gap, before, after in sorted(largest, reverse=True)[:10]:
+        lines.append(f"  {gap:>9.1f}  {before} -> {after}")
+    return lines
 
 
 def time_optimizer(parameters: int, bandwidth: float) -> list[dict]:
@@ -306,16 +335,19 @@ def main(argv=None):
     parser.add_argument("--optimizer", action="store_true", help="time one AdamW update, eager and fused")
     parser.add_argument("--profile-dir", type=Path, help="write a profile of two steps per variant here")
     parser.add_argument("--json", type=Path, help="append one JSON line per result to this file")
-    parser.add_argument("--loss-programs-per-sm", type=int, default=0,
-                        help="the loss kernel's programs per SM, each looping over rows (0: one program per row); "
-                             "kernels.fused.CROSS_ENTROPY_PROGRAMS_PER_SM")
-    parser.add_argument("--gelu-rows-per-program", type=int, default=0,
-                        help="the bias + GeLU backward looping over this many rows per program (0: the kernels' "
-                             "default); kernels.fused.GELU_BACKWARD_ROWS_PER_PROGRAM")
+    parser.add_argument("--loss-launch", default="",
+                        help="the loss kernel's launch, BLOCK,WARPS,forwards|backwards (default: the kernels' own, "
+                             "kernels.fused.LOSS_KERNEL_LAUNCH)")
+    parser.add_argument("--gelu-rows-per-program", type=int,
+                        help="the bias + GeLU backward looping over this many rows per program (default: the "
+                             "kernels' own, kernels.fused.GELU_BACKWARD_ROWS_PER_PROGRAM)")
     parser.add_argument("--gelu-backward-from", choices=["x", "derivative"],
                         default=kernels.GELU_OPERATOR_BACKWARD_FROM,
                         help="what the GeLU operator's backward reads: the pre-activation, or the derivative its "
                              "forward wrote; kernels.GELU_OPERATOR_BACKWARD_FROM")
+    parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                        help="set torch._inductor.config.NAME (a Python literal) before compiling; repeatable, "
+                             "e.g. --inductor combo_kernels=True")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if its name is not known")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -324,10 +356,17 @@ def main(argv=None):
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or peak_tflops(name)
     kernels.GELU_OPERATOR_BACKWARD_FROM = args.gelu_backward_from
+    for setting in args.inductor:
+        import ast
+        import torch._inductor.config as inductor_config
+        option, value = setting.split("=", 1)
+        setattr(inductor_config, option, ast.literal_eval(value))
     if kernels.fused_available():
         from ckptkit.kernels import fused
-        fused.CROSS_ENTROPY_PROGRAMS_PER_SM = args.loss_programs_per_sm
-        fused.GELU_BACKWARD_ROWS_PER_PROGRAM = args.gelu_rows_per_program
+        if args.loss_launch:
+            fused.LOSS_KERNEL_LAUNCH = fused.LossKernelLaunch.parse(args.loss_launch)
+        if args.gelu_rows_per_program is not None:
+            fused.GELU_BACKWARD_ROWS_PER_PROGRAM = args.gelu_rows_per_program
     spec = MODEL_PRESETS["gpt2-124m"]
     config = TrainConfig(model=spec, steps=args.warmup + args.steps, micro_batch_size=args.micro_batch_size,
                          global_batch_size=args.global_batch_size, seq_length=args.seq_length, dtype="bfloat16",
@@ -350,9 +389,10 @@ def main(argv=None):
             print(f"{label:<20}skipped: needs Triton", flush=True)
             continue
         try:
-            shown = label + (f"-loss{args.loss_programs_per_sm}" if args.loss_programs_per_sm else "") + \
-                (f"-gelurows{args.gelu_rows_per_program}" if args.gelu_rows_per_program else "") + \
-                ("-gelu-from-x" if args.gelu_backward_from == "x" else "")
+            shown = label + (f"-loss{args.loss_launch}" if args.loss_launch else "") + \
+                (f"-gelurows{args.gelu_rows_per_program}" if args.gelu_rows_per_program is not None else "") + \
+                ("-gelu-from-x" if args.gelu_backward_from == "x" else "") + \
+                "".join(f"-{setting}" for setting in args.inductor)
             result = measure(dataclasses.replace(config, **changes), args.warmup, args.profile, args.check_syncs,
                              explore, args.profile_dir, shown)
         except Exception as error:  # one variant failing (a compiler error, say) does not hide the others
@@ -368,9 +408,10 @@ def main(argv=None):
         if args.json:
             with open(args.json, "a") as stream:
                 stream.write(json.dumps({"gpu": name, "variant": label, "micro_batch_size": args.micro_batch_size,
-                                         "loss_programs_per_sm": args.loss_programs_per_sm,
+                                         "loss_launch": args.loss_launch,
                                          "gelu_rows_per_program": args.gelu_rows_per_program,
                                          "gelu_backward_from": args.gelu_backward_from, "label": shown,
+                                         "inductor": args.inductor,
                                          "microbatches": config.num_microbatches(), "mfu": mfu, **result}) + "\n")
     if args.optimizer:
         bandwidth = copy_bandwidth()

@@ -273,23 +273,44 @@ def test_fused_gradient_accumulator_adds_every_gradient_as_one_add_per_tensor(gr
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(300, 1000), (5, 7, 3072)])
 def test_fused_bias_gelu_one_pass_backward_on_partial_tiles_matches_float64(dtype, shape):
-    # Rows and columns that do not fill the backward's 64 x 128 tiles.
+    # Rows and columns that do not fill the backward's programs (256 rows of 128 features).
     inputs = [random(*shape, dtype=dtype, device="cuda"), random(shape[-1], dtype=dtype, device="cuda", seed=1)]
     assert_close_to_float64(lambda x, b: kernels.bias_gelu(x, b, "none", fused=True),
                             lambda x, b: float64_gelu(x, b, "none"), inputs, dtype)
 
 
 @needs_triton
-@pytest.mark.parametrize("programs_per_sm", [1, 2, 4])
-def test_fused_loss_kernel_looping_over_rows_writes_the_same_losses_and_gradients(programs_per_sm):
+@pytest.mark.parametrize("launch", ["4096,4,forwards", "2048,8,backwards", "8192,16,forwards", "16384,32,backwards"])
+def test_fused_loss_kernel_gives_float64_losses_and_gradients_however_it_is_launched(launch):
     from ckptkit.kernels import fused
-    logits = random(3000, 1000, dtype=torch.bfloat16, device="cuda", scale=4.0)
-    target = torch.randint(0, 1000, (3000,), generator=torch.Generator().manual_seed(0)).cuda()
-    per_row, looping = logits.clone(), logits.clone()
-    loss_per_row, loss_looping = torch.empty(3000, device="cuda"), torch.empty(3000, device="cuda")
-    fused.cross_entropy_loss_and_grad(per_row, target, loss_per_row, programs_per_sm=0)
-    fused.cross_entropy_loss_and_grad(looping, target, loss_looping, programs_per_sm=programs_per_sm)
-    assert torch.equal(loss_per_row, loss_looping) and torch.equal(per_row, looping)
+    logits = random(3000, 50304 // 8, dtype=torch.bfloat16, device="cuda", scale=4.0)
+    target = torch.randint(0, logits.shape[1], (3000,), generator=torch.Generator().manual_seed(0)).cuda()
+    exact = logits.double()
+    expected_loss = torch.logsumexp(exact, 1) - exact.gather(1, target[:, None])[:, 0]
+    expected_grad = torch.softmax(exact, 1) - torch.nn.functional.one_hot(target, logits.shape[1]).double()
+    loss = torch.empty(3000, device="cuda")
+    fused.cross_entropy_loss_and_grad(logits, target, loss, fused.LossKernelLaunch.parse(launch))
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logits, expected_grad.to(torch.bfloat16), rtol=0, atol=2 ** -8)
+
+
+@needs_triton
+def test_fused_loss_kernel_walking_its_second_pass_backwards_writes_the_same_bits():
+    from ckptkit.kernels import fused
+    forwards = random(300, 50304 // 8, dtype=torch.bfloat16, device="cuda", scale=4.0)
+    backwards = forwards.clone()
+    target = torch.randint(0, forwards.shape[1], (300,), generator=torch.Generator().manual_seed(0)).cuda()
+    losses = torch.empty(2, 300, device="cuda")
+    fused.cross_entropy_loss_and_grad(forwards, target, losses[0], fused.LossKernelLaunch(1024, 4, False))
+    fused.cross_entropy_loss_and_grad(backwards, target, losses[1], fused.LossKernelLaunch(1024, 4, True))
+    assert torch.equal(losses[0], losses[1]) and torch.equal(forwards, backwards)
+
+
+def test_a_loss_kernel_launch_reads_as_it_is_written():
+    fused = pytest.importorskip("ckptkit.kernels.fused", exc_type=ImportError)
+    assert str(fused.LossKernelLaunch.parse("8192,16,backwards")) == "8192,16,backwards"
+    with pytest.raises(ValueError, match="'forwards' or 'backwards'"):
+        fused.LossKernelLaunch.parse("8192,16,sideways")
 
 
 @needs_triton

@@ -113,8 +113,7 @@ def bias_gelu_backward_from_derivative(grad: torch.Tensor, derivative: torch.Ten
                      else derivative.new_empty(0))
         return grad_z.to(derivative.dtype), grad_bias
     grad_x, grad_bias = module.bias_gelu_backward_rows(grad, derivative, bias, "none", True,
-                                                       module.GELU_BACKWARD_ROWS_PER_PROGRAM
-                                                       or module.GELU_DERIVATIVE_ROWS_PER_PROGRAM)
+                                                       module.GELU_BACKWARD_ROWS_PER_PROGRAM)
     return grad_x, grad_bias if grad_bias is not None else derivative.new_empty(0)
 
 
