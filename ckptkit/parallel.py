@@ -69,10 +69,9 @@ def my_share(files: list[tuple[str, int]], *, workers: int = 1, rank: int = 0, w
 
 
 def _worker_started() -> None:
-    from .streaming_io import keep_freed_memory_for_reuse, one_thread_per_operation
+    from .streaming_io import settle_conversion_process
 
-    keep_freed_memory_for_reuse()
-    one_thread_per_operation()
+    settle_conversion_process()
 
 
 def run_parts(job: Callable[[list[str]], list[str]], runs: list[list[str]],

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import errno
+import gc
 import itertools
 import mmap
 import os
@@ -204,6 +205,30 @@ def one_thread_per_operation() -> None:
     intra-op threads and at 8.2 GB/s with one.
     """
     torch.set_num_threads(1)
+
+
+def freeze_imported_objects() -> None:
+    """Process-wide, like :func:`keep_freed_memory_for_reuse`: the objects that exist now (the
+    imported modules' own, torch's above all) are left out of the cyclic garbage collector's
+    passes from here on (``gc.freeze``).
+
+    A conversion allocates many short-lived objects (unpickled dicts and tuples, tensor views),
+    so the collector runs often, and each of its full passes walked every object the imports
+    made. In a ``perf`` profile of a 1.3B ``reshard`` on tmpfs the collector took 8% of the
+    process's CPU; frozen, the same reshard took 3.94-4.46 s against 4.24-4.71 s (3 runs each,
+    alternating). Frozen objects are still freed when their last reference goes.
+    """
+    gc.freeze()
+
+
+def settle_conversion_process() -> None:
+    """Every process-wide setting of a conversion process, a command's or one of its workers'
+    (never of a library call inside someone else's program): freed memory kept for reuse,
+    one thread per torch operation, the imported objects frozen. Called once the conversion's
+    modules are imported."""
+    keep_freed_memory_for_reuse()
+    one_thread_per_operation()
+    freeze_imported_objects()
 
 
 def _advise_writeback(fd: int, start: int, end: int) -> None:

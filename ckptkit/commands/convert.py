@@ -59,10 +59,9 @@ def dry_run_option(command):
 
 
 def _conversion_process() -> None:
-    from ..streaming_io import keep_freed_memory_for_reuse, one_thread_per_operation
+    from ..streaming_io import settle_conversion_process
 
-    keep_freed_memory_for_reuse()  # a conversion process: reuse freed pages (see streaming_io)
-    one_thread_per_operation()  # its own threads do the CPU work (see streaming_io)
+    settle_conversion_process()
 
 
 # ---------------------------------------------------------------------------- megatron-to-hf
