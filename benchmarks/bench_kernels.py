@@ -126,12 +126,11 @@ def time_loss_and_grad_kernel(tokens: int, bandwidth: float, launches: list) -> 
     target = torch.randint(0, vocab, (tokens,), device="cuda")
     loss = torch.empty(tokens, device="cuda")
     grad_loss = torch.full((tokens,), 1.0 / tokens, device="cuda")
-    default = fused.LossKernelLaunch()
 
     def two():
         row_max, sum_exp, target_logit = fused.cross_entropy_partial_stats(logits, target)
         fused._cross_entropy_backward_kernel[(tokens,)](logits, target, row_max, sum_exp, grad_loss, logits, vocab,
-                                                        BLOCK=default.block)
+                                                        BLOCK=fused._CROSS_ENTROPY_BLOCK)
     size = 2 * tokens * vocab
     timed = []
     for label, launch, run, floor_bytes in [
@@ -171,8 +170,11 @@ def time_gelu_backward(tokens: int, bandwidth: float) -> None:
 
 
 def loss_launches(text: str) -> list:
-    """``--loss-launches``: ``sweep`` (blocks x warps x both orders) or ``;``-separated launches."""
+    """``--loss-launches``: ``sweep`` (blocks x warps x both orders), ``;``-separated launches, or
+    nothing (the kernels' own)."""
     from ckptkit.kernels import fused
+    if not text:
+        return [fused.LOSS_KERNEL_LAUNCH]
     if text != "sweep":
         return [fused.LossKernelLaunch.parse(item) for item in text.split(";")]
     return [fused.LossKernelLaunch(block, warps, backwards) for block in (2048, 4096, 8192, 16384)
@@ -267,9 +269,9 @@ def main(argv=None):
     parser.add_argument("--gelu", action="store_true",
                         help="instead: only the bias + GeLU backward, from x or from the saved derivative, "
                              "looping over 64-512 rows per program")
-    parser.add_argument("--loss-launches", default="4096,4,forwards",
+    parser.add_argument("--loss-launches", default="",
                         help="'sweep' (blocks 2048-16384 x 4-32 warps x both orders) or ';'-separated "
-                             "BLOCK,WARPS,forwards|backwards")
+                             "BLOCK,WARPS,forwards|backwards (default: the kernels' own launch)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (none found)")
